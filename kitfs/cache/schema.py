@@ -1,0 +1,91 @@
+"""The cache database: tables, migrations and connection settings.
+
+One SQLite file, ``kitfs.db``, in the cache directory, opened in WAL mode so that several
+processes (mounts, ``kitfs cat``, ``kitfs cache gc``) share it safely. Tables:
+
+``blobs``         one row per content key: size, verification state, why it failed.
+``chunks``        one row per chunk file on disk; a row exists only after its file does.
+``chunk_digests`` per-chunk sha256 recorded once the whole blob verified; survives eviction.
+``documents``     verified manifests and configs, by digest.
+``layer_indexes`` / ``members``  the parsed tar index of a layer, by content key.
+
+Content keys are digests (``sha256:…``) for blobs as the registry stores them, and
+``gunzip:sha256:…`` / ``unzstd:sha256:…`` for the decompressed stream of a compressed layer
+whose diffId is unknown (when it is known, the diffId is the key).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+DATABASE_NAME = "kitfs.db"
+BUSY_TIMEOUT_MS = 30_000
+
+migrations = Migrations("kitfs-cache")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.execute("""CREATE TABLE IF NOT EXISTS blobs (
+        key TEXT PRIMARY KEY,         -- content key (digest, or decompressed-stream key)
+        size INTEGER NOT NULL,        -- bytes of content
+        chunk_size INTEGER NOT NULL,  -- bytes per chunk for this key
+        verified INTEGER NOT NULL DEFAULT 0,  -- 0 not yet, 1 digest matched, -1 mismatch
+        failure TEXT                  -- why verification failed
+    )""")
+    db.execute("""CREATE TABLE IF NOT EXISTS chunks (
+        key TEXT NOT NULL,
+        idx INTEGER NOT NULL,         -- chunk number: bytes [idx*chunk_size, ...)
+        length INTEGER NOT NULL,      -- bytes in the chunk file
+        xxh3 BLOB NOT NULL,           -- xxh3_64 of each 64 KiB block, 8 bytes each, little-endian
+        last_access REAL NOT NULL,    -- for LRU eviction
+        PRIMARY KEY (key, idx)
+    )""")
+    db.execute("CREATE INDEX IF NOT EXISTS chunks_lru ON chunks(last_access)")
+    db.execute("""CREATE TABLE IF NOT EXISTS chunk_digests (
+        key TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,         -- hex sha256 of the chunk, known good
+        PRIMARY KEY (key, idx)
+    )""")
+    db.execute("""CREATE TABLE IF NOT EXISTS documents (
+        digest TEXT PRIMARY KEY,      -- manifest or config digest (checked before insert)
+        data BLOB NOT NULL
+    )""")
+    db.execute("""CREATE TABLE IF NOT EXISTS layer_indexes (
+        key TEXT PRIMARY KEY,         -- content key of the (uncompressed) tar stream
+        member_count INTEGER NOT NULL,
+        error TEXT                    -- reserved
+    )""")
+    db.execute("""CREATE TABLE IF NOT EXISTS members (
+        key TEXT NOT NULL,
+        seq INTEGER NOT NULL,         -- order in the tar
+        name BLOB NOT NULL,           -- raw tar name bytes
+        typeflag BLOB NOT NULL,
+        mode INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        data_offset INTEGER NOT NULL,
+        PRIMARY KEY (key, seq)
+    )""")
+
+
+def open_database(cache_dir: Path) -> sqlite_utils.Database:
+    """Open (and create or migrate) the cache database in ``cache_dir``."""
+    path = cache_dir / DATABASE_NAME
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    db = sqlite_utils.Database(conn)
+    if migrations.pending(db):
+        try:  # every statement is idempotent, so two processes migrating at once is harmless
+            migrations.apply(db)
+        except sqlite3.IntegrityError:
+            pass  # another process recorded the same migration first
+    path.chmod(0o600)
+    return db

@@ -1,0 +1,253 @@
+"""The ``kitfs`` command line: argv and environment in, output and an exit code out.
+
+Commands: ``ls``, ``cat``, ``inspect``, ``cache stats|gc|verify|clear``. Every ``KitfsError``
+becomes ``kitfs: <message>`` on stderr and the error's exit code (see ``kitfs.errors``); a
+traceback is shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import stat
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from kitfs import __version__
+from kitfs.cache.store import ChunkStore, default_cache_dir
+from kitfs.core.modelkit import KitSession, SessionOptions, open_session
+from kitfs.core.reader import VerifyMode
+from kitfs.errors import KitfsError, UsageError
+from kitfs.format.reference import Reference
+
+log = logging.getLogger("kitfs")
+
+CAT_READ_BYTES = 16 * 1024 * 1024
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``10G``, ``512MiB``, ``1.5T``, ``4096`` → bytes (powers of 1024)."""
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 512M, 10G)")
+    number, unit, _ = match.groups()
+    return int(float(number) * 1024 ** "bkmgtp".index(unit.lower() or "b"))
+
+
+def _labels(items: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--select takes KEY=VALUE, not {item!r}")
+        labels[key] = value
+    return labels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cache-dir", type=Path, default=None,
+                        help="cache directory (default: $KITFS_CACHE_DIR, /var/cache/kitfs for "
+                        "root, else $XDG_CACHE_HOME/kitfs)")
+    common.add_argument("--cache-size", type=parse_size, default=None, metavar="SIZE",
+                        help="cache quota, e.g. 20G; least recently used chunks are evicted")
+    common.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--plain-http", action="store_true", default=None,
+                        help="talk HTTP, not HTTPS (the default for loopback registries)")
+    remote.add_argument("--ca-file", default=None, help="extra CA bundle for TLS")
+    remote.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="give up on an unresponsive registry after this long (default 30)")
+    remote.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
+                        help="pick an image-index entry by label (repeatable)")
+    verify = argparse.ArgumentParser(add_help=False)
+    verify.add_argument("--verify", choices=[m.value for m in VerifyMode], default="eventual",
+                        help="strict: never return unverified bytes; eventual (default): verify "
+                        "when a layer is complete; off: benchmarks only")
+
+    parser = argparse.ArgumentParser(prog="kitfs", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kitfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("ls", parents=[common, remote], help="list the tree kit unpack would write")
+    p.add_argument("reference")
+    p.add_argument("path", nargs="?", default="", help="a directory or file inside the kit")
+    p.add_argument("--json", action="store_true", help="one JSON array of entries")
+    p = sub.add_parser("cat", parents=[common, remote, verify], help="write a file of the kit to stdout")
+    p.add_argument("reference")
+    p.add_argument("path")
+    p = sub.add_parser("inspect", parents=[common, remote],
+                       help="manifest digest, layers, kinds, compression, verification state")
+    p.add_argument("reference")
+    p.add_argument("--json", action="store_true")
+    cache = sub.add_parser("cache", help="look after the local cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    p = cache_sub.add_parser("stats", parents=[common], help="size, quota, blobs, chunks")
+    p.add_argument("--json", action="store_true")
+    cache_sub.add_parser("gc", parents=[common], help="remove orphans, evict down to --cache-size")
+    cache_sub.add_parser("verify", parents=[common], help="check every cached chunk's checksums")
+    cache_sub.add_parser("clear", parents=[common], help="delete everything in the cache")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="kitfs: %(levelname)s: %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "cache":
+            return _cache(args)
+        return trio.run(_run_async, args)
+    except KitfsError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"kitfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _options(args: argparse.Namespace) -> SessionOptions:
+    return SessionOptions(
+        cache_dir=args.cache_dir or default_cache_dir(),
+        cache_size_bytes=args.cache_size,
+        verify=VerifyMode(getattr(args, "verify", "eventual")),
+        plain_http=args.plain_http,
+        ca_file=args.ca_file,
+        timeout_s=args.timeout,
+        select=_labels(args.select),
+    )
+
+
+async def _run_async(args: argparse.Namespace) -> int:
+    commands: dict[str, Callable[[KitSession, argparse.Namespace], Awaitable[int]]] = {
+        "ls": _ls, "cat": _cat, "inspect": _inspect,
+    }
+    async with open_session(_options(args)) as session:
+        return await commands[args.command](session, args)
+
+
+def _mode_string(is_dir: bool, mode: int) -> str:
+    return stat.filemode((stat.S_IFDIR if is_dir else stat.S_IFREG) | mode)
+
+
+async def _ls(session: KitSession, args: argparse.Namespace) -> int:
+    kit = await session.open(Reference.parse(args.reference))
+    tree = await session.tree(kit)
+    top = tree.lookup(args.path)
+    nodes = [n for n in _subtree(top) if n.path]
+    if args.json:
+        entries = [{"path": n.path, "type": "directory" if n.is_dir else "file",
+                    "mode": f"{n.mode:04o}", "size": n.size} for n in nodes]
+        print(json.dumps(entries, indent=1))
+        return 0
+    for node in nodes:
+        print(f"{_mode_string(node.is_dir, node.mode)} {node.size:>14} {node.path}"
+              f"{'/' if node.is_dir else ''}")
+    return 0
+
+
+def _subtree(top: Any) -> list[Any]:
+    out, stack = [], [top]
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node.children[name] for name in sorted(node.children, reverse=True))
+    return out
+
+
+async def _cat(session: KitSession, args: argparse.Namespace) -> int:
+    kit = await session.open(Reference.parse(args.reference))
+    tree = await session.tree(kit)
+    node = tree.lookup(args.path)
+    if node.is_dir:
+        raise UsageError(f"{args.path!r} is a directory")
+    out = sys.stdout.buffer
+    offset = 0
+    try:
+        while offset < node.size:
+            data = await session.read_file(kit, node, offset, CAT_READ_BYTES)
+            out.write(data)
+            offset += len(data)
+        out.flush()
+    except BrokenPipeError:  # `kitfs cat … | head -c 8`
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
+async def _inspect(session: KitSession, args: argparse.Namespace) -> int:
+    kit = await session.open(Reference.parse(args.reference))
+    layers = []
+    for source in kit.layers:
+        p = source.placement
+        state = session.store.blob_state(source.content.key)
+        verified = {None: "not fetched", 0: "unverified", 1: "verified", -1: "FAILED"}[
+            state.verified if state else None]
+        layers.append({
+            "digest": str(p.descriptor.digest), "mediaType": p.descriptor.media_type,
+            "kind": p.layer_type.kind.value, "layout": p.layer_type.layout.value,
+            "compression": p.layer_type.compression.value, "size": p.descriptor.size,
+            "path": p.raw_path if p.raw_path is not None else (p.prefix or "."),
+            "diffId": str(p.diff_id) if p.diff_id else None, "verification": verified,
+            "from": str(source.reference),
+        })
+    info = {
+        "reference": str(kit.reference), "digest": str(kit.reference.digest),
+        "format": kit.plan.family.value, "artifactType": kit.manifest.artifact_type,
+        "config": str(kit.config_digest), "created": kit.created, "layers": layers,
+        "unplacedLayers": list(kit.plan.unplaced),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"reference  {info['reference']}")
+    print(f"digest     {info['digest']}")
+    print(f"format     {info['format']}  artifactType {info['artifactType'] or '-'}")
+    print(f"config     {info['config']}")
+    print(f"created    {info['created'] or '-'}")
+    for layer in layers:
+        print(f"layer      {layer['digest']}  {layer['kind']:<9} {layer['layout']}"
+              f"+{layer['compression']:<4} {layer['size']:>12}  {layer['verification']:<11} "
+              f"{layer['path']}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    store = ChunkStore(args.cache_dir or default_cache_dir(), args.cache_size)
+    try:
+        if args.cache_command == "stats":
+            stats = store.statistics()
+            if args.json:
+                print(json.dumps(stats.__dict__, indent=1))
+            else:
+                for key, value in stats.__dict__.items():
+                    print(f"{key:<15} {value}")
+        elif args.cache_command == "gc":
+            removed = store.collect_garbage()
+            print(f"removed {removed} orphan files; {store.used_bytes()} bytes in use")
+        elif args.cache_command == "verify":
+            good, dropped = store.verify_chunks()
+            print(f"{good} chunks good, {dropped} dropped")
+            return 1 if dropped else 0
+        elif args.cache_command == "clear":
+            store.clear()
+            print(f"cleared {store.directory}")
+    finally:
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

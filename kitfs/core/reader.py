@@ -1,0 +1,475 @@
+"""BlobReader: byte ranges of layer content, through the cache, fetched lazily, verified.
+
+The only place where the registry client and the chunk cache meet.
+
+Content
+    A ``Content`` is a stream of bytes kitfs can read at any offset: either a blob exactly as
+    the registry stores it (uncompressed tar and raw layers), or the decompressed stream of a
+    gzip/zstd layer. Both are cut into fixed-size chunks (``chunk_size_bytes``) stored under a
+    content key (the digest, or the diffId for decompressed streams).
+
+Tasks and shared state (all on the one trio thread; no locks)
+    ``_inflight[(key, idx)]`` is a ``trio.Event`` per chunk being fetched. A reader that
+    finds a chunk missing either becomes its fetcher (creates the event, fetches, stores,
+    sets the event in ``finally``) or waits on the existing event and then looks in the cache
+    again: so concurrent readers never fetch the same bytes twice (single-flight). A
+    decompression job per compressed layer (``_jobs``) streams the layer once and wakes
+    readers as chunks appear. No ``await`` sits between a cache lookup and the decision it
+    feeds, except where the code re-checks after it.
+
+Verification (see the README's "Verification" section, which tests quote)
+    ``off``      never check a blob digest (benchmarks only).
+    ``eventual`` bytes are served as they arrive; a blob whose chunks are all cached is
+                 hashed in order and checked against its digest; a read that reaches the end
+                 of a file whose layer is then fully cached, or nearly so (at most
+                 ``NEARLY_COMPLETE_BYTES`` or a quarter of the blob missing), first fetches
+                 the rest and checks the digest, so a full read of a tampered file fails.
+    ``strict``   a blob is fetched whole and checked before its first byte is returned.
+    A mismatch purges the blob's chunks, records the failure in the cache (every later read of
+    it fails with ``IntegrityError``, EIO under FUSE) and is logged. Once a blob is verified,
+    each chunk's sha256 is kept, so a chunk evicted and fetched again is checked on its own.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+import zstandard
+
+from kitfs.cache.store import ChunkStore
+from kitfs.errors import FormatError, IntegrityError, KitfsError
+from kitfs.format.digest import Digest
+from kitfs.format.mediatypes import Compression
+from kitfs.format.ranges import chunk_count, chunk_span, chunks_covering
+from kitfs.remote.registry import RegistryClient
+
+log = logging.getLogger(__name__)
+
+# 4 MiB chunks: a registry round trip costs about as much for 1 MiB as for 4 KiB on loopback
+# (5-7 ms), so small chunks waste round trips; 4 MiB keeps a 4 KiB read's cost under the
+# 8 MiB budget while large reads stay near wire speed. See benchmarks/README.md.
+DEFAULT_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
+# "Nearly complete": when a read reaches the end of a file and at most this much (or a quarter)
+# of its blob is missing, fetch the rest and verify before answering.
+NEARLY_COMPLETE_BYTES = 16 * 1024 * 1024
+# Compressed layers are fetched in ranges of this size while decompressing.
+STREAM_RANGE_BYTES = 8 * 1024 * 1024
+
+
+class VerifyMode(enum.Enum):
+    STRICT = "strict"
+    EVENTUAL = "eventual"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class Content:
+    """A readable byte stream: a blob as stored, or a compressed blob's decompressed stream."""
+
+    registry: RegistryClient
+    repository: str
+    blob_digest: Digest
+    blob_size: int
+    compression: Compression
+    diff_id: Digest | None = None
+
+    @property
+    def key(self) -> str:
+        if self.compression is Compression.NONE:
+            return str(self.blob_digest)
+        if self.diff_id is not None:
+            return str(self.diff_id)
+        prefix = "gunzip" if self.compression is Compression.GZIP else "unzstd"
+        return f"{prefix}:{self.blob_digest}"
+
+
+@dataclass
+class _Job:
+    """A running decompression of one compressed layer."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    progress: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+    size: int | None = None
+    memory: dict[int, bytes] = field(default_factory=dict)  # chunks the cache could not take
+
+
+class BlobReader:
+    """Reads content ranges. One per process; needs a nursery for decompression jobs."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        nursery: trio.Nursery,
+        verify: VerifyMode = VerifyMode.EVENTUAL,
+        chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
+    ) -> None:
+        self.store = store
+        self.verify = verify
+        self.chunk_size_bytes = chunk_size_bytes
+        self._nursery = nursery
+        self._inflight: dict[tuple[str, int], trio.Event] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._verifying: dict[str, trio.Event] = {}
+
+    # --- public -------------------------------------------------------------------------------
+
+    async def size(self, content: Content) -> int:
+        """The content's size; for a compressed layer this decompresses it (once, cached)."""
+        if content.compression is Compression.NONE:
+            return content.blob_size
+        state = self.store.blob_state(content.key)
+        if state is not None and state.size >= 0:
+            return state.size
+        job = self._start_job(content)
+        await job.done.wait()
+        if job.error is not None:
+            raise _reraise(job.error)
+        assert job.size is not None
+        return job.size
+
+    async def read(self, content: Content, offset: int, length: int, *,
+                   file_end: int | None = None, file_start: int = 0) -> bytes:
+        """Bytes ``[offset, offset+length)`` of ``content`` (short at the end of the content).
+
+        Args:
+            file_end: where the file being read ends in the content; a read that reaches it
+                may trigger completion and verification (eventual mode).
+            file_start: where that file starts (used to judge "nearly complete").
+
+        Raises:
+            IntegrityError: the content failed verification, now or before.
+            RemoteError, RemoteTimeoutError, AuthError: the registry failed.
+        """
+        self._check_not_failed(content)
+        if content.compression is not Compression.NONE:
+            return await self._read_decompressed(content, offset, length)
+        size = content.blob_size
+        chunk = self.chunk_size_bytes
+        self.store.register_blob(content.key, size, chunk)
+        if self.verify is VerifyMode.STRICT:
+            await self._ensure_verified(content)
+        spans = chunks_covering(offset, length, size, chunk)
+        pieces = await self._get_chunks(content, [s.index for s in spans], offset, length)
+        data = b"".join(pieces)
+        if self.verify is VerifyMode.EVENTUAL:
+            reaches_end = file_end is not None and offset + length >= file_end
+            await self._maybe_verify(content, reaches_end)
+        return data
+
+    async def verify_now(self, content: Content) -> None:
+        """Fetch whatever is missing of ``content`` and check its digest (``cache verify``)."""
+        if content.compression is Compression.NONE:
+            self.store.register_blob(content.key, content.blob_size, self.chunk_size_bytes)
+            await self._ensure_verified(content)
+        else:
+            await self.size(content)
+            self._check_not_failed(content)
+
+    # --- uncompressed content -------------------------------------------------------------
+
+    def _check_not_failed(self, content: Content) -> None:
+        state = self.store.blob_state(content.key)
+        if state is not None and state.verified == -1:
+            raise IntegrityError(
+                f"layer {content.blob_digest} failed verification earlier and is not served: "
+                f"{state.failure}"
+            )
+
+    async def _get_chunks(self, content: Content, indexes: list[int], offset: int,
+                          length: int) -> list[bytes]:
+        """The bytes of ``[offset, offset+length)`` that fall in each chunk of ``indexes``."""
+        results: list[bytes] = [b""] * len(indexes)
+        chunk = self.chunk_size_bytes
+
+        async def one(position: int, idx: int) -> None:
+            span = chunk_span(idx, content.blob_size, chunk)
+            start = max(offset, span.start) - span.start
+            end = min(offset + length, span.end) - span.start
+            results[position] = await self._chunk_slice(content, idx, start, end - start)
+
+        if len(indexes) == 1:
+            await one(0, indexes[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for position, idx in enumerate(indexes):
+                    nursery.start_soon(one, position, idx)
+        return results
+
+    async def _chunk_slice(self, content: Content, idx: int, start: int, length: int) -> bytes:
+        key = content.key
+        self.store.pin(key, idx)
+        try:
+            while True:
+                data = self.store.read(key, idx, start, length)
+                if data is not None:
+                    return data
+                event = self._inflight.get((key, idx))
+                if event is None:
+                    whole = await self._fetch_chunk(content, idx)
+                    return bytes(whole[start : start + length])
+                await event.wait()
+                if (key, idx) not in self._inflight and not self.store.has_chunk(key, idx):
+                    # the fetcher failed or the disk is full: fetch ourselves
+                    whole = await self._fetch_chunk(content, idx)
+                    return bytes(whole[start : start + length])
+        finally:
+            self.store.unpin(key, idx)
+
+    async def _fetch_chunk(self, content: Content, idx: int) -> bytearray:
+        key = content.key
+        event = trio.Event()
+        self._inflight[(key, idx)] = event
+        try:
+            span = chunk_span(idx, content.blob_size, self.chunk_size_bytes)
+            buffer = bytearray(span.length)
+            await content.registry.fetch_range(
+                content.repository, content.blob_digest, content.blob_size, span.start,
+                memoryview(buffer),
+            )
+            expected = self.store.chunk_sha256(key, idx)
+            if expected is not None and self.verify is not VerifyMode.OFF:
+                actual = hashlib.sha256(buffer).hexdigest()
+                if actual != expected:
+                    reason = (f"chunk {idx} from the registry has sha256 {actual}, the verified "
+                              f"blob had {expected}")
+                    log.error("layer %s: %s", content.blob_digest, reason)
+                    raise IntegrityError(f"layer {content.blob_digest}: {reason}")
+            self.store.put(key, idx, buffer)
+            return buffer
+        finally:
+            del self._inflight[(key, idx)]
+            event.set()
+
+    async def _maybe_verify(self, content: Content, reaches_file_end: bool) -> None:
+        state = self.store.blob_state(content.key)
+        if state is None or state.verified != 0:
+            return
+        total = chunk_count(content.blob_size, self.chunk_size_bytes)
+        cached = self.store.cached_chunks(content.key)
+        if len(cached) >= total:
+            await self._ensure_verified(content)
+            return
+        if not reaches_file_end:
+            return
+        missing_bytes = sum(
+            chunk_span(i, content.blob_size, self.chunk_size_bytes).length
+            for i in range(total) if i not in cached
+        )
+        if missing_bytes <= max(NEARLY_COMPLETE_BYTES, content.blob_size // 4):
+            await self._ensure_verified(content)
+
+    async def _ensure_verified(self, content: Content) -> None:
+        """Fetch all missing chunks, hash in order, compare; single-flight per key."""
+        key = content.key
+        while True:
+            state = self.store.blob_state(key)
+            if state is not None and state.verified == 1:
+                return
+            self._check_not_failed(content)
+            if key not in self._verifying:
+                break
+            await self._verifying[key].wait()
+        done = trio.Event()
+        self._verifying[key] = done
+        try:
+            total = chunk_count(content.blob_size, self.chunk_size_bytes)
+            missing = sorted(set(range(total)) - self.store.cached_chunks(key))
+            limiter = trio.CapacityLimiter(4)
+
+            async def fetch(idx: int) -> None:
+                async with limiter:
+                    await self._chunk_slice(content, idx, 0, 0)
+
+            async with trio.open_nursery() as nursery:
+                for idx in missing:
+                    nursery.start_soon(fetch, idx)
+            await self._hash_and_record(content, total)
+        finally:
+            del self._verifying[key]
+            done.set()
+
+    async def _hash_and_record(self, content: Content, total: int) -> None:
+        key = content.key
+        hasher = content.blob_digest.hasher()
+        per_chunk: list[tuple[int, str]] = []
+        for idx in range(total):
+            span = chunk_span(idx, content.blob_size, self.chunk_size_bytes)
+            data = self.store.read(key, idx, 0, span.length)
+            if data is None:  # evicted or corrupt meanwhile: fetch it again
+                data = bytes(await self._fetch_chunk(content, idx))
+            hasher.update(data)
+            per_chunk.append((idx, hashlib.sha256(data).hexdigest()))
+            if idx % 16 == 15:
+                await trio.lowlevel.checkpoint()
+        actual = hasher.hexdigest()
+        if actual != content.blob_digest.hex:
+            self._fail(content, f"content is {content.blob_digest.algorithm}:{actual}, "
+                                f"expected {content.blob_digest}")
+        self.store.mark_verified(key, per_chunk)
+        log.info("layer %s verified (%d bytes)", content.blob_digest, content.blob_size)
+
+    def _fail(self, content: Content, reason: str) -> None:
+        log.error("layer %s failed verification: %s; purged from the cache",
+                  content.blob_digest, reason)
+        self.store.mark_failed(content.key, reason)
+        raise IntegrityError(f"layer {content.blob_digest} failed verification: {reason}")
+
+    # --- compressed content -----------------------------------------------------------------
+
+    async def _read_decompressed(self, content: Content, offset: int, length: int) -> bytes:
+        key = content.key
+        chunk = self.chunk_size_bytes
+        if self.verify is VerifyMode.STRICT:
+            await self.size(content)
+            self._check_not_failed(content)
+        out = []
+        position = offset
+        end = offset + length
+        while position < end:
+            idx, start = divmod(position, chunk)
+            want = min(end - position, chunk - start)
+            data = self.store.read(key, idx, start, want)
+            if data is None:
+                job = self._jobs.get(key)
+                if job is not None and idx in job.memory:
+                    data = job.memory[idx][start : start + want]
+            if data is None:
+                state = self.store.blob_state(key)
+                if state is not None and state.size >= 0 and position >= state.size:
+                    break  # past the end of the content
+                job = self._start_job(content)
+                if job.done.is_set():
+                    if job.error is not None:
+                        raise _reraise(job.error)
+                    if job.size is not None and position >= job.size:
+                        break
+                    self._jobs.pop(key, None)  # cached chunk vanished: decompress again
+                    continue
+                await job.progress.wait()  # woken each time the job stores a chunk
+                continue
+            out.append(data)
+            position += len(data)
+            if len(data) < want:
+                break
+        return b"".join(out)
+
+    def _start_job(self, content: Content) -> _Job:
+        job = self._jobs.get(content.key)
+        if job is None or (job.done.is_set() and job.error is not None):
+            job = _Job()
+            self._jobs[content.key] = job
+            self._nursery.start_soon(self._decompress, content, job,
+                                     name=f"decompress {content.blob_digest}")
+        return job
+
+    async def _decompress(self, content: Content, job: _Job) -> None:
+        """Stream the compressed blob once; store decompressed chunks; verify both digests."""
+        key = content.key
+        chunk = self.chunk_size_bytes
+        try:
+            self.store.register_blob(key, -1, chunk)
+            feed = _decompressor(content.compression)
+            compressed_hash = content.blob_digest.hasher()
+            diff_hasher = hashlib.sha256()
+            pending = bytearray()
+            idx = 0
+            produced = 0
+            buffer = bytearray(STREAM_RANGE_BYTES)
+            for position in range(0, content.blob_size, STREAM_RANGE_BYTES):
+                step = min(STREAM_RANGE_BYTES, content.blob_size - position)
+                view = memoryview(buffer)[:step]
+                await content.registry.fetch_range(
+                    content.repository, content.blob_digest, content.blob_size, position, view
+                )
+                compressed_hash.update(view)
+                output = feed(bytes(view))
+                diff_hasher.update(output)
+                pending += output
+                produced += len(output)
+                while len(pending) >= chunk:
+                    self._store_decompressed(key, idx, pending[:chunk], job)
+                    del pending[:chunk]
+                    idx += 1
+                job.progress.set()
+                job.progress = trio.Event()
+            tail = feed(None)
+            diff_hasher.update(tail)
+            pending += tail
+            produced += len(tail)
+            while pending:
+                self._store_decompressed(key, idx, pending[:chunk], job)
+                del pending[:chunk]
+                idx += 1
+            if compressed_hash.hexdigest() != content.blob_digest.hex:
+                self._fail(content, f"compressed content is {compressed_hash.hexdigest()}")
+            if content.diff_id is not None and diff_hasher.hexdigest() != content.diff_id.hex:
+                self._fail(content, f"decompressed content is sha256:{diff_hasher.hexdigest()}, "
+                                    f"the config's diffId is {content.diff_id}")
+            self.store.db.conn.execute(
+                "UPDATE blobs SET size = ?, verified = 1 WHERE key = ?", (produced, key)
+            )
+            job.size = produced
+        except (KitfsError, zlib.error, zstandard.ZstdError) as exc:
+            if isinstance(exc, zlib.error | zstandard.ZstdError):
+                exc = FormatError(f"layer {content.blob_digest}: cannot decompress: {exc}")
+            job.error = exc
+        finally:
+            job.done.set()
+            job.progress.set()
+
+    def _store_decompressed(self, key: str, idx: int, data: bytes | bytearray, job: _Job) -> None:
+        data = bytes(data)
+        if not self.store.has_chunk(key, idx) and not self.store.put(key, idx, data):
+            job.memory[idx] = data
+            while len(job.memory) * self.chunk_size_bytes > 64 * 1024 * 1024:
+                job.memory.pop(next(iter(job.memory)))
+
+
+def _reraise(error: BaseException) -> BaseException:
+    if isinstance(error, KitfsError):
+        return type(error)(str(error))
+    return error
+
+
+def _decompressor(compression: Compression) -> Callable[[bytes | None], bytes]:
+    """A feed function: bytes in, decompressed bytes out; ``None`` checks the stream ended.
+
+    Both formats may hold several members (gzip) or frames (zstd) back to back; each is
+    decompressed in turn, and a stream that stops inside one is a ``FormatError``.
+    """
+    def new() -> Any:
+        if compression is Compression.GZIP:
+            return zlib.decompressobj(wbits=31)
+        return zstandard.ZstdDecompressor().decompressobj()
+
+    current = [new()]
+    started = [False]  # has the current member received any bytes?
+
+    def feed(data: bytes | None) -> bytes:
+        d = current[0]
+        if data is None:
+            if started[0] and not d.eof:
+                raise FormatError(f"{compression.value} stream is truncated")
+            return b""
+        out = []
+        while data:
+            started[0] = True
+            out.append(d.decompress(data))
+            if not d.eof:
+                break
+            data = d.unused_data  # the next member or frame
+            current[0] = d = new()
+            started[0] = False
+            if data.strip(b"\0") == b"":
+                break
+        return b"".join(out)
+
+    return feed

@@ -1,0 +1,176 @@
+"""OCI descriptors, image manifests and image indexes, parsed and validated from bytes.
+
+Accepts what KitOps has written over time: manifests with or without ``mediaType`` and
+``artifactType`` fields, and the 2026 ModelKit index (an OCI image index whose entries carry
+``modelMetadata`` labels). Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from kitfs.errors import FormatError, NotFoundError
+from kitfs.format.digest import Digest
+from kitfs.format.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
+
+# A manifest larger than this is refused before parsing (the distribution registry itself caps
+# manifests at 4 MiB; we allow more for other registries but not unbounded).
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """An OCI content descriptor."""
+
+    media_type: str
+    digest: Digest
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    artifact_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: object, where: str) -> Descriptor:
+        if not isinstance(obj, dict):
+            raise FormatError(f"{where}: descriptor is not an object")
+        media_type = obj.get("mediaType")
+        size = obj.get("size")
+        digest = obj.get("digest")
+        annotations = obj.get("annotations") or {}
+        if not isinstance(media_type, str) or not media_type:
+            raise FormatError(f"{where}: descriptor has no mediaType")
+        if not isinstance(digest, str):
+            raise FormatError(f"{where}: descriptor has no digest")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise FormatError(f"{where}: descriptor size {size!r} is not a non-negative integer")
+        if not isinstance(annotations, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in annotations.items()
+        ):
+            raise FormatError(f"{where}: annotations must map strings to strings")
+        try:
+            parsed = Digest.parse(digest)
+        except FormatError as exc:
+            raise FormatError(f"{where}: {exc}") from None
+        artifact_type = obj.get("artifactType")
+        extra = {k: v for k, v in obj.items() if k not in _DESCRIPTOR_KEYS}
+        return cls(media_type, parsed, size, dict(annotations),
+                   artifact_type if isinstance(artifact_type, str) else None, extra)
+
+
+_DESCRIPTOR_KEYS = {"mediaType", "digest", "size", "annotations", "artifactType"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """An OCI image manifest (the ModelKit itself)."""
+
+    config: Descriptor
+    layers: tuple[Descriptor, ...]
+    artifact_type: str | None
+    annotations: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Index:
+    """An OCI image index; for ModelKits, entries are told apart by ``modelMetadata`` labels."""
+
+    manifests: tuple[Descriptor, ...]
+    artifact_type: str | None
+
+    def select(self, labels: dict[str, str]) -> Descriptor:
+        """Pick the one entry whose labels (``modelMetadata``, annotations, platform) match.
+
+        Raises:
+            NotFoundError: no entry matches, or several do (the message lists them).
+        """
+        matches = [d for d in self.manifests if _labels_match(d, labels)]
+        if len(matches) == 1:
+            return matches[0]
+        listing = "; ".join(f"{d.digest} {describe_labels(d)}" for d in self.manifests)
+        if not matches:
+            raise NotFoundError(f"no index entry matches {labels or 'no labels'}: {listing}")
+        raise NotFoundError(
+            f"{len(matches)} index entries match {labels or 'no labels'}; choose one with "
+            f"--select KEY=VALUE: {listing}"
+        )
+
+
+def entry_labels(descriptor: Descriptor) -> dict[str, str]:
+    """All the labels an index entry can be selected by, flattened to strings."""
+    labels: dict[str, str] = dict(descriptor.annotations)
+    metadata = descriptor.extra.get("modelMetadata")
+    if isinstance(metadata, dict):
+        inner = metadata.get("labels", metadata)
+        if isinstance(inner, dict):
+            labels.update({str(k): str(v) for k, v in inner.items()})
+    platform = descriptor.extra.get("platform")
+    if isinstance(platform, dict):
+        labels.update({f"platform.{k}": str(v) for k, v in platform.items()})
+    return labels
+
+
+def describe_labels(descriptor: Descriptor) -> str:
+    labels = entry_labels(descriptor)
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+
+
+def _labels_match(descriptor: Descriptor, wanted: dict[str, str]) -> bool:
+    labels = entry_labels(descriptor)
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+def load_json_object(data: bytes, what: str, limit_bytes: int) -> dict[str, Any]:
+    """Decode a JSON object, refusing oversized or non-object documents with a clear error."""
+    if len(data) > limit_bytes:
+        raise FormatError(f"{what} is {len(data)} bytes, more than the {limit_bytes} allowed")
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FormatError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{what} is not a JSON object")
+    return obj
+
+
+def parse_document(data: bytes, content_type: str | None) -> Manifest | Index:
+    """Parse a manifest-endpoint document into a ``Manifest`` or an ``Index``.
+
+    The JSON ``mediaType`` field wins over the HTTP ``Content-Type``; old ModelKits have neither
+    set to anything useful, and a document with ``manifests`` and no ``layers`` is an index.
+
+    Raises:
+        FormatError: malformed JSON, wrong schemaVersion, bad descriptors.
+    """
+    obj = load_json_object(data, "manifest", MAX_MANIFEST_BYTES)
+    if obj.get("schemaVersion") != 2:
+        raise FormatError(f"manifest schemaVersion is {obj.get('schemaVersion')!r}, expected 2")
+    media_type = obj.get("mediaType") or content_type
+    is_index = media_type in (OCI_INDEX, DOCKER_MANIFEST_LIST) or (
+        "manifests" in obj and "layers" not in obj
+    )
+    artifact_type = obj.get("artifactType")
+    if artifact_type is not None and not isinstance(artifact_type, str):
+        raise FormatError("manifest artifactType is not a string")
+    if is_index:
+        entries = obj.get("manifests")
+        if not isinstance(entries, list):
+            raise FormatError("index has no manifests list")
+        return Index(
+            tuple(Descriptor.from_json(e, f"index entry {i}") for i, e in enumerate(entries)),
+            artifact_type,
+        )
+    layers = obj.get("layers")
+    if not isinstance(layers, list):
+        raise FormatError("manifest has no layers list")
+    annotations = obj.get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise FormatError("manifest annotations are not an object")
+    return Manifest(
+        config=Descriptor.from_json(obj.get("config"), "manifest config"),
+        layers=tuple(Descriptor.from_json(d, f"layer {i}") for i, d in enumerate(layers)),
+        artifact_type=artifact_type,
+        annotations={str(k): str(v) for k, v in annotations.items()},
+    )

@@ -1,0 +1,287 @@
+"""A sans-I/O tar header parser: feed it bytes, get members with their data offsets.
+
+kitfs never extracts a tar; it needs, for each member, its path, type, mode, size and where its
+data starts in the (uncompressed) layer. ``TarScanner`` is a push parser: the caller asks
+``wants()`` which byte range it needs next, ``feed()``s exactly those bytes (from a Range
+request, a cache, or a decompressing stream) and collects ``TarMember``s. It never asks for
+file bodies, only for headers, so a 4 GiB weights file costs one 512-byte read plus its
+parents' headers.
+
+Formats: POSIX USTAR (prefix + name), PAX extended headers (``x`` per file, ``g`` global:
+``path``, ``size``, ``linkpath`` and ``mtime``), GNU long names and long links (``L``/``K``)
+and GNU base-256 numbers. Names are returned as ``str`` decoded UTF-8 with surrogateescape, so
+any byte sequence round-trips; policy on what is acceptable lives in ``kitfs.format.layout``.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kitfs.errors import FormatError
+
+BLOCK = 512
+# A PAX or GNU long-name record larger than this is refused (tarfile has no limit; Go caps
+# PAX headers at 1 MiB). Keeps a hostile header from making us buffer gigabytes.
+MAX_EXTENDED_HEADER_BYTES = 1 << 20
+
+REGULAR_TYPES = (b"0", b"\0", b"7")  # '7' is contiguous file, read as regular (tarfile does)
+DIRECTORY_TYPE = b"5"
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One tar entry. ``data_offset`` is where its data starts in the uncompressed stream."""
+
+    name: str
+    typeflag: bytes
+    mode: int
+    size: int
+    data_offset: int
+    header_offset: int
+    linkname: str = ""
+    mtime: int = 0
+
+    @property
+    def is_file(self) -> bool:
+        return self.typeflag in REGULAR_TYPES
+
+    @property
+    def is_dir(self) -> bool:
+        return self.typeflag == DIRECTORY_TYPE
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _cstr(field: bytes) -> bytes:
+    return field.split(b"\0", 1)[0]
+
+
+def parse_number(field: bytes, what: str) -> int:
+    """Parse an octal (NUL/space padded) or GNU base-256 numeric field."""
+    if field and field[0] & 0x80:
+        value = int.from_bytes(field[1:], "big")
+        if field[0] & 0x40:  # negative base-256
+            value -= 1 << (8 * (len(field) - 1))
+            raise FormatError(f"tar header: negative {what}")
+        return value | ((field[0] & 0x3F) << (8 * (len(field) - 1)))
+    text = field.replace(b"\0", b" ").strip()
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise FormatError(f"tar header: {what} field {field!r} is not octal") from None
+
+
+def _checksum_ok(block: bytes) -> bool:
+    stored = block[148:156]
+    try:
+        expected = parse_number(stored, "checksum")
+    except FormatError:
+        return False
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    signed = unsigned - sum(b for b in block[:148] + block[156:] if b > 127) * 256
+    return expected in (unsigned, signed)
+
+
+def parse_pax_records(data: bytes) -> dict[str, str]:
+    """Parse PAX ``"%d %s=%s\\n"`` records. Raises FormatError on malformed records."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # NUL padding after the last record
+            break
+        space = data.find(b" ", pos)
+        if space < 0:
+            raise FormatError("PAX header: record without length")
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise FormatError("PAX header: bad record length") from None
+        if length <= 0 or pos + length > len(data) or space >= pos + length:
+            raise FormatError("PAX header: record length out of range")
+        record = data[space + 1 : pos + length]
+        if not record.endswith(b"\n") or b"=" not in record:
+            raise FormatError("PAX header: malformed record")
+        key, _, value = record[:-1].partition(b"=")
+        records[_decode(key)] = _decode(value)
+        pos += length
+    return records
+
+
+class TarScanner:
+    """Push parser over a tar stream's headers.
+
+    Usage::
+
+        scanner = TarScanner(stream_size)
+        while (want := scanner.wants()) is not None:
+            offset, length = want
+            members.extend(scanner.feed(read(offset, length)))
+
+    ``wants()`` returns ``None`` when the archive has ended (a zero block, or the end of the
+    stream at a block boundary). The caller may feed more bytes than asked, starting at the
+    asked offset; extra bytes are used for following headers. Bytes must be fed in order.
+    """
+
+    def __init__(self, stream_size: int) -> None:
+        self._size = stream_size
+        self._offset = 0  # offset of the next header block
+        self._buffer = b""  # bytes from self._offset on, already fed
+        self._pending_length = BLOCK  # bytes needed at self._offset
+        self._pax: dict[str, str] = {}
+        self._global_pax: dict[str, str] = {}
+        self._long_name: str | None = None
+        self._long_link: str | None = None
+        self._ext_header_offset: int | None = None
+        self._ext_type = b""
+        self._ext_size = 0
+        self._done = False
+        self.members_seen = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    def wants(self) -> tuple[int, int] | None:
+        """The ``(offset, length)`` of the bytes the parser needs next, or None at the end."""
+        if self._done:
+            return None
+        if self._offset >= self._size:
+            self._done = True
+            if self._pax or self._long_name is not None or self._long_link is not None:
+                raise FormatError("tar: archive ends after an extended header")
+            return None
+        if self._offset + self._pending_length > self._size:
+            raise FormatError(
+                f"tar: truncated archive: need {self._pending_length} bytes at offset "
+                f"{self._offset}, stream is {self._size} bytes"
+            )
+        have = len(self._buffer)
+        return self._offset + have, self._pending_length - have
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[TarMember]:
+        """Feed bytes starting at the offset ``wants()`` returned; return completed members."""
+        self._buffer += bytes(data)
+        members: list[TarMember] = []
+        while not self._done and len(self._buffer) >= self._pending_length:
+            member = self._step()
+            if member is not None:
+                members.append(member)
+            if self._offset >= self._size:
+                break
+        return members
+
+    def _advance(self, count: int) -> None:
+        self._buffer = self._buffer[count:]
+        self._offset += count
+
+    def _step(self) -> TarMember | None:
+        if self._pending_length > BLOCK:  # body of an extended header is buffered
+            return self._finish_extended()
+        block = self._buffer[:BLOCK]
+        if block == b"\0" * BLOCK:
+            self._done = True  # end-of-archive marker (one zero block is enough to stop)
+            return None
+        if not _checksum_ok(block):
+            raise FormatError(f"tar: bad header checksum at offset {self._offset}")
+        typeflag = block[156:157]
+        size = parse_number(block[124:136], "size")
+        if typeflag in (b"x", b"g", b"L", b"K"):
+            if size > MAX_EXTENDED_HEADER_BYTES:
+                raise FormatError(
+                    f"tar: extended header of {size} bytes at offset {self._offset} is too large"
+                )
+            self._ext_type = typeflag
+            self._ext_size = size
+            self._ext_header_offset = self._offset
+            self._pending_length = BLOCK + _round_up(size)
+            return None
+        return self._finish_member(block, typeflag, size)
+
+    def _finish_extended(self) -> None:
+        body = self._buffer[BLOCK : BLOCK + self._ext_size]
+        if self._ext_type in (b"x", b"g"):
+            records = parse_pax_records(body)
+            (self._pax if self._ext_type == b"x" else self._global_pax).update(records)
+        elif self._ext_type == b"L":
+            self._long_name = _decode(_cstr(body))
+        else:
+            self._long_link = _decode(_cstr(body))
+        self._advance(self._pending_length)
+        self._pending_length = BLOCK
+        return None
+
+    def _finish_member(self, block: bytes, typeflag: bytes, size: int) -> TarMember:
+        header_offset = self._ext_header_offset if self._ext_header_offset is not None else self._offset
+        name = _decode(_cstr(block[0:100]))
+        if block[257:262] == b"ustar":
+            prefix = _cstr(block[345:500])
+            if prefix and block[257:265] != b"ustar  \0":  # POSIX prefix; not in old GNU format
+                name = _decode(prefix) + "/" + name
+        linkname = _decode(_cstr(block[157:257]))
+        mode = parse_number(block[100:108], "mode")
+        mtime = parse_number(block[136:148], "mtime")
+        pax = {**self._global_pax, **self._pax}
+        if self._long_name is not None:
+            name = self._long_name
+        if self._long_link is not None:
+            linkname = self._long_link
+        if "path" in pax:
+            name = pax["path"]
+        if "linkpath" in pax:
+            linkname = pax["linkpath"]
+        if "size" in pax:
+            try:
+                size = int(pax["size"])
+            except ValueError:
+                raise FormatError(f"tar: PAX size {pax['size']!r} is not a number") from None
+            if size < 0:
+                raise FormatError(f"tar: PAX size {size} is negative")
+        if "mtime" in pax:
+            try:
+                mtime = int(float(pax["mtime"]))
+            except ValueError:
+                mtime = 0
+        if typeflag not in REGULAR_TYPES:
+            # Only regular files carry data the reader may need; links, dirs and devices are
+            # given a size of 0 when skipping (GNU tar and tarfile do the same for these types).
+            data_size = size if typeflag not in (b"1", b"2", b"3", b"4", b"5", b"6") else 0
+        else:
+            data_size = size
+        data_offset = self._offset + BLOCK
+        member = TarMember(
+            name=name,
+            typeflag=typeflag,
+            mode=mode & 0o7777,
+            size=data_size,
+            data_offset=data_offset,
+            header_offset=header_offset,
+            linkname=linkname,
+            mtime=mtime,
+        )
+        self._pax = {}
+        self._long_name = self._long_link = None
+        self._ext_header_offset = None
+        next_offset = data_offset + _round_up(data_size)
+        if data_offset + data_size > self._size:
+            raise FormatError(
+                f"tar: member {name!r} data ({data_size} bytes at {data_offset}) runs past the "
+                f"end of the {self._size}-byte layer"
+            )
+        skip = next_offset - self._offset
+        if skip <= len(self._buffer):
+            self._advance(skip)
+        else:
+            self._buffer = b""
+            self._offset = next_offset
+        self.members_seen += 1
+        return member
+
+
+def _round_up(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK

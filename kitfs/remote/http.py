@@ -1,0 +1,354 @@
+"""A lean HTTP/1.1 client on trio: keep-alive connections and bodies read straight into buffers.
+
+Why not httpx: on this class of machine httpx moves blob bodies at 0.25-0.48 GB/s, because
+httpcore reads 64 KiB at a time and h11 copies every piece; a client that ``recv_into``s a
+preallocated buffer reaches about 1 GB/s, as fast as curl (see the README's design notes). The
+registry protocol needs very little of HTTP: GET and HEAD, Content-Length or chunked bodies,
+redirects (followed by the registry client), keep-alive. That is what this module does; nothing
+more (no HTTP/2, no cookies, no compression).
+
+This module owns sockets and TLS. It raises ``TransportError`` for anything that went wrong on
+the wire (refused, reset, closed early, timed out, malformed response); it has no retries, no
+auth and no idea what a registry is: ``kitfs.remote.registry`` decides what to do.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import trio
+
+MAX_HEADER_BYTES = 64 * 1024
+RECV_SIZE_BYTES = 256 * 1024
+IDLE_CONNECTIONS_PER_ORIGIN = 8
+
+
+class TransportError(Exception):
+    """The request failed on the wire. ``timed_out`` says whether it was a timeout."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+@dataclass
+class Response:
+    status: int
+    reason: str
+    headers: dict[str, str]
+    body: bytes = b""
+    body_length: int = 0  # bytes of body read into the caller's buffer
+
+    def header(self, name: str, default: str | None = None) -> str | None:
+        return self.headers.get(name.lower(), default)
+
+
+@dataclass
+class _Connection:
+    stream: trio.abc.Stream
+    sock: trio.socket.SocketType | None  # set for plain TCP: used for recv_into
+    buffer: bytearray = field(default_factory=bytearray)
+    reusable: bool = True
+
+    async def recv_some(self) -> bytes:
+        data = await self.stream.receive_some(RECV_SIZE_BYTES)
+        if not data:
+            raise TransportError("connection closed by the server")
+        return bytes(data)
+
+    async def recv_into(self, view: memoryview) -> int:
+        if self.sock is not None:
+            count: int = await self.sock.recv_into(view)
+        else:
+            data = await self.stream.receive_some(len(view))
+            count = len(data)
+            view[:count] = data
+        if count == 0:
+            raise TransportError("connection closed by the server in the middle of a body")
+        return count
+
+
+class HttpClient:
+    """Keep-alive HTTP/1.1 client. One instance per process is enough.
+
+    Args:
+        ssl_context: used for https URLs.
+        io_timeout_s: the longest a connect, a send or a single receive may take.
+        max_connections: connections open at once, over all origins.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext, io_timeout_s: float, max_connections: int = 16):
+        self._ssl = ssl_context
+        self._io_timeout_s = io_timeout_s
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._limiter = trio.CapacityLimiter(max_connections)
+        self.connections_opened = 0
+
+    async def aclose(self) -> None:
+        for connections in self._idle.values():
+            for conn in connections:
+                await _close_quietly(conn)
+        self._idle.clear()
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        *,
+        into: memoryview | None = None,
+        skip_on_200: int = 0,
+        max_body_bytes: int = 64 * 1024 * 1024,
+    ) -> Response:
+        """Send one request and read the response.
+
+        With ``into``, a successful (2xx) body of exactly ``len(into)`` bytes is read into it
+        (a longer body is cut there and the connection is dropped, a shorter one is an error);
+        other bodies are returned in ``Response.body`` up to ``max_body_bytes``. When a Range
+        request is answered 200 (the whole blob), ``skip_on_200`` bytes are read and dropped
+        first, so ``into`` still receives the bytes that were asked for.
+
+        Raises:
+            TransportError: connect, send or receive failed or timed out; malformed response.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise TransportError(f"unsupported URL {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        origin = (parts.scheme, parts.hostname, port)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host_header = parts.netloc.rpartition("@")[2]
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host_header}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        request_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+        async with self._limiter:
+            for attempt in range(2):
+                conn, fresh = await self._checkout(origin)
+                try:
+                    response = await self._exchange(
+                        conn, request_bytes, method, into, skip_on_200, max_body_bytes
+                    )
+                except TransportError:
+                    await _close_quietly(conn)
+                    # A pooled connection the server closed while idle fails at once: retry
+                    # once on a fresh connection. A fresh connection failing is the caller's.
+                    if fresh or attempt == 1:
+                        raise
+                    continue
+                except BaseException:
+                    await _close_quietly(conn)
+                    raise
+                if conn.reusable:
+                    self._checkin(origin, conn)
+                else:
+                    await _close_quietly(conn)
+                return response
+        raise AssertionError("unreachable")
+
+    async def _checkout(self, origin: tuple[str, str, int]) -> tuple[_Connection, bool]:
+        idle = self._idle.get(origin)
+        if idle:
+            return idle.pop(), False
+        scheme, host, port = origin
+        try:
+            with trio.fail_after(self._io_timeout_s):
+                tcp = await trio.open_tcp_stream(host, port)
+                tcp.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
+                if scheme == "https":
+                    tls = trio.SSLStream(tcp, self._ssl, server_hostname=host, https_compatible=True)
+                    await tls.do_handshake()
+                    self.connections_opened += 1
+                    return _Connection(tls, None), True
+        except trio.TooSlowError:
+            raise TransportError(f"connecting to {host}:{port} timed out", timed_out=True) from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise TransportError(f"cannot connect to {host}:{port}: {exc}") from None
+        self.connections_opened += 1
+        return _Connection(tcp, tcp.socket), True
+
+    def _checkin(self, origin: tuple[str, str, int], conn: _Connection) -> None:
+        idle = self._idle.setdefault(origin, [])
+        if len(idle) < IDLE_CONNECTIONS_PER_ORIGIN and not conn.buffer:
+            idle.append(conn)
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        request_bytes: bytes,
+        method: str,
+        into: memoryview | None,
+        skip_on_200: int,
+        max_body_bytes: int,
+    ) -> Response:
+        try:
+            with trio.fail_after(self._io_timeout_s):
+                await conn.stream.send_all(request_bytes)
+            response = await self._read_head(conn)
+            await self._read_body(conn, response, method, into, skip_on_200, max_body_bytes)
+            return response
+        except trio.TooSlowError:
+            raise TransportError("the server did not answer in time", timed_out=True) from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+            raise TransportError(f"connection failed: {exc!r}") from None
+
+    async def _read_head(self, conn: _Connection) -> Response:
+        buffer = conn.buffer
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(buffer) > MAX_HEADER_BYTES:
+                raise TransportError("response headers are too large")
+            with trio.fail_after(self._io_timeout_s):
+                buffer += await conn.recv_some()
+        head = bytes(buffer[:end]).decode("latin-1")
+        del buffer[: end + 4]
+        status_line, *header_lines = head.split("\r\n")
+        try:
+            version, status_text, *reason = status_line.split(" ", 2)
+            status = int(status_text)
+        except ValueError:
+            raise TransportError(f"malformed status line {status_line!r}") from None
+        if not version.startswith("HTTP/1."):
+            raise TransportError(f"unsupported protocol {version!r}")
+        headers: dict[str, str] = {}
+        for line in header_lines:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise TransportError(f"malformed header line {line!r}")
+            key = name.strip().lower()
+            headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+        if version == "HTTP/1.0" or "close" in headers.get("connection", "").lower():
+            conn.reusable = False
+        return Response(status, reason[0] if reason else "", headers)
+
+    async def _read_body(
+        self,
+        conn: _Connection,
+        response: Response,
+        method: str,
+        into: memoryview | None,
+        skip_on_200: int,
+        max_body_bytes: int,
+    ) -> None:
+        if method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
+            return
+        if "chunked" in response.headers.get("transfer-encoding", "").lower():
+            response.body = await self._read_chunked(conn, max_body_bytes)
+            if into is not None and 200 <= response.status < 300:
+                _copy_exact(response, into)
+            return
+        length_text = response.headers.get("content-length")
+        if length_text is None:
+            conn.reusable = False
+            response.body = await self._read_to_eof(conn, max_body_bytes)
+            if into is not None and 200 <= response.status < 300:
+                _copy_exact(response, into)
+            return
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise TransportError(f"bad Content-Length {length_text!r}") from None
+        if into is not None and 200 <= response.status < 300:
+            skip = skip_on_200 if response.status == 200 else 0
+            if length < skip + len(into):
+                raise TransportError(f"body of {length} bytes is shorter than the {len(into)} expected")
+            conn.reusable = conn.reusable and skip == 0
+            scratch = memoryview(bytearray(min(skip, RECV_SIZE_BYTES * 16) or 1))
+            while skip > 0:
+                step = min(skip, len(scratch))
+                await self._fill(conn, scratch[:step])
+                skip -= step
+                length -= step
+            await self._fill(conn, into)
+            response.body_length = len(into)
+            if length > len(into):
+                conn.reusable = False  # the rest is not wanted: drop the connection
+            return
+        if length > max_body_bytes:
+            conn.reusable = False
+            raise TransportError(f"response body of {length} bytes exceeds {max_body_bytes}")
+        body = bytearray(length)
+        await self._fill(conn, memoryview(body))
+        response.body = bytes(body)
+
+    async def _fill(self, conn: _Connection, view: memoryview) -> None:
+        taken = min(len(conn.buffer), len(view))
+        view[:taken] = conn.buffer[:taken]
+        del conn.buffer[:taken]
+        filled = taken
+        while filled < len(view):
+            with trio.fail_after(self._io_timeout_s):
+                filled += await conn.recv_into(view[filled:])
+
+    async def _read_chunked(self, conn: _Connection, max_body_bytes: int) -> bytes:
+        body = bytearray()
+        while True:
+            line = await self._read_line(conn)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise TransportError(f"malformed chunk size {line!r}") from None
+            if size == 0:
+                while await self._read_line(conn):  # trailers, then the empty line
+                    pass
+                return bytes(body)
+            if len(body) + size > max_body_bytes:
+                conn.reusable = False
+                raise TransportError(f"chunked body exceeds {max_body_bytes} bytes")
+            chunk = bytearray(size)
+            await self._fill(conn, memoryview(chunk))
+            body += chunk
+            if await self._read_line(conn):
+                raise TransportError("chunk not followed by CRLF")
+
+    async def _read_line(self, conn: _Connection) -> bytes:
+        while (end := conn.buffer.find(b"\r\n")) < 0:
+            if len(conn.buffer) > MAX_HEADER_BYTES:
+                raise TransportError("line too long in chunked body")
+            with trio.fail_after(self._io_timeout_s):
+                conn.buffer += await conn.recv_some()
+        line = bytes(conn.buffer[:end])
+        del conn.buffer[: end + 2]
+        return line
+
+    async def _read_to_eof(self, conn: _Connection, max_body_bytes: int) -> bytes:
+        body = bytearray(conn.buffer)
+        conn.buffer.clear()
+        while True:
+            with trio.fail_after(self._io_timeout_s):
+                data = await conn.stream.receive_some(RECV_SIZE_BYTES)
+            if not data:
+                return bytes(body)
+            body += data
+            if len(body) > max_body_bytes:
+                raise TransportError(f"response body exceeds {max_body_bytes} bytes")
+
+
+def _copy_exact(response: Response, into: memoryview) -> None:
+    if len(response.body) < len(into):
+        raise TransportError(f"body of {len(response.body)} bytes is shorter than {len(into)}")
+    into[:] = response.body[: len(into)]
+    response.body_length = len(into)
+
+
+async def _close_quietly(conn: _Connection) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await conn.stream.aclose()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+            pass
+
+
+@asynccontextmanager
+async def open_client(ssl_context: ssl.SSLContext, io_timeout_s: float) -> AsyncIterator[HttpClient]:
+    client = HttpClient(ssl_context, io_timeout_s)
+    try:
+        yield client
+    finally:
+        await client.aclose()
