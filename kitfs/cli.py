@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="manifest digest, layers, kinds, compression, verification state")
     p.add_argument("reference")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("demo", help="start a loopback registry with a sample kit and show kitfs on it")
+    p.add_argument("--keep", action="store_true",
+                   help="leave the registry running (its PID is printed) to try commands by hand")
     cache = sub.add_parser("cache", help="look after the local cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     p = cache_sub.add_parser("stats", parents=[common], help="size, quota, blobs, chunks")
@@ -101,15 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="kitfs: %(levelname)s: %(name)s: %(message)s",
+        level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
+        format="kitfs: %(levelname)s: %(message)s",
     )
     try:
         if args.command == "cache":
             return _cache(args)
+        if args.command == "demo":
+            return _demo(args)
         return trio.run(_run_async, args)
     except KitfsError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             log.exception("failed")
         print(f"kitfs: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -144,16 +149,18 @@ def _mode_string(is_dir: bool, mode: int) -> str:
 async def _ls(session: KitSession, args: argparse.Namespace) -> int:
     kit = await session.open(Reference.parse(args.reference))
     tree = await session.tree(kit)
-    top = tree.lookup(args.path)
+    top = session.lookup(kit, tree, args.path)
     nodes = [n for n in _subtree(top) if n.path]
     if args.json:
         entries = [{"path": n.path, "type": "directory" if n.is_dir else "file",
                     "mode": f"{n.mode:04o}", "size": n.size} for n in nodes]
         print(json.dumps(entries, indent=1))
-        return 0
-    for node in nodes:
-        print(f"{_mode_string(node.is_dir, node.mode)} {node.size:>14} {node.path}"
-              f"{'/' if node.is_dir else ''}")
+    else:
+        for node in nodes:
+            print(f"{_mode_string(node.is_dir, node.mode)} {node.size:>14} {node.path}"
+                  f"{'/' if node.is_dir else ''}")
+    if kit.broken_layers:  # listed what we could; the refusal is the answer's other half
+        raise next(iter(kit.broken_layers.values()))
     return 0
 
 
@@ -169,7 +176,7 @@ def _subtree(top: Any) -> list[Any]:
 async def _cat(session: KitSession, args: argparse.Namespace) -> int:
     kit = await session.open(Reference.parse(args.reference))
     tree = await session.tree(kit)
-    node = tree.lookup(args.path)
+    node = session.lookup(kit, tree, args.path)
     if node.is_dir:
         raise UsageError(f"{args.path!r} is a directory")
     out = sys.stdout.buffer
@@ -189,7 +196,7 @@ async def _cat(session: KitSession, args: argparse.Namespace) -> int:
 async def _inspect(session: KitSession, args: argparse.Namespace) -> int:
     kit = await session.open(Reference.parse(args.reference))
     layers = []
-    for source in kit.layers:
+    for source in sorted(kit.layers, key=lambda s: (str(s.reference), s.placement.index)):
         p = source.placement
         state = session.store.blob_state(source.content.key)
         verified = {None: "not fetched", 0: "unverified", 1: "verified", -1: "FAILED"}[
@@ -245,6 +252,41 @@ def _cache(args: argparse.Namespace) -> int:
             print(f"cleared {store.directory}")
     finally:
         store.close()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from kitfs.sample import Pusher, Registry, sample_kit
+
+    workdir = Path(tempfile.mkdtemp(prefix="kitfs-demo-"))
+    registry = Registry(workdir).start()
+    try:
+        weights = os.urandom(64 * 1024 * 1024)
+        reference = f"{registry.host}/demo/sample:v1"
+        total = sum(len(layer.data) for layer in sample_kit(Pusher(registry.host), reference,
+                                                              weights).layers)
+        cache = str(workdir / "cache")
+        print(f"# a loopback registry ({registry.host}, pid {registry.process.pid}) holds "  # type: ignore[union-attr]
+              f"{reference}: {total} bytes of layers\n")
+        mark = registry.log_mark()
+        for command in (["ls", reference], ["inspect", reference],
+                        ["cat", reference, "Kitfile"], ["cat", reference, "data/train/part-003.csv"]):
+            print(f"$ kitfs {' '.join(command)}", flush=True)
+            status = main([*command, "--cache-dir", cache])
+            sys.stdout.flush()
+            if status != 0:
+                return status
+            print()
+        fetched = registry.blob_bytes_served(mark)
+        print(f"# the registry served {fetched} of {total} layer bytes ({100 * fetched / total:.1f} %)")
+        if args.keep:
+            print(f"# registry left running: pid {registry.process.pid}; "  # type: ignore[union-attr]
+                  f"try: kitfs ls {reference} --cache-dir {cache}")
+            registry.process = None
+    finally:
+        registry.stop()
     return 0
 
 

@@ -88,3 +88,17 @@ class CacheError(KitfsError):
     """The local cache cannot be used (not the same as full: a full cache is not an error)."""
 
     exit_code = os.EX_IOERR
+
+
+def unwrap_group(exc: BaseException) -> BaseException:
+    """The ``KitfsError`` inside an exception group from a nursery, if there is one.
+
+    trio wraps errors raised in nursery tasks in ``ExceptionGroup``s; users must see the
+    error itself ("blob ... not found"), not the group. Non-kitfs errors are left wrapped.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = unwrap_group(inner)
+            if isinstance(found, KitfsError):
+                return found
+    return exc

@@ -26,8 +26,8 @@ def load_members(store: ChunkStore, key: str) -> list[TarMember] | None:
     if len(rows) != count:
         return None  # never happens with the single transaction; treat as not indexed
     return [
-        TarMember(name=bytes(name).decode("utf-8", "surrogateescape"), typeflag=bytes(typeflag), mode=mode, size=size,
-                  data_offset=data_offset, header_offset=-1)
+        TarMember(name=bytes(name).decode("utf-8", "surrogateescape"), typeflag=bytes(typeflag),
+                  mode=mode, size=size, data_offset=data_offset, header_offset=-1)
         for name, typeflag, mode, size, data_offset in rows
     ]
 

@@ -314,10 +314,9 @@ class ChunkStore:
         for key, idx, length in rows:
             data = self.read(key, idx, 0, length)
             expected = self.chunk_sha256(key, idx)
-            if data is not None and expected is not None:
-                if hashlib.sha256(data).hexdigest() != expected:
-                    self._drop_bad_chunk(key, idx, "its sha256 differs from the verified one")
-                    data = None
+            if data is not None and expected and hashlib.sha256(data).hexdigest() != expected:
+                self._drop_bad_chunk(key, idx, "its sha256 differs from the verified one")
+                data = None
             if data is None:
                 dropped += 1
             else:

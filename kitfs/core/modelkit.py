@@ -25,8 +25,14 @@ import trio
 
 from kitfs.cache.index import load_members, store_members
 from kitfs.cache.store import ChunkStore
-from kitfs.core.reader import DEFAULT_CHUNK_SIZE_BYTES, BlobReader, Content, VerifyMode
-from kitfs.errors import FormatError, IntegrityError, NotFoundError
+from kitfs.core.reader import (
+    DEFAULT_CHUNK_SIZE_BYTES,
+    BlobReader,
+    Content,
+    VerifyMode,
+    collapse_groups,
+)
+from kitfs.errors import FormatError, IntegrityError, KitfsError, NotFoundError
 from kitfs.format.digest import Digest
 from kitfs.format.layout import CREATED_ANNOTATION, LayoutPlan, Placement, plan_layout
 from kitfs.format.mediatypes import Compression, Kind, Layout
@@ -62,6 +68,7 @@ class ModelKit:
     layers: list[LayerSource]
     created: str | None
     config_digest: Digest
+    broken_layers: dict[str, KitfsError] = field(default_factory=dict)  # digest -> why
     _tree: Tree | None = field(default=None, repr=False)
 
 
@@ -163,22 +170,40 @@ class KitSession:
     # --- the tree ---------------------------------------------------------------------------
 
     async def tree(self, kit: ModelKit) -> Tree:
-        """The whole merged tree; indexes every tar layer (from the cache when it can)."""
+        """The merged tree; indexes every tar layer (from the cache when it can).
+
+        A layer that is refused (unsafe entries, malformed tar, failed verification) is left
+        out and recorded in ``kit.broken_layers``; the other layers are still shown. Registry
+        failures are not absorbed: they raise.
+        """
         if kit._tree is not None:
             return kit._tree
         builder = TreeBuilder(kit.plan.kitfile)
         for position, source in enumerate(kit.layers):
             placement = source.placement
             digest = str(placement.descriptor.digest)
-            if placement.layer_type.layout is Layout.RAW:
-                size = await self._raw_size(source)
-                builder.add_file(placement.raw_path or "", placement.raw_mode, size,
-                                 FileSource(position, 0), f"layer {digest}")
-            else:
-                members = await self.layer_members(source)
-                builder.add_tar_members(members, position, placement.prefix, digest)
+            try:
+                if placement.layer_type.layout is Layout.RAW:
+                    size = await self._raw_size(source)
+                    builder.add_file(placement.raw_path or "", placement.raw_mode, size,
+                                     FileSource(position, 0), f"layer {digest}")
+                else:
+                    members = await self.layer_members(source)
+                    builder.add_tar_members(members, position, placement.prefix, digest)
+            except (FormatError, IntegrityError) as exc:
+                log.error("layer %s is not shown: %s", digest, exc)
+                kit.broken_layers[digest] = exc
         kit._tree = builder.build()
         return kit._tree
+
+    def lookup(self, kit: ModelKit, tree: Tree, path: str) -> Node:
+        """The node at ``path``; when it is missing and a layer was refused, that refusal."""
+        try:
+            return tree.lookup(path)
+        except NotFoundError:
+            if kit.broken_layers:
+                raise next(iter(kit.broken_layers.values())) from None
+            raise
 
     async def _raw_size(self, source: LayerSource) -> int:
         if source.content.compression is Compression.NONE:
@@ -227,21 +252,16 @@ class KitSession:
             )
         return data
 
-    def lookup(self, tree: Tree, path: str) -> Node:
-        node = tree.lookup(path)
-        if node is None:
-            raise NotFoundError(path)
-        return node
-
 
 @asynccontextmanager
 async def open_session(options: SessionOptions) -> AsyncIterator[KitSession]:
     """A session with its own nursery (for decompression jobs); closed on exit."""
     store = ChunkStore(options.cache_dir, options.cache_size_bytes)
-    async with trio.open_nursery() as nursery:
-        session = KitSession(options, store, nursery)
-        try:
-            yield session
-        finally:
-            nursery.cancel_scope.cancel()
-            await session.aclose()
+    with collapse_groups():
+        async with trio.open_nursery() as nursery:
+            session = KitSession(options, store, nursery)
+            try:
+                yield session
+            finally:
+                nursery.cancel_scope.cancel()
+                await session.aclose()

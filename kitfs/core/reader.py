@@ -36,7 +36,8 @@ import enum
 import hashlib
 import logging
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ import trio
 import zstandard
 
 from kitfs.cache.store import ChunkStore
-from kitfs.errors import FormatError, IntegrityError, KitfsError
+from kitfs.errors import FormatError, IntegrityError, KitfsError, unwrap_group
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import Compression
 from kitfs.format.ranges import chunk_count, chunk_span, chunks_covering
@@ -198,9 +199,10 @@ class BlobReader:
         if len(indexes) == 1:
             await one(0, indexes[0])
         else:
-            async with trio.open_nursery() as nursery:
-                for position, idx in enumerate(indexes):
-                    nursery.start_soon(one, position, idx)
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    for position, idx in enumerate(indexes):
+                        nursery.start_soon(one, position, idx)
         return results
 
     async def _chunk_slice(self, content: Content, idx: int, start: int, length: int) -> bytes:
@@ -288,9 +290,10 @@ class BlobReader:
                 async with limiter:
                     await self._chunk_slice(content, idx, 0, 0)
 
-            async with trio.open_nursery() as nursery:
-                for idx in missing:
-                    nursery.start_soon(fetch, idx)
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    for idx in missing:
+                        nursery.start_soon(fetch, idx)
             await self._hash_and_record(content, total)
         finally:
             del self._verifying[key]
@@ -431,6 +434,18 @@ class BlobReader:
             job.memory[idx] = data
             while len(job.memory) * self.chunk_size_bytes > 64 * 1024 * 1024:
                 job.memory.pop(next(iter(job.memory)))
+
+
+@contextmanager
+def collapse_groups() -> Iterator[None]:
+    """Re-raise the first ``KitfsError`` of a nursery's exception group as itself."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        inner = unwrap_group(group)
+        if inner is group:
+            raise
+        raise inner from None
 
 
 def _reraise(error: BaseException) -> BaseException:

@@ -36,7 +36,8 @@ class Digest:
         if algorithm not in _HEX_LENGTH:
             raise FormatError(f"unsupported digest algorithm in {text!r} (sha256, sha512)")
         if len(hex_) != _HEX_LENGTH[algorithm]:
-            raise FormatError(f"invalid digest {text!r}: {algorithm} needs {_HEX_LENGTH[algorithm]} hex digits")
+            needed = _HEX_LENGTH[algorithm]
+            raise FormatError(f"invalid digest {text!r}: {algorithm} needs {needed} hex digits")
         return cls(algorithm, hex_)
 
     @classmethod

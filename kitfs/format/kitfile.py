@@ -279,10 +279,11 @@ _PLAIN_FIRST_FORBIDDEN = set("-?:,[]{}#&*!|>'\"%@`")
 def _plain_allowed(text: str) -> bool:
     if not text or text != text.strip() or _NON_STRING.match(text):
         return False
-    if text[0] in _PLAIN_FIRST_FORBIDDEN:
-        # '-', '?' and ':' may start a plain scalar when followed by a non-space
-        if not (text[0] in "-?:" and len(text) > 1 and text[1] != " "):
-            return False
+    # '-', '?' and ':' may start a plain scalar when followed by a non-space
+    if text[0] in _PLAIN_FIRST_FORBIDDEN and not (
+        text[0] in "-?:" and len(text) > 1 and text[1] != " "
+    ):
+        return False
     if ": " in text or " #" in text or text.endswith(":"):
         return False
     return all(c.isprintable() and c not in "\n\r\t" for c in text)

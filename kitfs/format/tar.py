@@ -182,7 +182,8 @@ class TarScanner:
 
     def _step(self) -> TarMember | None:
         if self._pending_length > BLOCK:  # body of an extended header is buffered
-            return self._finish_extended()
+            self._finish_extended()
+            return None
         block = self._buffer[:BLOCK]
         if block == b"\0" * BLOCK:
             self._done = True  # end-of-archive marker (one zero block is enough to stop)
@@ -214,7 +215,6 @@ class TarScanner:
             self._long_link = _decode(_cstr(body))
         self._advance(self._pending_length)
         self._pending_length = BLOCK
-        return None
 
     def _finish_member(self, block: bytes, typeflag: bytes, size: int) -> TarMember:
         header_offset = self._ext_header_offset if self._ext_header_offset is not None else self._offset

@@ -74,7 +74,7 @@ def find_credentials(registry: str) -> Credentials | None:
             if isinstance(entry, dict) and (creds := _decode_entry(entry)):
                 return creds
         helper = (config.get("credHelpers") or {}).get(registry) or config.get("credsStore")
-        if helper and (creds := _run_helper(helper, registry)):
+        if isinstance(helper, str) and helper and (creds := _run_helper(helper, registry)):
             return creds
     return None
 
@@ -87,9 +87,9 @@ def _decode_entry(entry: dict[str, object]) -> Credentials | None:
         except (ValueError, UnicodeDecodeError):
             return None
         return Credentials(user, password)
-    user, password = entry.get("username"), entry.get("password")
-    if isinstance(user, str) and isinstance(password, str):
-        return Credentials(user, password)
+    username, secret = entry.get("username"), entry.get("password")
+    if isinstance(username, str) and isinstance(secret, str):
+        return Credentials(username, secret)
     return None
 
 

@@ -1,4 +1,12 @@
-"""Build ModelKits the way ``kit pack`` writes them, and push them to a registry with oras-py.
+"""The embedded default: a loopback registry (Debian ``docker-registry``) with a sample kit.
+
+``kitfs demo`` and the test suite both use it. The registry is started by PID on 127.0.0.1
+with a free port and its own storage directory, and stopped by that PID. Its log (level info)
+has one ``response completed`` line per request with ``http.response.written``:
+``blob_bytes_served()`` sums those for blob GETs, which is how the tests prove laziness from
+the registry's own count, not from kitfs' counters.
+
+Kit builders: ModelKits written the way ``kit pack`` writes them, pushed with oras-py.
 
 ``kit pack`` (v0.5+) walks the context directory in lexical order and writes, per Kitfile
 entry, a tar whose names are context-relative, with every ancestor directory as its own entry
@@ -14,15 +22,131 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import posixpath
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import tarfile
 import tempfile
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import oras.provider
 import zstandard
+
+REGISTRY_BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+
+_CONFIG = """version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {root}
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:{port}
+  secret: kitfs-test
+health:
+  storagedriver:
+    enabled: false
+"""
+_WRITTEN_RE = re.compile(r'http\.response\.written=(\d+)')
+_URI_RE = re.compile(r'http\.request\.uri="([^"]+)"')
+_METHOD_RE = re.compile(r'http\.request\.method=(\w+)')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Registry:
+    """One registry process. ``host`` is ``127.0.0.1:PORT``."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.root = workdir / "storage"
+        self.log_path = workdir / "registry.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Registry:
+        if not os.path.exists(REGISTRY_BINARY):
+            raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "config.yml"
+        config.write_text(_CONFIG.format(root=self.root, port=self.port))
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+            self.process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"registry exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("registry did not start within 15 s")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log_mark(self) -> int:
+        """A position in the log; ``blob_bytes_served(since=mark)`` counts after it."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def requests(self, since: int = 0) -> list[tuple[str, str, int]]:
+        """(method, uri, bytes written) of every completed request after ``since``."""
+        time.sleep(0.2)  # the registry writes its line just after the response
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        out = []
+        for line in text.splitlines():
+            if "response completed" not in line:
+                continue
+            uri, method, written = _URI_RE.search(line), _METHOD_RE.search(line), _WRITTEN_RE.search(line)
+            if uri and method:
+                out.append((method.group(1), uri.group(1), int(written.group(1)) if written else 0))
+        return out
+
+    def blob_bytes_served(self, since: int = 0) -> int:
+        return sum(n for method, uri, n in self.requests(since)
+                   if method == "GET" and "/blobs/" in uri)
+
+    def blob_requests(self, since: int = 0) -> int:
+        return sum(1 for method, uri, _ in self.requests(since)
+                   if method == "GET" and "/blobs/" in uri)
+
+    def blob_file(self, digest: str) -> Path:
+        algo, hex_ = digest.split(":")
+        return self.root / "docker/registry/v2/blobs" / algo / hex_[:2] / hex_ / "data"
+
 
 KIT = "application/vnd.kitops.modelkit"
 KIT_CONFIG = f"{KIT}.config.v1+json"
@@ -53,7 +177,7 @@ def kit_tar(files: dict[str, bytes], layer_path: str, *, legacy: bool = False,
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
         for name in sorted(names):
             if legacy:
-                if base and not (name + "/").startswith(base + "/") or name == base:
+                if (base and not (name + "/").startswith(base + "/")) or name == base:
                     continue
                 arcname = posixpath.relpath(name, base) if base else name
             else:

@@ -1,0 +1,1 @@
+"""The local content-addressed cache: SQLite metadata and chunk files. Knows nothing of registries."""

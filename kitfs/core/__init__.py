@@ -1,0 +1,1 @@
+"""Where registry and cache meet: lazy verified reads and the ModelKit session."""

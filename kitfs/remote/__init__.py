@@ -1,0 +1,1 @@
+"""Talking to OCI registries: HTTP, auth, retries. Knows nothing of the cache."""

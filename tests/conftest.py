@@ -1,0 +1,65 @@
+"""Shared fixtures: the real registry on loopback, kits pushed to it, a fresh cache per test.
+
+A missing ``docker-registry`` fails the run loudly; nothing is skipped for lack of it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kitfs.sample import Pusher, Registry
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    reg = Registry(tmp_path_factory.mktemp("registry")).start()
+    try:
+        yield reg
+    finally:
+        reg.stop()
+
+
+@pytest.fixture(scope="session")
+def pusher(registry: Registry) -> Pusher:
+    return Pusher(registry.host)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode()
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def kitfs(cache_dir: Path):  # type: ignore[no-untyped-def]
+    """Run the real ``kitfs`` command line in a subprocess, with this test's cache."""
+
+    def run(*args: str, check: bool = True, timeout: float = 120) -> Result:
+        env = dict(os.environ, KITFS_CACHE_DIR=str(cache_dir))
+        proc = subprocess.run([sys.executable, "-m", "kitfs", *args], capture_output=True,
+                              env=env, timeout=timeout)
+        result = Result(proc.returncode, proc.stdout, proc.stderr.decode())
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kitfs {' '.join(args)} exited {proc.returncode}: {result.stderr}")
+        if check:
+            assert "Traceback" not in result.stderr, result.stderr
+        return result
+
+    return run
