@@ -42,7 +42,7 @@ from pathlib import Path
 import xxhash
 
 from kitfs.cache.schema import open_database
-from kitfs.errors import CacheError, IntegrityError
+from kitfs.errors import CacheError
 
 log = logging.getLogger(__name__)
 
@@ -440,9 +440,3 @@ def _walk_files(root: Path) -> Iterator[Path]:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             yield Path(dirpath) / name
-
-
-def check_sha256(data: bytes, expected_hex: str, what: str) -> None:
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected_hex:
-        raise IntegrityError(f"{what}: sha256 {actual} != recorded {expected_hex}")

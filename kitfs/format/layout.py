@@ -57,12 +57,6 @@ class Placement:
     raw_mode: int  # raw layers: permission bits
     diff_id: Digest | None  # digest of the uncompressed bytes, when recorded
 
-    @property
-    def content_size_known(self) -> bool:
-        from kitfs.format.mediatypes import Compression
-
-        return self.layer_type.compression is Compression.NONE
-
 
 @dataclass(frozen=True)
 class LayoutPlan:

@@ -15,8 +15,6 @@ auth and no idea what a registry is: ``kitfs.remote.registry`` decides what to d
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -343,12 +341,3 @@ async def _close_quietly(conn: _Connection) -> None:
             await conn.stream.aclose()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
             pass
-
-
-@asynccontextmanager
-async def open_client(ssl_context: ssl.SSLContext, io_timeout_s: float) -> AsyncIterator[HttpClient]:
-    client = HttpClient(ssl_context, io_timeout_s)
-    try:
-        yield client
-    finally:
-        await client.aclose()
