@@ -217,7 +217,7 @@ def _emit_any(prefix: str, value: Any, indent: int, lines: list[str]) -> None:
         for item in value:
             if isinstance(item, dict) and item:
                 start = len(lines)
-                _emit_any(f"{pad}    __", item, indent + 4, lines)
+                _emit_any(f"{pad}  __", item, indent + 2, lines)
                 del lines[start]  # drop the placeholder key line, keep the mapping body
                 lines[start] = f"{pad}  - " + lines[start][indent + 4 :]
             else:

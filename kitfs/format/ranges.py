@@ -45,5 +45,6 @@ def chunks_covering(offset: int, length: int, blob_size: int, chunk_size_bytes: 
 
 def clamp(offset: int, length: int, size: int) -> tuple[int, int]:
     """Clamp ``[offset, offset+length)`` to ``[0, size)``; returns (offset, length >= 0)."""
-    offset = max(0, min(offset, size))
-    return offset, max(0, min(length, size - offset))
+    end = max(0, min(offset + max(length, 0), size))
+    start = max(0, min(offset, size))
+    return start, max(0, end - start)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kitfs.errors import InvalidReferenceError
+from kitfs.errors import FormatError, InvalidReferenceError
 from kitfs.format.digest import Digest
 
 # distribution/reference grammar (path components and tags), lower-case repos only.
@@ -42,8 +42,13 @@ class Reference:
         """
         if not text or any(c.isspace() for c in text):
             raise InvalidReferenceError(f"invalid reference {text!r}: empty or contains spaces")
-        rest, _, digest_text = text.partition("@")
-        digest = Digest.parse(digest_text) if digest_text else None
+        rest, at, digest_text = text.partition("@")
+        digest = None
+        if at:
+            try:
+                digest = Digest.parse(digest_text)
+            except FormatError as exc:
+                raise InvalidReferenceError(f"invalid reference {text!r}: {exc}") from None
         if "/" not in rest:
             raise InvalidReferenceError(
                 f"invalid reference {text!r}: expected registry/repository[:tag][@digest]"

@@ -84,7 +84,8 @@ def _checksum_ok(block: bytes) -> bool:
     except FormatError:
         return False
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
-    signed = unsigned - sum(b for b in block[:148] + block[156:] if b > 127) * 256
+    # Some old tars summed the header as signed chars: every byte above 127 counts 256 less.
+    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
     return expected in (unsigned, signed)
 
 
@@ -199,7 +200,10 @@ class TarScanner:
                 )
             self._ext_type = typeflag
             self._ext_size = size
-            self._ext_header_offset = self._offset
+            # A member's header chain starts at its first own extended header; a global
+            # ``g`` header belongs to no member.
+            if typeflag != b"g" and self._ext_header_offset is None:
+                self._ext_header_offset = self._offset
             self._pending_length = BLOCK + _round_up(size)
             return None
         return self._finish_member(block, typeflag, size)
