@@ -16,7 +16,6 @@ import stat
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -26,6 +25,7 @@ from kitfs.core.modelkit import KitSession, SessionOptions, open_session
 from kitfs.core.reader import VerifyMode
 from kitfs.errors import KitfsError, UsageError
 from kitfs.format.reference import Reference
+from kitfs.format.tree import Tree
 
 log = logging.getLogger("kitfs")
 
@@ -150,7 +150,7 @@ async def _ls(session: KitSession, args: argparse.Namespace) -> int:
     kit = await session.open(Reference.parse(args.reference))
     tree = await session.tree(kit)
     top = session.lookup(kit, tree, args.path)
-    nodes = [n for n in _subtree(top) if n.path]
+    nodes = [n for n in Tree.walk_from(top) if n.path]
     if args.json:
         entries = [{"path": n.path, "type": "directory" if n.is_dir else "file",
                     "mode": f"{n.mode:04o}", "size": n.size} for n in nodes]
@@ -162,15 +162,6 @@ async def _ls(session: KitSession, args: argparse.Namespace) -> int:
     if kit.broken_layers:  # listed what we could; the refusal is the answer's other half
         raise next(iter(kit.broken_layers.values()))
     return 0
-
-
-def _subtree(top: Any) -> list[Any]:
-    out, stack = [], [top]
-    while stack:
-        node = stack.pop()
-        out.append(node)
-        stack.extend(node.children[name] for name in sorted(node.children, reverse=True))
-    return out
 
 
 async def _cat(session: KitSession, args: argparse.Namespace) -> int:

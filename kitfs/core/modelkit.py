@@ -191,7 +191,7 @@ class KitSession:
                     members = await self.layer_members(source)
                     builder.add_tar_members(members, position, placement.prefix, digest)
             except (FormatError, IntegrityError) as exc:
-                log.error("layer %s is not shown: %s", digest, exc)
+                log.debug("layer %s is not shown: %s", digest, exc)  # the caller reports it
                 kit.broken_layers[digest] = exc
         kit._tree = builder.build()
         return kit._tree

@@ -32,6 +32,7 @@ Verification (see the README's "Verification" section, which tests quote)
 
 from __future__ import annotations
 
+import copy
 import enum
 import hashlib
 import logging
@@ -449,9 +450,12 @@ def collapse_groups() -> Iterator[None]:
 
 
 def _reraise(error: BaseException) -> BaseException:
-    if isinstance(error, KitfsError):
-        return type(error)(str(error))
-    return error
+    """A copy of a job's error for one waiter: every waiter raises its own instance, so
+    tracebacks do not pile up on one shared exception object; type, args and attributes are
+    kept and the original is chained."""
+    twin = copy.copy(error)
+    twin.__cause__ = error
+    return twin
 
 
 def _decompressor(compression: Compression) -> Callable[[bytes | None], bytes]:

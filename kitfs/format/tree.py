@@ -70,7 +70,12 @@ class Tree:
 
     def walk(self) -> Iterator[Node]:
         """Every node, parents before children, names in sorted order."""
-        stack = [self.root]
+        return self.walk_from(self.root)
+
+    @staticmethod
+    def walk_from(top: Node) -> Iterator[Node]:
+        """``top`` and everything under it, parents before children, names sorted."""
+        stack = [top]
         while stack:
             node = stack.pop()
             yield node
