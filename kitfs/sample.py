@@ -32,6 +32,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,13 @@ health:
   storagedriver:
     enabled: false
 """
+# Appended to _CONFIG for a registry that wants credentials (distribution's htpasswd access
+# controller: Basic auth, bcrypt hashes only; distribution 2.8 accepts it over plain HTTP).
+_AUTH_CONFIG = """auth:
+  htpasswd:
+    realm: {realm}
+    path: {path}
+"""
 _WRITTEN_RE = re.compile(r'http\.response\.written=(\d+)')
 _URI_RE = re.compile(r'http\.request\.uri="([^"]+)"')
 _METHOD_RE = re.compile(r'http\.request\.method=(\w+)')
@@ -73,23 +81,48 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Registry:
-    """One registry process. ``host`` is ``127.0.0.1:PORT``."""
+def htpasswd_line(username: str, password: str) -> str:
+    """One ``user:bcrypt-hash`` line as ``htpasswd -B`` writes it (cost 4: tests want speed).
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    Needs the ``bcrypt`` package (a test extra: ``pip install -e '.[test]'``).
+    """
+    import bcrypt  # only the tests need it; kitfs itself never hashes a password
+
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    return f"{username}:{hashed}"
+
+
+class Registry:
+    """One registry process. ``host`` is ``127.0.0.1:PORT``.
+
+    With ``users`` (name → password) the registry wants HTTP Basic credentials for every
+    request (distribution's htpasswd access controller, realm ``realm``); without, it is open.
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, *,
+                 users: dict[str, str] | None = None, realm: str = "kitfs-test") -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.root = workdir / "storage"
         self.log_path = workdir / "registry.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.users = dict(users or {})
+        self.realm = realm
+        self.htpasswd_path = workdir / "htpasswd"
 
     def start(self) -> Registry:
         if not os.path.exists(REGISTRY_BINARY):
             raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "config.yml"
-        config.write_text(_CONFIG.format(root=self.root, port=self.port))
+        text = _CONFIG.format(root=self.root, port=self.port)
+        if self.users:
+            self.htpasswd_path.write_text(
+                "".join(htpasswd_line(u, p) + "\n" for u, p in self.users.items()))
+            self.htpasswd_path.chmod(0o600)
+            text += _AUTH_CONFIG.format(realm=self.realm, path=self.htpasswd_path)
+        config.write_text(text)
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
             self.process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -100,6 +133,11 @@ class Registry:
             try:
                 with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1):
                     return self
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                if exc.code == 401 and self.users:  # up, and asking for credentials
+                    return self
+                time.sleep(0.05)
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("registry did not start within 15 s")
@@ -150,7 +188,10 @@ class Registry:
 
 KIT = "application/vnd.kitops.modelkit"
 KIT_CONFIG = f"{KIT}.config.v1+json"
+KIT_MANIFEST_ARTIFACT = f"{KIT}.manifest.v1+json"
+KIT_INDEX_ARTIFACT = f"{KIT}.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 def sha256(data: bytes) -> str:
@@ -237,14 +278,58 @@ class Push:
     manifest: dict[str, Any]
     config: bytes
     layers: list[Layer]
+    digest: str | None = None  # the manifest's digest, when it was pushed by digest
+
+    def index_entry(self, model_metadata: dict[str, Any] | None = None,
+                    annotations: dict[str, str] | None = None,
+                    platform: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This manifest as an entry of a ModelKit index (needs ``by_digest=True`` pushes)."""
+        if self.digest is None:
+            raise ValueError("push the kit with by_digest=True to put it in an index")
+        body = manifest_bytes(self.manifest)
+        entry: dict[str, Any] = {"mediaType": OCI_MANIFEST, "digest": self.digest,
+                                 "size": len(body)}
+        if "artifactType" in self.manifest:
+            entry["artifactType"] = self.manifest["artifactType"]
+        if annotations:
+            entry["annotations"] = annotations
+        if platform:
+            entry["platform"] = platform
+        if model_metadata:
+            entry["modelMetadata"] = model_metadata
+        return entry
+
+
+def manifest_bytes(document: dict[str, Any]) -> bytes:
+    """The exact bytes the Pusher PUTs for a manifest or index it pushes by digest or media type."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def split_reference(reference: str) -> tuple[str, str | None]:
+    """``host/repo[:tag][@digest]`` → (repository, digest or tag or None)."""
+    path = reference.split("/", 1)[1]
+    path, _, digest = path.partition("@")
+    repository, colon, tag = path.rpartition(":")
+    if not colon or "/" in tag:
+        repository, tag = path, ""
+    return repository, digest or tag or None
 
 
 class Pusher:
-    """Pushes blobs and manifests to a registry on loopback with oras-py."""
+    """Pushes blobs and manifests to a registry on loopback with oras-py.
 
-    def __init__(self, host: str) -> None:
+    With ``username``/``password`` every request carries HTTP Basic credentials (what a
+    registry with htpasswd auth wants); oras-py's basic backend answers a 401 the same way.
+    """
+
+    def __init__(self, host: str, username: str | None = None, password: str | None = None) -> None:
         self.host = host
-        self.oras = oras.provider.Registry(hostname=host, insecure=True)
+        if username is not None and password is not None:
+            self.oras = oras.provider.Registry(hostname=host, insecure=True, auth_backend="basic")
+            self.oras.auth.set_basic_auth(username, password)
+            self.oras.session.auth = (username, password)
+        else:
+            self.oras = oras.provider.Registry(hostname=host, insecure=True)
 
     def push_blob(self, repository: str, data: bytes, media_type: str) -> None:
         container = self.oras.get_container(f"{self.host}/{repository}:unused")
@@ -256,14 +341,57 @@ class Pusher:
                                              chunk_size=64 << 20)
             self.oras._check_200_response(response)
 
-    def push_manifest(self, reference: str, manifest: dict[str, Any]) -> None:
-        container = self.oras.get_container(reference)
-        self.oras._check_200_response(self.oras.upload_manifest(manifest, container))
+    def push_manifest(self, reference: str, manifest: dict[str, Any],
+                      media_type: str | None = None) -> str | None:
+        """PUT a manifest at ``reference`` (a tag or a digest).
+
+        Without ``media_type`` oras-py uploads it (image manifests only: it validates the
+        schema). With one, the exact ``manifest_bytes`` are PUT with that Content-Type, which
+        is how an image index is pushed; the digest of those bytes is returned.
+        """
+        if media_type is None:
+            container = self.oras.get_container(reference)
+            self.oras._check_200_response(self.oras.upload_manifest(manifest, container))
+            return None
+        body = manifest_bytes(manifest)
+        repository, ref = split_reference(reference)
+        return self.put_manifest(repository, ref or sha256(body), body, media_type)
+
+    def put_manifest(self, repository: str, reference: str, body: bytes, media_type: str) -> str:
+        """PUT raw manifest or index bytes at a tag or digest; returns their digest."""
+        url = f"{self.oras.prefix}://{self.host}/v2/{repository}/manifests/{reference}"
+        response = self.oras.do_request(url, "PUT", data=body, headers={"Content-Type": media_type})
+        self.oras._check_200_response(response)
+        return sha256(body)
+
+    def push_index(self, reference: str, entries: list[dict[str, Any]], *,
+                   artifact_type: str | None = KIT_INDEX_ARTIFACT,
+                   annotations: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
+        """Push an OCI image index (a ModelKit index by default) of ``entries`` at ``reference``.
+
+        The entries' manifests must already be in the repository (``push_kit(...,
+        by_digest=True)`` then ``Push.index_entry``). Returns the index and its digest.
+        """
+        index: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_INDEX}
+        if artifact_type:
+            index["artifactType"] = artifact_type
+        index["manifests"] = entries
+        if annotations:
+            index["annotations"] = annotations
+        digest = self.push_manifest(reference, index, OCI_INDEX)
+        assert digest is not None
+        return index, digest
 
     def push_kit(self, reference: str, config: dict[str, Any] | bytes, layers: list[Layer], *,
                  config_media_type: str = KIT_CONFIG, artifact_type: str | None = None,
-                 annotations: dict[str, str] | None = None, media_type: bool = True) -> Push:
-        repository = reference.split("/", 1)[1].rsplit(":", 1)[0]
+                 annotations: dict[str, str] | None = None, media_type: bool = True,
+                 by_digest: bool = False) -> Push:
+        """Push the layers, the config and the manifest.
+
+        With ``by_digest`` the manifest is PUT at its own digest (no tag is made; any tag in
+        ``reference`` is ignored) and ``Push.digest`` is set: what an index entry needs.
+        """
+        repository = split_reference(reference)[0]
         config_bytes = config if isinstance(config, bytes) else json.dumps(
             config, separators=(",", ":")).encode()
         seen = set()
@@ -282,6 +410,10 @@ class Pusher:
         manifest["layers"] = [layer.descriptor() for layer in layers]
         if annotations:
             manifest["annotations"] = annotations
+        if by_digest:
+            body = manifest_bytes(manifest)
+            digest = self.put_manifest(repository, sha256(body), body, OCI_MANIFEST)
+            return Push(f"{self.host}/{repository}@{digest}", manifest, config_bytes, layers, digest)
         self.push_manifest(reference, manifest)
         return Push(reference, manifest, config_bytes, layers)
 

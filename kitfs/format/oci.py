@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kitfs.errors import FormatError, NotFoundError
+from kitfs.errors import FormatError, NotFoundError, UsageError
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
 
@@ -75,51 +75,117 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Index:
-    """An OCI image index; for ModelKits, entries are told apart by ``modelMetadata`` labels."""
+    """An OCI image index; for ModelKits, entries are told apart by ``modelMetadata`` labels.
+
+    Selection follows ``kit`` (KitOps ``pkg/lib/index/select.go``): an entry is chosen when it
+    carries every ``KEY=VALUE`` asked for; exactly one entry must match, so an index of one
+    entry needs no selector. ``modelMetadata`` is a flat object of labels whose values are any
+    JSON; a string value is compared unquoted, any other value as its JSON text (``7000000000``,
+    ``["cuda","metal"]``, ``true``). kitfs also lets an entry be picked by its annotations and
+    by ``platform.KEY`` (``platform.architecture=amd64``), so a plain OCI index is selectable
+    too; a ``modelMetadata`` label wins over an annotation of the same name.
+    """
 
     manifests: tuple[Descriptor, ...]
     artifact_type: str | None
 
     def select(self, labels: dict[str, str]) -> Descriptor:
-        """Pick the one entry whose labels (``modelMetadata``, annotations, platform) match.
+        """Pick the one entry whose labels match all of ``labels``.
 
         Raises:
-            NotFoundError: no entry matches, or several do (the message lists them).
+            NotFoundError: the index is empty, or no entry matches (the message lists them all).
+            UsageError: several entries match (the message lists them: add ``--select``).
         """
-        matches = [d for d in self.manifests if _labels_match(d, labels)]
+        if not self.manifests:
+            raise NotFoundError("the index contains no ModelKits")
+        matches: list[Descriptor] = []
+        for d in self.manifests:
+            if _labels_match(d, labels) and all(m.digest != d.digest for m in matches):
+                matches.append(d)
         if len(matches) == 1:
             return matches[0]
-        listing = "; ".join(f"{d.digest} {describe_labels(d)}" for d in self.manifests)
         if not matches:
-            raise NotFoundError(f"no index entry matches {labels or 'no labels'}: {listing}")
-        raise NotFoundError(
-            f"{len(matches)} index entries match {labels or 'no labels'}; choose one with "
-            f"--select KEY=VALUE: {listing}"
-        )
+            raise NotFoundError(
+                f"no entry of the index has {describe_selector(labels)}; the index contains:\n"
+                + describe_entries(self.manifests)
+            )
+        if labels:
+            what = f"{len(matches)} entries of the index match {describe_selector(labels)}"
+        else:
+            what = f"the index holds {len(matches)} ModelKits"
+        raise UsageError(f"{what}; choose one with --select KEY=VALUE:\n"
+                         + describe_entries(matches))
+
+
+class _JsonFloat(float):
+    """A JSON number with a fraction or exponent that remembers how it was written.
+
+    ``kit`` compares label values by their JSON text (``1e3`` stays ``1e3``); Python's float
+    would print ``1000.0``.
+    """
+
+    text: str
+
+    def __new__(cls, text: str) -> _JsonFloat:
+        value = super().__new__(cls, text)
+        value.text = text
+        return value
+
+
+def label_value(value: object) -> str:
+    """A label value as ``kit`` shows and compares it: strings unquoted, else compact JSON."""
+    if isinstance(value, str):
+        return value
+    return _json_text(value)
+
+
+def _json_text(value: object) -> str:
+    if isinstance(value, _JsonFloat):
+        return value.text
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(str(k), ensure_ascii=False)}:{_json_text(v)}"
+                              for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_json_text(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def entry_labels(descriptor: Descriptor) -> dict[str, str]:
-    """All the labels an index entry can be selected by, flattened to strings."""
+    """All the labels an index entry can be selected by, flattened to strings.
+
+    Annotations, then ``platform.KEY``, then ``modelMetadata`` labels (which win on a clash).
+    """
     labels: dict[str, str] = dict(descriptor.annotations)
-    metadata = descriptor.extra.get("modelMetadata")
-    if isinstance(metadata, dict):
-        inner = metadata.get("labels", metadata)
-        if isinstance(inner, dict):
-            labels.update({str(k): str(v) for k, v in inner.items()})
     platform = descriptor.extra.get("platform")
     if isinstance(platform, dict):
-        labels.update({f"platform.{k}": str(v) for k, v in platform.items()})
+        labels.update({f"platform.{k}": label_value(v) for k, v in platform.items()})
+    metadata = descriptor.extra.get("modelMetadata")
+    if isinstance(metadata, dict):
+        labels.update({str(k): label_value(v) for k, v in metadata.items()})
     return labels
 
 
 def describe_labels(descriptor: Descriptor) -> str:
     labels = entry_labels(descriptor)
-    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+    if not labels:
+        return "(no labels)"
+    return "(" + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) + ")"
+
+
+def describe_entries(entries: tuple[Descriptor, ...] | list[Descriptor]) -> str:
+    """One line per entry: its digest and its labels."""
+    return "\n".join(f"  {d.digest}  {describe_labels(d)}" for d in entries)
+
+
+def describe_selector(labels: dict[str, str]) -> str:
+    if not labels:
+        return "no labels"
+    return ", ".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
 def _labels_match(descriptor: Descriptor, wanted: dict[str, str]) -> bool:
     labels = entry_labels(descriptor)
-    return all(labels.get(k) == v for k, v in wanted.items())
+    return all(k in labels and labels[k] == v for k, v in wanted.items())
 
 
 def load_json_object(data: bytes, what: str, limit_bytes: int) -> dict[str, Any]:
@@ -155,6 +221,8 @@ def parse_document(data: bytes, content_type: str | None) -> Manifest | Index:
     if artifact_type is not None and not isinstance(artifact_type, str):
         raise FormatError("manifest artifactType is not a string")
     if is_index:
+        # again, keeping each fractional number's JSON text for label values (see _JsonFloat)
+        obj = json.loads(data, parse_float=_JsonFloat)
         entries = obj.get("manifests")
         if not isinstance(entries, list):
             raise FormatError("index has no manifests list")

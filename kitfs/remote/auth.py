@@ -3,42 +3,54 @@
 Credentials are looked up, in order, in:
 
 1. kit's own store: ``$KITOPS_HOME/credentials.json``, else
-   ``${XDG_DATA_HOME:-~/.local/share}/kitops/credentials.json`` (``kit login`` writes it);
-2. the Docker config: ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``: inline
-   ``auths``, then ``credHelpers`` for the host, then ``credsStore`` (``docker-credential-*``).
+   ``${XDG_DATA_HOME:-~/.local/share}/kitops/credentials.json`` (``kit login`` writes it with
+   oras-go's file store, and kit falls back to the Docker config for reads, as we do);
+2. the Docker config: ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``.
 
-Both files share the Docker config format. We read them ourselves rather than through
-``oras.auth.utils.load_configs``, which always merges ``~/.docker/config.json`` in and merges
-files in set order, so precedence would be random. Nothing here logs a credential or a token,
-and nothing is written anywhere.
+Both files share the Docker config format, and within one file the rules are Docker's and
+oras-go's: a credential helper named for the host in ``credHelpers``, else the default
+``credsStore``, is asked first (``docker-credential-NAME get``, the host on stdin, JSON
+``{"ServerURL","Username","Secret"}`` on stdout); when there is none, or it has nothing for
+the host, the inline ``auths`` entry is used (base64 ``auth`` = ``user:password``, or
+``username``/``password`` fields). An ``auths`` key matches when it names the host, with or
+without a scheme and a path (``https://host/v1/``), as Docker and oras-go match legacy keys.
+
+We read the files ourselves rather than through ``oras.auth.utils.load_configs``, which
+always merges ``~/.docker/config.json`` in and merges files in set order, so precedence would
+be random. Nothing here logs a credential or a token, and nothing is written anywhere.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 CREDENTIAL_HELPER_TIMEOUT_S = 10
+# A credential helper's answer for a registry it has no credentials for (docker-credential-*).
+_HELPER_NOT_FOUND = "credentials not found in native keychain"
 
 
 @dataclass(frozen=True)
 class Credentials:
     username: str
     password: str
+    source: str = field(default="", compare=False)  # where they were found, for messages
 
     def basic_header(self) -> str:
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         return f"Basic {token}"
 
     def __repr__(self) -> str:  # never show the secret
-        return f"Credentials(username={self.username!r}, password=***)"
+        return f"Credentials(username={self.username!r}, password=***, source={self.source!r})"
 
 
 def credential_files() -> list[Path]:
@@ -52,61 +64,138 @@ def credential_files() -> list[Path]:
     return [kit, Path(docker_dir) / "config.json"]
 
 
-def _host_keys(registry: str) -> list[str]:
-    return [registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v1/"]
+def key_hostname(key: str) -> str:
+    """The host an ``auths`` key names: ``https://host:5000/v1/`` → ``host:5000``."""
+    for scheme in ("https://", "http://"):
+        if key.startswith(scheme):
+            key = key[len(scheme):]
+            break
+    return key.split("/", 1)[0]
 
 
 def find_credentials(registry: str) -> Credentials | None:
-    """Credentials for ``registry`` from the documented places, or None (anonymous)."""
+    """Credentials for ``registry`` from the documented places, or None (anonymous).
+
+    What went wrong on the way (an unreadable file, a missing or failing helper) is logged
+    as a warning when no credentials are found, and only at debug level when some are.
+    """
+    problems: list[str] = []
     for path in credential_files():
-        if not path.is_file():
+        config = _load_config(path, problems)
+        if config is None:
             continue
-        try:
-            config = json.loads(path.read_text())
-            if not isinstance(config, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable credentials file %s: %s", path, exc)
-            continue
-        auths = config.get("auths") or {}
-        for key in _host_keys(registry):
-            entry = auths.get(key)
-            if isinstance(entry, dict) and (creds := _decode_entry(entry)):
-                return creds
-        helper = (config.get("credHelpers") or {}).get(registry) or config.get("credsStore")
-        if isinstance(helper, str) and helper and (creds := _run_helper(helper, registry)):
+        if creds := _from_config(config, registry, path, problems):
+            for problem in problems:
+                log.debug("%s", problem)
+            log.debug("credentials for %s: user %r from %s", registry, creds.username, creds.source)
+            return creds
+    for problem in problems:
+        log.warning("%s", problem)
+    log.debug("no credentials for %s in %s", registry,
+              ", ".join(str(p) for p in credential_files()))
+    return None
+
+
+def _load_config(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problems.append(f"ignoring unreadable credentials file {path}: {exc}")
+        return None
+    return config
+
+
+def _section(config: dict[str, Any], name: str, path: Path, problems: list[str]) -> dict[str, Any]:
+    value = config.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"ignoring {name!r} in {path}: not a JSON object")
+        return {}
+    return value
+
+
+def _from_config(config: dict[str, Any], registry: str, path: Path,
+                 problems: list[str]) -> Credentials | None:
+    helpers = _section(config, "credHelpers", path, problems)
+    helper = helpers.get(registry) or next(
+        (v for k, v in helpers.items() if key_hostname(k) == registry), None)
+    if helper is None:
+        helper = config.get("credsStore")
+    if helper is not None and not (isinstance(helper, str) and helper):
+        problems.append(f"ignoring credential helper {helper!r} in {path}: not a name")
+    elif helper and (creds := _run_helper(helper, registry, problems)):
+        return creds
+    auths = _section(config, "auths", path, problems)
+    keys = [registry, *(k for k in auths if k != registry and key_hostname(k) == registry)]
+    for key in keys:
+        entry = auths.get(key)
+        source = f"{path} (auths {key!r})"
+        if isinstance(entry, dict) and (creds := _decode_entry(entry, source, problems)):
             return creds
     return None
 
 
-def _decode_entry(entry: dict[str, object]) -> Credentials | None:
+def _decode_entry(entry: dict[str, Any], source: str, problems: list[str]) -> Credentials | None:
     auth = entry.get("auth")
     if isinstance(auth, str) and auth:
         try:
-            user, _, password = base64.b64decode(auth).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
+            decoded = base64.b64decode(auth, validate=True).decode()
+        except (binascii.Error, ValueError, UnicodeDecodeError):
+            decoded = ""
+        user, colon, password = decoded.partition(":")
+        if not colon or not user:
+            problems.append(f"ignoring {source}: its auth field is not base64 of user:password")
             return None
-        return Credentials(user, password)
+        return Credentials(user, password, source)
     username, secret = entry.get("username"), entry.get("password")
-    if isinstance(username, str) and isinstance(secret, str):
-        return Credentials(username, secret)
+    if isinstance(username, str) and username and isinstance(secret, str):
+        return Credentials(username, secret, source)
+    if entry.get("identitytoken") or entry.get("registrytoken"):
+        problems.append(f"ignoring {source}: identity and registry tokens are not supported; "
+                        "log in with a username and password")
     return None
 
 
-def _run_helper(helper: str, registry: str) -> Credentials | None:
+def _run_helper(helper: str, registry: str, problems: list[str]) -> Credentials | None:
     binary = f"docker-credential-{helper}"
     try:
         proc = subprocess.run(
             [binary, "get"], input=registry.encode(), capture_output=True,
-            timeout=CREDENTIAL_HELPER_TIMEOUT_S, check=True,
+            timeout=CREDENTIAL_HELPER_TIMEOUT_S, check=False,
         )
-        payload = json.loads(proc.stdout)
-        return Credentials(str(payload["Username"]), str(payload["Secret"]))
     except FileNotFoundError:
-        log.warning("credential helper %s is not on PATH", binary)
-    except (subprocess.SubprocessError, ValueError, KeyError, TypeError):
-        log.warning("credential helper %s found no usable credentials for %s", binary, registry)
-    return None
+        problems.append(f"credential helper {binary} is not on PATH")
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        problems.append(f"credential helper {binary} failed for {registry}: {type(exc).__name__}")
+        return None
+    if proc.returncode != 0:
+        # The helper's own words (never its stdout, which may hold a secret) say why.
+        why = proc.stderr.decode(errors="replace").strip()[:200] or f"exit {proc.returncode}"
+        if _HELPER_NOT_FOUND in proc.stdout.decode(errors="replace") + why:
+            log.debug("credential helper %s has no credentials for %s", binary, registry)
+        else:
+            problems.append(f"credential helper {binary} failed for {registry}: {why}")
+        return None
+    try:
+        payload = json.loads(proc.stdout)
+    except ValueError:
+        payload = None
+    username = payload.get("Username") if isinstance(payload, dict) else None
+    secret = payload.get("Secret") if isinstance(payload, dict) else None
+    if not (isinstance(username, str) and isinstance(secret, str) and username and secret):
+        problems.append(f"credential helper {binary} gave no usable credentials for {registry}")
+        return None
+    if username == "<token>":
+        problems.append(f"credential helper {binary} holds an identity token for {registry}, "
+                        "which is not supported; log in with a username and password")
+        return None
+    return Credentials(username, secret, f"credential helper {binary}")
 
 
 @dataclass(frozen=True)
