@@ -51,10 +51,12 @@ def cache_dir(tmp_path: Path) -> Path:
 def kitfs(cache_dir: Path):  # type: ignore[no-untyped-def]
     """Run the real ``kitfs`` command line in a subprocess, with this test's cache."""
 
-    def run(*args: str, check: bool = True, timeout: float = 120) -> Result:
-        env = dict(os.environ, KITFS_CACHE_DIR=str(cache_dir))
+    def run(*args: str, check: bool = True, timeout: float = 120,
+            env: dict[str, str] | None = None) -> Result:
+        """``env``: extra environment variables for this run."""
+        environ = {**os.environ, "KITFS_CACHE_DIR": str(cache_dir), **(env or {})}
         proc = subprocess.run([sys.executable, "-m", "kitfs", *args], capture_output=True,
-                              env=env, timeout=timeout)
+                              env=environ, timeout=timeout)
         result = Result(proc.returncode, proc.stdout, proc.stderr.decode())
         if check and proc.returncode != 0:
             raise AssertionError(f"kitfs {' '.join(args)} exited {proc.returncode}: {result.stderr}")

@@ -21,7 +21,6 @@ _HOST_RE = re.compile(
     r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
     r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$"
 )
-_LOOPBACK_HOSTS = ("localhost", "127.", "[::1]")
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,11 @@ class Reference:
     @property
     def is_loopback(self) -> bool:
         """True for localhost / 127.0.0.0/8 / [::1]: plain HTTP is the default there."""
-        return self.registry.startswith(_LOOPBACK_HOSTS)
+        host = self.registry.lower()
+        if host.startswith("["):
+            return host.startswith("[::1]")
+        name = host.rsplit(":", 1)[0]
+        return name == "localhost" or (name.startswith("127.") and name.replace(".", "").isdigit())
 
     def pinned(self, digest: Digest) -> Reference:
         """The same reference with its digest set (the tag kept for display)."""

@@ -26,11 +26,13 @@ IDLE_CONNECTIONS_PER_ORIGIN = 8
 
 
 class TransportError(Exception):
-    """The request failed on the wire. ``timed_out`` says whether it was a timeout."""
+    """The request failed on the wire. ``timed_out`` says whether it was a timeout;
+    ``permanent`` that trying again cannot help (the server's TLS certificate is not trusted)."""
 
-    def __init__(self, message: str, timed_out: bool = False) -> None:
+    def __init__(self, message: str, timed_out: bool = False, permanent: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+        self.permanent = permanent
 
 
 @dataclass
@@ -153,6 +155,8 @@ class HttpClient:
         if idle:
             return idle.pop(), False
         scheme, host, port = origin
+        tcp: trio.SocketStream | None = None
+        connected = False
         try:
             with trio.fail_after(self._io_timeout_s):
                 tcp = await trio.open_tcp_stream(host, port)
@@ -160,14 +164,27 @@ class HttpClient:
                 if scheme == "https":
                     tls = trio.SSLStream(tcp, self._ssl, server_hostname=host, https_compatible=True)
                     await tls.do_handshake()
-                    self.connections_opened += 1
-                    return _Connection(tls, None), True
+                    conn = _Connection(tls, None)
+                else:
+                    conn = _Connection(tcp, tcp.socket)
+            connected = True
         except trio.TooSlowError:
             raise TransportError(f"connecting to {host}:{port} timed out", timed_out=True) from None
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise TransportError(f"cannot connect to {host}:{port}: {exc}") from None
+            # trio's SSLStream raises BrokenResourceError (with no message) from the SSLError.
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise TransportError(
+                    f"the TLS certificate of {host}:{port} is not trusted: {cause.verify_message}",
+                    permanent=True,
+                ) from None
+            cause = cause or exc
+            raise TransportError(f"cannot connect to {host}:{port}: {cause or repr(cause)}") from None
+        finally:
+            if not connected and tcp is not None:
+                tcp.socket.close()
         self.connections_opened += 1
-        return _Connection(tcp, tcp.socket), True
+        return conn, True
 
     def _checkin(self, origin: tuple[str, str, int], conn: _Connection) -> None:
         idle = self._idle.setdefault(origin, [])
@@ -236,17 +253,28 @@ class HttpClient:
     ) -> None:
         if method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
             return
-        if "chunked" in response.headers.get("transfer-encoding", "").lower():
-            response.body = await self._read_chunked(conn, max_body_bytes)
-            if into is not None and 200 <= response.status < 300:
-                _copy_exact(response, into)
-            return
+        chunked = "chunked" in response.headers.get("transfer-encoding", "").lower()
         length_text = response.headers.get("content-length")
+        if (chunked or length_text is None) and into is not None and 200 <= response.status < 300:
+            # A body of unknown length is streamed like a sized one: the bytes before the
+            # range (a 200 to a Range request) dropped, then ``into`` filled, the rest unread.
+            sink = _Sink(into, skip_on_200 if response.status == 200 else 0)
+            if chunked:
+                await self._read_chunked(conn, max_body_bytes, sink)
+            else:
+                conn.reusable = False
+                await self._read_to_eof(conn, max_body_bytes, sink)
+            if sink.filled < len(into):
+                raise TransportError(f"body ended {len(into) - sink.filled} bytes short of the "
+                                     f"{len(into)} expected")
+            response.body_length = len(into)
+            return
+        if chunked:
+            response.body = await self._read_chunked(conn, max_body_bytes)
+            return
         if length_text is None:
             conn.reusable = False
             response.body = await self._read_to_eof(conn, max_body_bytes)
-            if into is not None and 200 <= response.status < 300:
-                _copy_exact(response, into)
             return
         try:
             length = int(length_text)
@@ -284,9 +312,15 @@ class HttpClient:
             with trio.fail_after(self._io_timeout_s):
                 filled += await conn.recv_into(view[filled:])
 
-    async def _read_chunked(self, conn: _Connection, max_body_bytes: int) -> bytes:
+    async def _read_chunked(self, conn: _Connection, max_body_bytes: int,
+                            sink: _Sink | None = None) -> bytes:
+        """The decoded body; with ``sink``, fed to it (no size limit) and b"" returned.
+        Stops reading (and drops the connection) once the sink is full."""
         body = bytearray()
         while True:
+            if sink is not None and sink.full:
+                conn.reusable = False
+                return b""
             line = await self._read_line(conn)
             try:
                 size = int(line.split(b";", 1)[0].strip(), 16)
@@ -296,12 +330,20 @@ class HttpClient:
                 while await self._read_line(conn):  # trailers, then the empty line
                     pass
                 return bytes(body)
-            if len(body) + size > max_body_bytes:
+            if sink is None and len(body) + size > max_body_bytes:
                 conn.reusable = False
                 raise TransportError(f"chunked body exceeds {max_body_bytes} bytes")
-            chunk = bytearray(size)
-            await self._fill(conn, memoryview(chunk))
-            body += chunk
+            while size > 0:  # in pieces: a chunk may be a whole blob
+                if sink is not None and sink.full:
+                    conn.reusable = False
+                    return b""
+                piece = bytearray(min(size, RECV_SIZE_BYTES))
+                await self._fill(conn, memoryview(piece))
+                size -= len(piece)
+                if sink is not None:
+                    sink.feed(piece)
+                else:
+                    body += piece
             if await self._read_line(conn):
                 raise TransportError("chunk not followed by CRLF")
 
@@ -315,24 +357,49 @@ class HttpClient:
         del conn.buffer[: end + 2]
         return line
 
-    async def _read_to_eof(self, conn: _Connection, max_body_bytes: int) -> bytes:
-        body = bytearray(conn.buffer)
+    async def _read_to_eof(self, conn: _Connection, max_body_bytes: int,
+                           sink: _Sink | None = None) -> bytes:
+        """The body up to the end of the connection; with ``sink``, fed to it (no size
+        limit, stopping once it is full) and b"" returned."""
+        body = bytearray()
+        data = bytes(conn.buffer)
         conn.buffer.clear()
         while True:
+            if sink is not None:
+                sink.feed(data)
+                if sink.full:
+                    return b""
+            else:
+                body += data
+                if len(body) > max_body_bytes:
+                    raise TransportError(f"response body exceeds {max_body_bytes} bytes")
             with trio.fail_after(self._io_timeout_s):
-                data = await conn.stream.receive_some(RECV_SIZE_BYTES)
+                data = bytes(await conn.stream.receive_some(RECV_SIZE_BYTES))
             if not data:
                 return bytes(body)
-            body += data
-            if len(body) > max_body_bytes:
-                raise TransportError(f"response body exceeds {max_body_bytes} bytes")
 
 
-def _copy_exact(response: Response, into: memoryview) -> None:
-    if len(response.body) < len(into):
-        raise TransportError(f"body of {len(response.body)} bytes is shorter than {len(into)}")
-    into[:] = response.body[: len(into)]
-    response.body_length = len(into)
+class _Sink:
+    """Takes a body's bytes in order: drops the first ``skip``, fills ``into``, ignores the rest."""
+
+    def __init__(self, into: memoryview, skip: int) -> None:
+        self.into = into
+        self.skip = skip
+        self.filled = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled == len(self.into)
+
+    def feed(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        if self.skip:
+            dropped = min(self.skip, len(view))
+            view = view[dropped:]
+            self.skip -= dropped
+        taken = min(len(view), len(self.into) - self.filled)
+        self.into[self.filled : self.filled + taken] = view[:taken]
+        self.filled += taken
 
 
 async def _close_quietly(conn: _Connection) -> None:

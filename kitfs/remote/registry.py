@@ -6,18 +6,20 @@ All the policy about talking to a registry lives here:
   answers a range past the end with a 416 whose Content-Length is bogus, which poisons a
   keep-alive connection). A 206 must carry a Content-Range that matches what was asked; a 200
   (a registry or proxy that ignores Range) is read correctly by dropping the bytes before the
-  range, and logged once.
-- **Retries** on connection failures, timeouts, 429 (honouring Retry-After) and 5xx, with
-  exponential backoff, all inside one deadline of ``timeout_s`` per operation, so a dead
-  registry gives a clear ``RemoteError`` in bounded time.
+  range, and logged once; any other 2xx (a 203 from a transforming proxy) is refused.
+- **Retries** on connection failures, timeouts, 429 (honouring Retry-After) and 5xx, from the
+  registry or its token service, with exponential backoff, all inside one deadline of
+  ``timeout_s`` per operation, so a dead registry gives a clear ``RemoteError`` in bounded
+  time. An untrusted TLS certificate is not retried: it fails at once, naming the host.
+- **TLS**: the system CAs, plus those of ``ca_file`` when given.
 - **Auth**: anonymous first; on 401 the ``WWW-Authenticate`` challenge is answered (Basic, or a
   Bearer token fetched from the realm with the credentials if any); a 401 with a token in hand
-  (expired) fetches a new one once.
+  (expired) fetches a new one once. Refused credentials are named (user and file), never shown.
 - **Redirects** (to blob storage) are followed with the Range header kept; credentials are not
   sent to another host.
 
 Errors leave as ``kitfs.errors`` types only (``NotFoundError``, ``AuthError``, ``RemoteError``,
-``RemoteTimeoutError``).
+``RemoteTimeoutError``; ``UsageError`` for a ``ca_file`` that cannot be loaded).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import trio
 
-from kitfs.errors import AuthError, NotFoundError, RemoteError, RemoteTimeoutError
+from kitfs.errors import AuthError, NotFoundError, RemoteError, RemoteTimeoutError, UsageError
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import MANIFEST_ACCEPT
 from kitfs.format.oci import MAX_MANIFEST_BYTES
@@ -73,7 +75,7 @@ class RegistryClient:
         self.registry = registry
         self.config = config
         self._base = f"{'http' if config.plain_http else 'https'}://{registry}"
-        context = ssl.create_default_context(cafile=config.ca_file)
+        context = _ssl_context(config.ca_file)
         # A single receive may wait this long; the whole operation is bounded by timeout_s.
         self._http = HttpClient(context, io_timeout_s=min(config.timeout_s, 10.0),
                                 max_connections=config.max_connections)
@@ -131,7 +133,10 @@ class RegistryClient:
             into=into, skip_on_200=offset,
         )
         if response.status == 206:
-            _check_content_range(response, offset, length, blob_size, digest)
+            _check_content_range(self.registry, response, offset, length, blob_size, digest)
+        elif response.status != 200:  # not a range, and not the blob as it is (203: transformed)
+            raise RemoteError(f"{self.registry}: blob {digest}: answered a Range request with HTTP "
+                              f"{response.status} {response.reason}, neither 206 nor 200")
         elif not self._warned_full_body:
             self._warned_full_body = True
             log.warning("registry %s ignored a Range request (answered %d); reading whole bodies",
@@ -156,45 +161,62 @@ class RegistryClient:
         deadline = trio.current_time() + self.config.timeout_s
         backoff_s = BACKOFF_FIRST_S
         auth_attempts = 0
-        last_problem = "no attempt made"
+        last_problem = "still waiting for the first answer"
+        answered = False  # the last problem was an HTTP answer, not a connection failure
         try:
             with trio.fail_at(deadline):
                 while True:
+                    retry_after: float | None = None
                     try:
                         response = await self._follow(
                             method, url, self._headers(headers, scope), into, skip_on_200,
                             max_body_bytes,
                         )
                     except TransportError as exc:
-                        last_problem = str(exc)
+                        if exc.permanent:
+                            raise RemoteError(f"{self.registry}: {what}: {exc} (a private CA "
+                                              "can be given with --ca-file)") from None
+                        last_problem, answered = str(exc), False
                     else:
                         status = response.status
                         if 200 <= status < 300:
                             return response
                         if status == 401 and auth_attempts < 2:
-                            auth_attempts += 1
-                            await self._authenticate(response, scope, what)
-                            continue
-                        if status in (401, 403):
+                            try:
+                                await self._authenticate(response, scope, what)
+                            except _TokenServiceUnavailable as exc:
+                                last_problem, answered = str(exc), exc.answered
+                                retry_after = exc.retry_after
+                            else:
+                                auth_attempts += 1
+                                continue
+                        elif status in (401, 403):
                             raise AuthError(
                                 f"{self.registry}: access to {what} denied ({status}); "
                                 "check credentials (kit login / docker login)"
                             )
-                        if status == 404:
+                        elif status == 404:
                             raise NotFoundError(f"{self.registry}: {what} not found")
-                        if status != 429 and status < 500:
+                        elif status != 429 and status < 500:
                             raise RemoteError(
                                 f"{self.registry}: {what}: unexpected HTTP {status} "
                                 f"{response.reason}"
                             )
-                        last_problem = f"HTTP {status} {response.reason}"
-                        if (retry_after := _retry_after_s(response)) is not None:
-                            backoff_s = max(backoff_s, retry_after)
+                        else:
+                            last_problem, answered = f"HTTP {status} {response.reason}", True
+                            retry_after = _retry_after_s(response)
+                    if retry_after is not None:
+                        backoff_s = max(backoff_s, retry_after)
                     self.stats.retries += 1
                     log.debug("retrying %s in %.2fs: %s", what, backoff_s, last_problem)
                     await trio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
         except trio.TooSlowError:
+            if answered:
+                raise RemoteTimeoutError(
+                    f"{self.registry}: {what}: still failing after {self.config.timeout_s:g} s "
+                    f"of retries (last answer: {last_problem})"
+                ) from None
             raise RemoteTimeoutError(
                 f"{self.registry}: {what}: no answer within {self.config.timeout_s:g} s "
                 f"(last problem: {last_problem})"
@@ -235,8 +257,11 @@ class RegistryClient:
             raise AuthError(f"{self.registry}: {what}: 401 without a WWW-Authenticate challenge")
         challenge = parse_challenge(header)
         if challenge.scheme == "basic":
-            if self._credentials is None or self._challenges.get(scope) == "basic":
+            if self._credentials is None:
                 raise AuthError(f"{self.registry}: {what} needs credentials (kit login / docker login)")
+            if self._challenges.get(scope) == "basic":  # they were sent, and refused
+                raise AuthError(f"{self.registry}: {what}: the registry refused "
+                                f"{self._describe_credentials()} (kit login / docker login)")
             self._challenges[scope] = "basic"
             return
         if challenge.scheme != "bearer" or "realm" not in challenge.params:
@@ -249,14 +274,25 @@ class RegistryClient:
         headers = {"User-Agent": _USER_AGENT}
         if self._credentials is not None:
             headers["Authorization"] = self._credentials.basic_header()
+        service = urlsplit(token_url).netloc
         try:
             token_response = await self._follow("GET", token_url, headers, None, 0, 1 << 20)
         except TransportError as exc:
-            raise RemoteError(f"token service {urlsplit(token_url).netloc}: {exc}") from None
-        if token_response.status in (401, 403):
-            raise AuthError(f"{self.registry}: the token service refused the credentials")
-        if token_response.status != 200:
-            raise RemoteError(f"token service answered HTTP {token_response.status}")
+            if exc.permanent:
+                raise RemoteError(f"token service {service}: {exc}") from None
+            raise _TokenServiceUnavailable(f"token service {service}: {exc}", None, False) from None
+        status = token_response.status
+        if status in (401, 403):
+            who = self._describe_credentials() if self._credentials else "anonymous access"
+            raise AuthError(f"{self.registry}: the token service {service} refused {who} "
+                            "(kit login / docker login)")
+        if status == 429 or status >= 500:
+            raise _TokenServiceUnavailable(
+                f"token service {service}: HTTP {status} {token_response.reason}",
+                _retry_after_s(token_response), True)
+        if status != 200:
+            raise RemoteError(f"{self.registry}: token service {service} answered HTTP {status} "
+                              f"{token_response.reason}")
         try:
             payload = json.loads(token_response.body)
             token = payload.get("token") or payload.get("access_token")
@@ -266,6 +302,35 @@ class RegistryClient:
             raise AuthError(f"{self.registry}: the token service returned no token")
         self._tokens[scope] = token
         self._challenges[scope] = "bearer"
+
+    def _describe_credentials(self) -> str:
+        """``the credentials of user 'u' from <file>``: never the secret."""
+        assert self._credentials is not None
+        source = getattr(self._credentials, "source", "")
+        return (f"the credentials of user {self._credentials.username!r}"
+                + (f" from {source}" if source else ""))
+
+
+class _TokenServiceUnavailable(Exception):
+    """The token service failed in a way worth retrying (connection, 429, 5xx)."""
+
+    def __init__(self, message: str, retry_after: float | None, answered: bool) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.answered = answered
+
+
+def _ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """The system CAs, plus those of ``ca_file`` (``create_default_context(cafile=…)`` would
+    use the file instead of the system store, so a redirect to public storage would fail)."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"--ca-file {ca_file}: cannot load CA certificates from it: "
+                             f"{exc.strerror or exc}") from None
+    return context
 
 
 def _retry_after_s(response: Response) -> float | None:
@@ -279,17 +344,18 @@ def _retry_after_s(response: Response) -> float | None:
 
 
 def _check_content_range(
-    response: Response, offset: int, length: int, blob_size: int, digest: Digest
+    registry: str, response: Response, offset: int, length: int, blob_size: int, digest: Digest
 ) -> None:
     header = response.header("content-range") or ""
     match = _CONTENT_RANGE_RE.match(header.strip())
     expected = (offset, offset + length - 1)
     if not match or (int(match[1]), int(match[2])) != expected:
         raise RemoteError(
-            f"blob {digest}: asked for bytes {expected[0]}-{expected[1]}, got Content-Range "
-            f"{header!r}"
+            f"{registry}: blob {digest}: asked for bytes {expected[0]}-{expected[1]}, got "
+            f"Content-Range {header!r}"
         )
     if match[3] != "*" and int(match[3]) != blob_size:
         raise RemoteError(
-            f"blob {digest}: registry says it is {match[3]} bytes, the manifest says {blob_size}"
+            f"{registry}: blob {digest}: registry says it is {match[3]} bytes, the manifest "
+            f"says {blob_size}"
         )
