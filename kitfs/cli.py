@@ -14,6 +14,7 @@ import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -25,7 +26,14 @@ from kitfs.core.modelkit import KitSession, SessionOptions, open_session
 from kitfs.core.reader import VerifyMode
 from kitfs.errors import KitfsError, UsageError
 from kitfs.format.reference import Reference
-from kitfs.format.tree import Tree
+from kitfs.mount.daemon import (
+    STATUS_INTERVAL_S,
+    MountOptions,
+    run_foreground,
+    start_background,
+    unmount,
+)
+from kitfs.mount.status import all_mounts, runtime_dir
 
 log = logging.getLogger("kitfs")
 
@@ -48,6 +56,8 @@ def _labels(items: list[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--select takes KEY=VALUE, not {item!r}")
+        if key in labels:
+            raise UsageError(f"--select {key} given twice")
         labels[key] = value
     return labels
 
@@ -87,9 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="manifest digest, layers, kinds, compression, verification state")
     p.add_argument("reference")
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("demo", help="start a loopback registry with a sample kit and show kitfs on it")
-    p.add_argument("--keep", action="store_true",
-                   help="leave the registry running (its PID is printed) to try commands by hand")
+    p = sub.add_parser("demo", help="a loopback registry with a sample kit: kitfs ls/cat on it, "
+                       "then the kit mounted and listed (left mounted)")
+    p.add_argument("--mountpoint", type=Path, default=None,
+                   help="where to mount the sample kit (default: a new temporary directory)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="unmount and stop the registry at the end instead of leaving them running")
+    p = sub.add_parser("mount", parents=[common, remote, verify],
+                       help="mount a kit read-only at MOUNTPOINT (returns when the mount is ready)")
+    p.add_argument("reference")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="be the daemon: stay in the foreground, log to stderr (systemd, debugging)")
+    p.add_argument("--uid", type=int, default=None, help="owner of every file (default: you)")
+    p.add_argument("--gid", type=int, default=None, help="group of every file (default: yours)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users (and containers) read the mount; off by default")
+    p.add_argument("--log-file", type=Path, default=None,
+                   help="where the background daemon logs (default: RUNTIME_DIR/<mountpoint>.log)")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p = sub.add_parser("umount", help="unmount a kitfs mount and wait for its daemon to exit")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
+    p = sub.add_parser("status", help="every kitfs mount on this machine")
+    p.add_argument("--json", action="store_true")
     cache = sub.add_parser("cache", help="look after the local cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     p = cache_sub.add_parser("stats", parents=[common], help="size, quota, blobs, chunks")
@@ -102,12 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "debug", False) else logging.WARNING,
-        format="kitfs: %(levelname)s: %(message)s",
-    )
+    args.argv = argv  # the background mount re-runs itself with the same arguments
+    debug = getattr(args, "debug", False)
+    if args.command == "mount" and args.foreground:  # the daemon: one line per event
+        journald = "JOURNAL_STREAM" in os.environ  # journald stamps time and pid itself
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+            format=("" if journald else "%(asctime)s kitfs[%(process)d]: ")
+            + "%(levelname)s %(name)s: %(message)s",
+        )
+    else:
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                            format="kitfs: %(levelname)s: %(message)s")
     try:
+        if args.command == "mount":
+            return _mount(args)
+        if args.command == "umount":
+            return unmount(args.mountpoint, lazy=args.lazy)
+        if args.command == "status":
+            return _status(args)
         if args.command == "cache":
             return _cache(args)
         if args.command == "demo":
@@ -148,9 +194,8 @@ def _mode_string(is_dir: bool, mode: int) -> str:
 
 async def _ls(session: KitSession, args: argparse.Namespace) -> int:
     kit = await session.open(Reference.parse(args.reference))
-    tree = await session.tree(kit)
-    top = session.lookup(kit, tree, args.path)
-    nodes = [n for n in Tree.walk_from(top) if n.path]
+    top = await session.resolve(kit, args.path)
+    nodes = [n async for n in session.walk(kit, top) if n.path]
     if args.json:
         entries = [{"path": n.path, "type": "directory" if n.is_dir else "file",
                     "mode": f"{n.mode:04o}", "size": n.size} for n in nodes]
@@ -159,15 +204,14 @@ async def _ls(session: KitSession, args: argparse.Namespace) -> int:
         for node in nodes:
             print(f"{_mode_string(node.is_dir, node.mode)} {node.size:>14} {node.path}"
                   f"{'/' if node.is_dir else ''}")
-    if kit.broken_layers:  # listed what we could; the refusal is the answer's other half
-        raise next(iter(kit.broken_layers.values()))
+    if kit.refused_layers:  # listed what we could; the refusal is the answer's other half
+        raise next(iter(kit.refused_layers.values()))
     return 0
 
 
 async def _cat(session: KitSession, args: argparse.Namespace) -> int:
     kit = await session.open(Reference.parse(args.reference))
-    tree = await session.tree(kit)
-    node = session.lookup(kit, tree, args.path)
+    node = await session.resolve(kit, args.path)
     if node.is_dir:
         raise UsageError(f"{args.path!r} is a directory")
     out = sys.stdout.buffer
@@ -196,7 +240,7 @@ async def _inspect(session: KitSession, args: argparse.Namespace) -> int:
             "digest": str(p.descriptor.digest), "mediaType": p.descriptor.media_type,
             "kind": p.layer_type.kind.value, "layout": p.layer_type.layout.value,
             "compression": p.layer_type.compression.value, "size": p.descriptor.size,
-            "path": p.raw_path if p.raw_path is not None else (p.prefix or "."),
+            "path": p.claim or ".",
             "diffId": str(p.diff_id) if p.diff_id else None, "verification": verified,
             "from": str(source.reference),
         })
@@ -218,6 +262,43 @@ async def _inspect(session: KitSession, args: argparse.Namespace) -> int:
         print(f"layer      {layer['digest']}  {layer['kind']:<9} {layer['layout']}"
               f"+{layer['compression']:<4} {layer['size']:>12}  {layer['verification']:<11} "
               f"{layer['path']}")
+    return 0
+
+
+def _mount(args: argparse.Namespace) -> int:
+    reference = Reference.parse(args.reference)  # a bad reference fails here, before forking
+    if not args.foreground:
+        log_file = args.log_file or runtime_dir() / (
+            str(args.mountpoint.absolute()).strip("/").replace("/", "-") + ".log")
+        return start_background(args.argv, log_file.absolute(), timeout_s=2 * args.timeout + 30)
+    options = MountOptions(
+        reference=str(reference) if reference.digest or reference.tag else args.reference,
+        mountpoint=args.mountpoint, session=_options(args),
+        uid=os.getuid() if args.uid is None else args.uid,
+        gid=os.getgid() if args.gid is None else args.gid,
+        allow_other=args.allow_other, debug=args.debug,
+    )
+    return run_foreground(options, args.ready_fd)
+
+
+def _status(args: argparse.Namespace) -> int:
+    mounts = all_mounts()
+    if args.json:
+        print(json.dumps(mounts, indent=1))
+        return 0
+    if not mounts:
+        print("no kitfs mounts")
+    for record in mounts:
+        print(f"{record['mountpoint']}  {record['reference']}")
+        if record.get("pid") is None:
+            print("    (its daemon runs as another user or with another runtime directory)")
+            continue
+        fetched, served = record["bytes_fetched"], record["bytes_served"]
+        print(f"    digest {record['digest']}  pid {record['pid']}  verify {record['verify']}")
+        print(f"    fetched {fetched} bytes in {record['registry_requests']} requests, served "
+              f"{served} bytes in {record['reads']} reads, {record['errors']} errors")
+        for blob in record["blobs"]:
+            print(f"    {blob['digest']}  {blob['state']:<11} {blob['path']}")
     return 0
 
 
@@ -247,20 +328,25 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    """The quick start: a loopback registry with the sample kit, the CLI on it, then a mount."""
+    import subprocess
     import tempfile
 
     from kitfs.sample import Pusher, Registry, sample_kit
 
     workdir = Path(tempfile.mkdtemp(prefix="kitfs-demo-"))
-    registry = Registry(workdir).start()
+    registry = Registry(workdir / "registry").start()
+    mountpoint = args.mountpoint or workdir / "mnt"
+    mounted = False
     try:
         weights = os.urandom(64 * 1024 * 1024)
         reference = f"{registry.host}/demo/sample:v1"
         total = sum(len(layer.data) for layer in sample_kit(Pusher(registry.host), reference,
                                                               weights).layers)
         cache = str(workdir / "cache")
-        print(f"# a loopback registry ({registry.host}, pid {registry.process.pid}) holds "  # type: ignore[union-attr]
-              f"{reference}: {total} bytes of layers\n")
+        pid = registry.process.pid if registry.process else None
+        print(f"# a loopback registry ({registry.host}, pid {pid}) holds {reference}: "
+              f"{total} bytes of layers\n")
         mark = registry.log_mark()
         for command in (["ls", reference], ["inspect", reference],
                         ["cat", reference, "Kitfile"], ["cat", reference, "data/train/part-003.csv"]):
@@ -271,14 +357,93 @@ def _demo(args: argparse.Namespace) -> int:
                 return status
             print()
         fetched = registry.blob_bytes_served(mark)
-        print(f"# the registry served {fetched} of {total} layer bytes ({100 * fetched / total:.1f} %)")
-        if args.keep:
-            print(f"# registry left running: pid {registry.process.pid}; "  # type: ignore[union-attr]
-                  f"try: kitfs ls {reference} --cache-dir {cache}")
-            registry.process = None
+        print(f"# the registry served {fetched} of {total} layer bytes ({100 * fetched / total:.1f} %)\n")
+
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        print(f"$ kitfs mount {reference} {mountpoint}", flush=True)
+        status = main(["mount", reference, str(mountpoint), "--cache-dir", cache,
+                       "--log-file", str(workdir / "mount.log")])
+        if status != 0:
+            return status
+        mounted = True
+        for command in (["ls", "-lR", str(mountpoint)],
+                        ["head", "-c", "60", str(mountpoint / "data/train/part-003.csv")]):
+            print(f"\n$ {' '.join(command)}", flush=True)
+            subprocess.run(command, check=True)
+        time.sleep(STATUS_INTERVAL_S + 0.1)  # let the daemon publish its counters
+        print(f"\n$ kitfs status\n{_status_text()}")
+        if args.cleanup:
+            return 0
+        print(f"# {reference} stays mounted at {mountpoint} (daemon log: {workdir / 'mount.log'}).\n"
+              f"# Clean up with: kitfs umount {mountpoint} && kill {pid}")
+        mounted = False  # leave it mounted, with its registry
+        registry.process = None
     finally:
+        if mounted:
+            unmount(mountpoint)
         registry.stop()
     return 0
+
+
+def _status_text() -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        _status(argparse.Namespace(json=False))
+    return out.getvalue()
+
+
+# Options of mount(8) and fstab that mean nothing to a read-only FUSE daemon.
+_IGNORED_MOUNT_OPTIONS = {"ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users",
+                          "_netdev", "nofail", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
+                          "atime", "noatime", "relatime", "strictatime", "nodiratime", "sync",
+                          "async"}
+# -o NAME=VALUE (or bare NAME) → kitfs mount option.
+_VALUE_MOUNT_OPTIONS = {"uid": "--uid", "gid": "--gid", "cache_dir": "--cache-dir",
+                        "cache_size": "--cache-size", "verify": "--verify", "timeout": "--timeout",
+                        "ca_file": "--ca-file", "log_file": "--log-file", "select": "--select"}
+_FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http",
+                       "debug": "--debug"}
+
+
+def mount_options_to_argv(source: str, mountpoint: str, options: str) -> list[str]:
+    """Translate ``mount -t fuse.kitfs SOURCE DIR -o OPTS`` into ``kitfs mount`` arguments."""
+    argv = ["mount", source, mountpoint]
+    for option in (o for o in options.split(",") if o):
+        name, sep, value = option.partition("=")
+        if name in _IGNORED_MOUNT_OPTIONS or name.startswith(("x-", "comment=")):
+            if name == "rw":
+                log.warning("kitfs mounts are read-only; 'rw' ignored")
+            continue
+        if name in _FLAG_MOUNT_OPTIONS and not sep:
+            argv.append(_FLAG_MOUNT_OPTIONS[name])
+        elif name in _VALUE_MOUNT_OPTIONS and sep:
+            argv += [_VALUE_MOUNT_OPTIONS[name], value]
+        else:
+            raise UsageError(f"unknown mount option {option!r} (kitfs takes: "
+                             f"{', '.join(sorted([*_FLAG_MOUNT_OPTIONS, *_VALUE_MOUNT_OPTIONS]))})")
+    return argv
+
+
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """``mount.fuse.kitfs SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]``, run by mount(8)."""
+    parser = argparse.ArgumentParser(prog="mount.fuse.kitfs")
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    parser.add_argument("-o", dest="options", action="append", default=[])
+    for flag in ("-n", "-s", "-f", "-v"):  # no mtab, sloppy, fake, verbose: nothing to do
+        parser.add_argument(flag, action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        kitfs_argv = mount_options_to_argv(args.source, args.mountpoint, ",".join(args.options))
+    except UsageError as exc:
+        print(f"mount.fuse.kitfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.f:
+        return 0
+    return main(kitfs_argv)
 
 
 if __name__ == "__main__":

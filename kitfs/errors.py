@@ -21,6 +21,7 @@ This module imports nothing from kitfs.
 
 from __future__ import annotations
 
+import copy
 import errno as _errno
 import os
 from typing import ClassVar
@@ -88,6 +89,14 @@ class CacheError(KitfsError):
     """The local cache cannot be used (not the same as full: a full cache is not an error)."""
 
     exit_code = os.EX_IOERR
+
+
+def copy_for_waiter(error: BaseException) -> BaseException:
+    """A copy of an error shared by several waiters (of one fetch, one indexing): each raises
+    its own instance, so tracebacks do not pile up on one object; the original is chained."""
+    twin = copy.copy(error)
+    twin.__cause__ = error
+    return twin
 
 
 def unwrap_group(exc: BaseException) -> BaseException:

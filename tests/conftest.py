@@ -6,6 +6,7 @@ A missing ``docker-registry`` fails the run loudly; nothing is skipped for lack 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,16 @@ from pathlib import Path
 import pytest
 
 from kitfs.sample import Pusher, Registry
+from tests.mounts import Mounter
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """FUSE tests never skip: without /dev/fuse or fusermount3 the run fails here, loudly."""
+    missing = [what for what, ok in (("/dev/fuse", os.path.exists("/dev/fuse")),
+                                      ("fusermount3", shutil.which("fusermount3") is not None))
+               if not ok]
+    if missing:
+        raise pytest.UsageError(f"the mount tests need {' and '.join(missing)} (apt install fuse3)")
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +76,13 @@ def kitfs(cache_dir: Path):  # type: ignore[no-untyped-def]
         return result
 
     return run
+
+
+@pytest.fixture
+def mounter(tmp_path: Path, cache_dir: Path) -> Iterator[Mounter]:
+    """Real mounts through the CLI; unmounted, daemons reaped and logs checked at the end."""
+    mounts = Mounter(tmp_path / "mounts", cache_dir)
+    try:
+        yield mounts
+    finally:
+        mounts.close()

@@ -16,6 +16,7 @@ that kit's model and model-part layers into the tree (at most 10 levels, no cycl
 from __future__ import annotations
 
 import logging
+import posixpath
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,7 +33,14 @@ from kitfs.core.reader import (
     VerifyMode,
     collapse_groups,
 )
-from kitfs.errors import FormatError, IntegrityError, KitfsError, NotFoundError
+from kitfs.errors import (
+    FormatError,
+    IntegrityError,
+    KitfsError,
+    NotFoundError,
+    UsageError,
+    copy_for_waiter,
+)
 from kitfs.format.digest import Digest
 from kitfs.format.layout import CREATED_ANNOTATION, LayoutPlan, Placement, plan_layout
 from kitfs.format.mediatypes import Compression, Kind, Layout
@@ -40,7 +48,7 @@ from kitfs.format.oci import MAX_CONFIG_BYTES, Index, Manifest, parse_document
 from kitfs.format.reference import Reference
 from kitfs.format.tar import TarMember, TarScanner
 from kitfs.format.tree import FileSource, Node, Tree, TreeBuilder
-from kitfs.remote.registry import RegistryClient, RegistryConfig
+from kitfs.remote.registry import RegistryClient, RegistryConfig, RegistryStatistics
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +69,44 @@ class LayerSource:
 
 
 @dataclass
+class _Flight:
+    """One indexing of one layer in progress; its waiters share its outcome."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: KitfsError | None = None
+
+
+@dataclass
+class _IndexState:
+    done: bool = False
+    refusal: KitfsError | None = None  # the layer is hostile or malformed: final
+    flight: _Flight | None = None
+
+
+@dataclass
 class ModelKit:
+    """An opened kit: pinned reference, checked manifest and config, placed layers, and the
+    tree as far as it has been indexed (see ``KitSession.lookup``)."""
+
     reference: Reference  # pinned: digest set
     manifest: Manifest
     plan: LayoutPlan
     layers: list[LayerSource]
     created: str | None
     config_digest: Digest
-    broken_layers: dict[str, KitfsError] = field(default_factory=dict)  # digest -> why
-    _tree: Tree | None = field(default=None, repr=False)
+    tree: Tree
+    index_states: list[_IndexState]
+
+    @property
+    def claims(self) -> list[str]:
+        return [source.placement.claim for source in self.layers]
+
+    @property
+    def refused_layers(self) -> dict[str, KitfsError]:
+        """Digest → why, for the layers found hostile or malformed so far."""
+        return {str(source.placement.descriptor.digest): state.refusal
+                for source, state in zip(self.layers, self.index_states, strict=True)
+                if state.refusal is not None}
 
 
 @dataclass(frozen=True)
@@ -94,11 +131,22 @@ class KitSession:
     def registry(self, host: str, loopback: bool) -> RegistryClient:
         client = self._registries.get(host)
         if client is None:
-            plain = self.options.plain_http if self.options.plain_http is not None else loopback
+            # Loopback registries speak plain HTTP unless a CA file says they have TLS.
+            default_plain = loopback and self.options.ca_file is None
+            plain = self.options.plain_http if self.options.plain_http is not None else default_plain
             config = RegistryConfig(plain_http=plain, ca_file=self.options.ca_file,
                                     timeout_s=self.options.timeout_s)
             client = self._registries[host] = RegistryClient(host, config)
         return client
+
+    def registry_statistics(self) -> RegistryStatistics:
+        """Requests and blob bytes fetched so far, summed over every registry."""
+        total = RegistryStatistics()
+        for client in self._registries.values():
+            total.requests += client.stats.requests
+            total.retries += client.stats.retries
+            total.blob_bytes += client.stats.blob_bytes
+        return total
 
     async def aclose(self) -> None:
         for client in self._registries.values():
@@ -125,8 +173,17 @@ class KitSession:
         ]
         if plan.parent_model_reference is not None:
             layers = await self._parent_layers(plan.parent_model_reference, pinned, chain) + layers
+        builder = TreeBuilder(plan.kitfile)
+        states = [_IndexState() for _ in layers]
+        for source, state in zip(layers, states, strict=True):
+            where = f"layer {source.placement.descriptor.digest}"
+            try:
+                builder.add_parents(source.placement.claim, where)
+            except FormatError as exc:  # its path runs through a file: refuse that layer only
+                state.refusal = exc
         return ModelKit(pinned, manifest, plan, layers,
-                        manifest.annotations.get(CREATED_ANNOTATION), manifest.config.digest)
+                        manifest.annotations.get(CREATED_ANNOTATION), manifest.config.digest,
+                        builder.build(), states)
 
     async def _parent_layers(self, text: str, child: Reference, chain: list[str]) -> list[LayerSource]:
         chain = [*chain, str(child.digest)]
@@ -139,8 +196,8 @@ class KitSession:
         return [s for s in parent.layers
                 if s.placement.layer_type.kind in (Kind.MODEL, Kind.MODELPART)]
 
-    async def _resolve_manifest(self, client: RegistryClient, reference: Reference
-                                ) -> tuple[Manifest, Digest]:
+    async def _resolve_manifest(self, client: RegistryClient, reference: Reference,
+                                via_index: bool = False) -> tuple[Manifest, Digest]:
         ref_text = str(reference.digest) if reference.digest else reference.tag
         assert ref_text is not None
         data = self.store.get_document(ref_text) if reference.digest else None
@@ -155,7 +212,9 @@ class KitSession:
         if isinstance(document, Index):
             entry = document.select(self.options.select)
             log.info("index %s: selected %s", reference, entry.digest)
-            return await self._resolve_manifest(client, reference.pinned(entry.digest))
+            return await self._resolve_manifest(client, reference.pinned(entry.digest), via_index=True)
+        if self.options.select and not via_index:
+            raise UsageError(f"--select applies to an image index; {reference} is a single manifest")
         return document, digest
 
     async def _document(self, client: RegistryClient, repository: str, digest: Digest, size: int,
@@ -167,43 +226,126 @@ class KitSession:
             self.store.put_document(str(digest), data)
         return data
 
-    # --- the tree ---------------------------------------------------------------------------
+    # --- the tree, indexed lazily -----------------------------------------------------------
+    #
+    # At open the tree holds the Kitfile and the directories above each layer's claim (the path
+    # its Kitfile entry names). A layer is indexed (its tar headers read, or from the cache) the
+    # first time something is looked up or listed where its files may be: in a directory at or
+    # under its claim, or the claim's own name in its parent. ``lookup`` and ``listdir`` are the
+    # only ways in, so a caller can never see a directory before the layers that fill it.
 
-    async def tree(self, kit: ModelKit) -> Tree:
-        """The merged tree; indexes every tar layer (from the cache when it can).
+    async def lookup(self, kit: ModelKit, directory: Node, name: str) -> Node:
+        """The child ``name`` of ``directory``, indexing the layers that may hold it.
 
-        A layer that is refused (unsafe entries, malformed tar, failed verification) is left
-        out and recorded in ``kit.broken_layers``; the other layers are still shown. Registry
-        failures are not absorbed: they raise.
+        Raises:
+            NotFoundError: no such entry, and no layer that could hold it failed.
+            KitfsError: the error of a layer that could hold it and could not be indexed.
         """
-        if kit._tree is not None:
-            return kit._tree
-        builder = TreeBuilder(kit.plan.kitfile)
-        for position, source in enumerate(kit.layers):
-            placement = source.placement
-            digest = str(placement.descriptor.digest)
-            try:
-                if placement.layer_type.layout is Layout.RAW:
-                    size = await self._raw_size(source)
-                    builder.add_file(placement.raw_path or "", placement.raw_mode, size,
-                                     FileSource(position, 0), f"layer {digest}")
-                else:
-                    members = await self.layer_members(source)
-                    builder.add_tar_members(members, position, placement.prefix, digest)
-            except (FormatError, IntegrityError) as exc:
-                log.debug("layer %s is not shown: %s", digest, exc)  # the caller reports it
-                kit.broken_layers[digest] = exc
-        kit._tree = builder.build()
-        return kit._tree
+        child_path = posixpath.join(directory.path, name)
+        failures = await self._ensure_indexed(kit, [
+            position for position, claim in enumerate(kit.claims)
+            if _at_or_above(claim, directory.path) or claim == child_path
+        ])
+        node = directory.children.get(name) if directory.is_dir else None
+        if node is not None:
+            return node
+        if failures:
+            raise failures[0]
+        raise NotFoundError(f"no such file or directory in the kit: {child_path!r}")
 
-    def lookup(self, kit: ModelKit, tree: Tree, path: str) -> Node:
-        """The node at ``path``; when it is missing and a layer was refused, that refusal."""
-        try:
-            return tree.lookup(path)
-        except NotFoundError:
-            if kit.broken_layers:
-                raise next(iter(kit.broken_layers.values())) from None
-            raise
+    async def listdir(self, kit: ModelKit, directory: Node) -> list[Node]:
+        """The children of ``directory``, sorted by name, indexing the layers that fill it.
+
+        A refused layer (hostile or malformed) is left out: the rest is listed. A layer that
+        could not be read for now (registry down) fails the listing rather than shortening it.
+        """
+        failures = await self._ensure_indexed(kit, [
+            position for position, claim in enumerate(kit.claims)
+            if _at_or_above(claim, directory.path)
+            or (claim and posixpath.dirname(claim) == directory.path)
+        ])
+        transient = [f for f in failures if not _is_refusal(f)]
+        if transient:
+            raise transient[0]
+        return [directory.children[name] for name in sorted(directory.children)]
+
+    async def resolve(self, kit: ModelKit, path: str) -> Node:
+        """The node at ``path`` ("" or "/" is the root), looked up one component at a time."""
+        node = kit.tree.root
+        for part in (p for p in path.strip("/").split("/") if p):
+            if not node.is_dir:
+                raise NotFoundError(f"{node.path!r} is a file, not a directory: {path!r}")
+            node = await self.lookup(kit, node, part)
+        return node
+
+    async def walk(self, kit: ModelKit, top: Node) -> AsyncIterator[Node]:
+        """``top`` and everything under it, parents first, names sorted (indexes as it goes)."""
+        stack = [top]
+        while stack:
+            node = stack.pop()
+            yield node
+            if node.is_dir:
+                stack.extend(reversed(await self.listdir(kit, node)))
+
+    async def _ensure_indexed(self, kit: ModelKit, positions: list[int]) -> list[KitfsError]:
+        """Index these layers (concurrently, once each); the errors of those that failed."""
+        failures: list[KitfsError] = []
+
+        async def one(position: int) -> None:
+            try:
+                await self._index_layer(kit, position)
+            except KitfsError as exc:
+                failures.append(exc)
+
+        pending = [p for p in positions if not kit.index_states[p].done]
+        if len(pending) == 1:
+            await one(pending[0])
+        elif pending:
+            async with trio.open_nursery() as nursery:
+                for position in pending:
+                    nursery.start_soon(one, position)
+        return failures
+
+    async def _index_layer(self, kit: ModelKit, position: int) -> None:
+        """Merge one layer's entries into the tree, once; a refusal sticks, an outage does not."""
+        state = kit.index_states[position]
+        while not state.done:
+            if state.refusal is not None:
+                raise copy_for_waiter(state.refusal)
+            if state.flight is not None:
+                flight = state.flight
+                await flight.done.wait()
+                if flight.error is not None:
+                    raise copy_for_waiter(flight.error)
+                continue
+            flight = state.flight = _Flight()
+            source = kit.layers[position]
+            where = f"layer {source.placement.descriptor.digest}"
+            try:
+                kit.tree.merge(await self._layer_tree(source, position), where)
+                state.done = True
+            except KitfsError as exc:
+                flight.error = exc
+                if _is_refusal(exc):
+                    state.refusal = exc
+                    log.warning("%s is refused, its files are not shown: %s", where, exc)
+                raise
+            finally:
+                state.flight = None
+                flight.done.set()
+
+    async def _layer_tree(self, source: LayerSource, position: int) -> Tree:
+        placement = source.placement
+        digest = str(placement.descriptor.digest)
+        builder = TreeBuilder(None)
+        if placement.layer_type.layout is Layout.RAW:
+            size = await self._raw_size(source)
+            builder.add_file(placement.raw_path or "", placement.raw_mode, size,
+                             FileSource(position, 0), f"layer {digest}")
+        else:
+            members = await self.layer_members(source)
+            builder.add_tar_members(members, position, placement.prefix, digest)
+        return builder.build()
 
     async def _raw_size(self, source: LayerSource) -> int:
         if source.content.compression is Compression.NONE:
@@ -251,6 +393,16 @@ class KitSession:
                 "its tar header says"
             )
         return data
+
+
+def _at_or_above(claim: str, path: str) -> bool:
+    """Whether ``claim`` is ``path`` or one of its ancestors ("" is above everything)."""
+    return not claim or claim == path or path.startswith(claim + "/")
+
+
+def _is_refusal(error: KitfsError) -> bool:
+    """A layer error that will not go away by asking again (the bytes themselves are bad)."""
+    return isinstance(error, FormatError | IntegrityError)
 
 
 @asynccontextmanager

@@ -56,6 +56,10 @@ class Placement:
     raw_path: str | None  # raw layers: the file's path
     raw_mode: int  # raw layers: permission bits
     diff_id: Digest | None  # digest of the uncompressed bytes, when recorded
+    # Where the layer's files sit in the tree, from its Kitfile entry or path annotation ("" when
+    # unknown: the whole tree). kit pack puts a layer's files at and under this path, which is
+    # what lets a mount index a layer only when something at or above that path is looked at.
+    claim: str = ""
 
 
 @dataclass(frozen=True)
@@ -174,12 +178,24 @@ def _make_placement(
         if not raw_path:
             raise UnsafeEntryError(f"{where}: raw layer path {path!r} names the kit root")
         return Placement(index, descriptor, layer_type, "", raw_path, _raw_mode(descriptor),
-                         _digest_or_none(entry.diff_id if entry else None))
+                         _digest_or_none(entry.diff_id if entry else None), raw_path)
     prefix = ""
     if legacy and entry is not None:
         prefix = check_entry_path(posixpath.dirname(entry.path.rstrip("/")), where)
+    claim_text = entry.path if entry is not None else annotated
     return Placement(index, descriptor, layer_type, prefix, None, 0,
-                     _digest_or_none(entry.diff_id if entry else None))
+                     _digest_or_none(entry.diff_id if entry else None), _claim(claim_text, where))
+
+
+def _claim(path: str | None, where: str) -> str:
+    """The cleaned path a tar layer's files sit under; "" (everywhere) when it is unsafe or
+    missing: the tar's own entries are checked when the layer is indexed."""
+    if not path:
+        return ""
+    try:
+        return check_entry_path(path, where)
+    except UnsafeEntryError:
+        return ""
 
 
 def _plan_by_digest(

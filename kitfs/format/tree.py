@@ -82,6 +82,42 @@ class Tree:
             stack.extend(node.children[name] for name in sorted(node.children, reverse=True))
 
 
+    def merge(self, other: Tree, where: str) -> None:
+        """Add ``other``'s nodes (one layer's entries) to this tree: all of them or none.
+
+        Directories present in both merge (a synthesised one takes the other's mode); a file
+        meeting anything at the same path is a conflict, as ``kit unpack`` refuses to overwrite.
+
+        Raises:
+            FormatError: naming the first conflicting path; this tree is then unchanged.
+        """
+        pairs = [(self.root, other.root)]
+        while pairs:  # check everything first, so a refused layer leaves no trace
+            mine, theirs = pairs.pop()
+            for name, node in theirs.children.items():
+                existing = mine.children.get(name)
+                if existing is None:
+                    continue
+                if not (existing.is_dir and node.is_dir):
+                    what = "a directory" if existing.is_dir else "a file"
+                    raise FormatError(
+                        f"{where}: {node.path!r} conflicts with {what} another layer has at the "
+                        "same path (kit unpack refuses to overwrite)"
+                    )
+                pairs.append((existing, node))
+        pairs = [(self.root, other.root)]
+        while pairs:
+            mine, theirs = pairs.pop()
+            for name, node in theirs.children.items():
+                existing = mine.children.get(name)
+                if existing is None:
+                    mine.children[name] = node
+                    continue
+                if node.explicit and not existing.explicit:
+                    existing.mode, existing.explicit = node.mode, True
+                pairs.append((existing, node))
+
+
 class TreeBuilder:
     """Collects layer entries into a ``Tree``."""
 
@@ -104,6 +140,10 @@ class TreeBuilder:
                 raise FormatError(f"{where}: {child.path!r} is a file and also a directory")
             node = child
         return node
+
+    def add_parents(self, path: str, where: str) -> None:
+        """Synthesise the directories above ``path`` (0755, as ``kit unpack`` creates them)."""
+        self._parent_of(path, where)
 
     def add_directory(self, path: str, mode: int, where: str) -> None:
         if not path:

@@ -1,0 +1,305 @@
+"""The FUSE adapter: pyfuse3 operations over one opened ModelKit, read-only.
+
+This module is a thin shim (as mountpoint-s3's ``fuse.rs`` is over its filesystem): every
+question goes to ``KitSession`` (``lookup``, ``listdir``, ``read_file``), and this module owns
+only what is FUSE-specific:
+
+- inode numbers: a node's inode is derived from its path (64-bit xxh3), so it is the same for
+  the mount's whole life and across remounts of the same kit;
+- attributes: read-only modes (write bits, setuid, setgid and sticky never shown), owner from
+  ``--uid/--gid``, one mtime for the whole kit;
+- the one errno boundary (``_boundary``): pyfuse3 ends the mount on any exception that is not
+  ``FUSEError``, so every handler is wrapped. A ``KitfsError`` becomes its class's errno
+  (``kitfs.errors``), an ``OSError`` its own errno, and anything else is logged with its
+  traceback and answered EIO; the mount stays up in every case.
+- counters for ``kitfs status``.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import xxhash
+
+from kitfs.core.modelkit import KitSession, ModelKit
+from kitfs.errors import KitfsError, NotFoundError
+from kitfs.format.tree import Node
+
+log = logging.getLogger(__name__)
+
+# Content never changes for the life of a mount (the reference is pinned to a digest), so the
+# kernel may keep entries and attributes as long as it likes; a day is "forever" in practice.
+CACHE_TIMEOUT_S = 86400.0
+BLOCK_SIZE_BYTES = 1 << 20  # st_blksize: tells readers (cp, numpy) to read in 1 MiB pieces
+XATTR_DIGEST = b"user.kitfs.digest"  # the digest of the layer a file's bytes come from
+XATTR_REFERENCE = b"user.kitfs.reference"  # on the root: the pinned reference
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class MountCounters:
+    """What ``kitfs status`` shows per mount (besides the registry's own byte counts)."""
+
+    reads: int = 0
+    bytes_served: int = 0
+    errors: int = 0
+
+
+def _boundary(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Translate every exception of a handler into a ``FUSEError``: the one errno mapping."""
+
+    @functools.wraps(method)
+    async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except NotFoundError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except KitfsError as exc:
+            _count_error(args)
+            log.error("%s: %s (%s)", method.__name__, exc, errno.errorcode.get(exc.errno, exc.errno))
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            _count_error(args)
+            log.error("%s: %s", method.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            _count_error(args)
+            log.exception("%s failed unexpectedly; answered EIO, the mount stays up", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+def _count_error(args: Any) -> None:
+    if args and isinstance(args[0], KitFilesystem):
+        args[0].counters.errors += 1
+
+
+class KitFilesystem(pyfuse3.Operations):
+    """Read-only pyfuse3 operations for one ModelKit."""
+
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, session: KitSession, kit: ModelKit, *, uid: int, gid: int,
+                 mtime_ns: int) -> None:
+        super().__init__()
+        self.session = session
+        self.kit = kit
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.counters = MountCounters()
+        self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: kit.tree.root}
+        self._inodes: dict[int, int] = {id(kit.tree.root): pyfuse3.ROOT_INODE}  # id(node) -> ino
+
+    # --- inodes and attributes ------------------------------------------------------------
+
+    def inode_of(self, node: Node) -> int:
+        """The node's inode: xxh3-64 of its path, probing on the (unlikely) collision."""
+        known = self._inodes.get(id(node))
+        if known is not None:
+            return known
+        ino = xxhash.xxh3_64_intdigest(node.path.encode("utf-8", "surrogateescape")) or 2
+        while ino <= pyfuse3.ROOT_INODE or ino in self._nodes:
+            ino = (ino + 1) % (1 << 64)
+        self._nodes[ino] = node
+        self._inodes[id(node)] = ino
+        return ino
+
+    def _node(self, inode: int) -> Node:
+        node = self._nodes.get(inode)
+        if node is None:  # the kernel asked for an inode we never gave out
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = self.inode_of(node)
+        attrs.generation = 0
+        attrs.entry_timeout = CACHE_TIMEOUT_S
+        attrs.attr_timeout = CACHE_TIMEOUT_S
+        permissions = node.mode & 0o555  # read-only: no write bits, no setuid/setgid/sticky
+        if node.is_dir:
+            attrs.st_mode = stat.S_IFDIR | permissions
+            attrs.st_nlink = 2 + sum(1 for child in node.children.values() if child.is_dir)
+            attrs.st_size = 0
+        else:
+            attrs.st_mode = stat.S_IFREG | permissions
+            attrs.st_nlink = 1
+            attrs.st_size = node.size
+        attrs.st_uid = self.uid
+        attrs.st_gid = self.gid
+        attrs.st_rdev = 0
+        attrs.st_blksize = BLOCK_SIZE_BYTES
+        attrs.st_blocks = (attrs.st_size + 511) // 512
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.mtime_ns
+        return attrs
+
+    # --- reading the tree -----------------------------------------------------------------
+
+    @_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if not parent.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        node = await self.session.lookup(self.kit, parent, os.fsdecode(name))
+        return self.attributes(node)
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self.attributes(self._node(inode))
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        # start_id is the position after the last entry the kernel took; the listing is the
+        # same every time (names sorted, nothing ever removed), so positions are stable.
+        children = await self.session.listdir(self.kit, self._node(fh))
+        for position in range(start_id, len(children)):
+            node = children[position]
+            name = os.fsencode(node.path.rsplit("/", 1)[-1])
+            if not pyfuse3.readdir_reply(token, name, self.attributes(node), position + 1):
+                break
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        # keep_cache: the bytes never change, so the page cache survives close and reopen.
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._node(fh)
+        data = await self.session.read_file(self.kit, node, off, size)
+        self.counters.reads += 1
+        self.counters.bytes_served += len(data)
+        return data
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        return None
+
+    @_boundary
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        self._node(inode)
+        return not mode & os.W_OK  # nothing is writable; default_permissions checks the rest
+
+    @_boundary
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        total_bytes = sum(source.placement.descriptor.size for source in self.kit.layers)
+        data.f_blocks = (total_bytes + 4095) // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self._nodes)
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        node = self._node(inode)
+        value = self._xattrs(node).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
+        return list(self._xattrs(self._node(inode)))
+
+    def _xattrs(self, node: Node) -> dict[bytes, bytes]:
+        if node is self.kit.tree.root:
+            return {XATTR_REFERENCE: str(self.kit.reference).encode()}
+        if node.source is not None and node.source.layer_index >= 0:
+            layer = self.kit.layers[node.source.layer_index]
+            return {XATTR_DIGEST: str(layer.placement.descriptor.digest).encode()}
+        return {}
+
+    # --- everything that would change the tree: EROFS ------------------------------------
+    # The mount is also made with the "ro" option, so the kernel refuses most of these
+    # before they reach us; these answer for whatever still arrives.
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None  # nothing is ever dirty
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def forget(self, inode_list: Any) -> None:
+        # Nodes live as long as the mount (a kit's tree is small next to its data), so an
+        # inode stays valid after the kernel forgets it.
+        return None

@@ -1,0 +1,145 @@
+"""Which kitfs mounts exist on this machine, and what each daemon reports about itself.
+
+Two sources, joined by mountpoint:
+
+- the kernel's mount table (``/proc/self/mountinfo``): every mount of type ``fuse.kitfs``,
+  whoever made it. This is the truth about what is mounted;
+- one status file per daemon, ``<runtime dir>/<pid>.json``, rewritten (atomically) every
+  second while it runs and removed when it stops: reference, digest, counters, the
+  verification state of each blob. A file whose process is gone is stale and ignored.
+
+The runtime directory is ``$KITFS_RUNTIME_DIR``, else ``/run/kitfs`` for root, else
+``$XDG_RUNTIME_DIR/kitfs``, else ``/tmp/kitfs-<uid>``; it is created 0700.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FSTYPE = "fuse.kitfs"
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def runtime_dir() -> Path:
+    if env := os.environ.get("KITFS_RUNTIME_DIR"):
+        path = Path(env)
+    elif os.geteuid() == 0:
+        path = Path("/run/kitfs")
+    elif xdg := os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(xdg) / "kitfs"
+    else:
+        path = Path(f"/tmp/kitfs-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class KernelMount:
+    """One line of the mount table."""
+
+    mountpoint: str
+    source: str
+    fstype: str
+    device: str  # "major:minor", which names the mount's bdi in /sys/class/bdi
+    options: str
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (``\\040``)."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[KernelMount]:
+    """Parse /proc/PID/mountinfo (see proc(5)): ``id parent maj:min root mountpoint opts
+    [optional fields...] - fstype source superopts``."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if "-" not in fields:
+            continue
+        dash = fields.index("-")
+        if dash < 6 or len(fields) < dash + 3:
+            continue
+        mounts.append(KernelMount(
+            mountpoint=_unescape(fields[4]), source=_unescape(fields[dash + 2]),
+            fstype=fields[dash + 1], device=fields[2], options=fields[5],
+        ))
+    return mounts
+
+
+def kernel_mounts(fstype: str | None = FSTYPE) -> list[KernelMount]:
+    mounts = parse_mountinfo(MOUNTINFO.read_text())
+    return [m for m in mounts if fstype is None or m.fstype == fstype]
+
+
+def find_mount(mountpoint: Path | str) -> KernelMount | None:
+    """The topmost mount at ``mountpoint`` (of any type), if there is one."""
+    wanted = os.path.abspath(mountpoint)
+    found = None
+    for mount in kernel_mounts(None):
+        if mount.mountpoint == wanted:
+            found = mount  # later lines are mounted on top of earlier ones
+    return found
+
+
+def write_status(pid: int, record: dict[str, Any]) -> None:
+    directory = runtime_dir()
+    tmp = directory / f".{pid}.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.rename(directory / f"{pid}.json")
+
+
+def remove_status(pid: int) -> None:
+    (runtime_dir() / f"{pid}.json").unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def daemon_records() -> list[dict[str, Any]]:
+    """The status records of running daemons (stale files of dead ones are skipped)."""
+    records = []
+    for path in sorted(runtime_dir().glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("pid"), int) and process_alive(record["pid"]):
+            records.append(record)
+    return records
+
+
+def all_mounts() -> list[dict[str, Any]]:
+    """Every kitfs mount in the mount table, with its daemon's record where there is one."""
+    by_mountpoint = {r.get("mountpoint"): r for r in daemon_records()}
+    out = []
+    for mount in kernel_mounts():
+        record = by_mountpoint.get(mount.mountpoint)
+        if record is None:  # another user's daemon, or another runtime directory
+            record = {"reference": mount.source, "mountpoint": mount.mountpoint, "pid": None}
+        out.append(record)
+    return out
