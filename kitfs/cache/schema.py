@@ -16,13 +16,18 @@ whose diffId is unknown (when it is known, the diffId is the key).
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
 DATABASE_NAME = "kitfs.db"
+LOCK_NAME = "lock"
 BUSY_TIMEOUT_MS = 30_000
 
 migrations = Migrations("kitfs-cache")
@@ -73,19 +78,36 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )""")
 
 
+@contextmanager
+def cache_lock(cache_dir: Path) -> Iterator[None]:
+    """Hold the cache directory's exclusive ``flock`` (released by the kernel on ``kill -9``)."""
+    fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def open_database(cache_dir: Path) -> sqlite_utils.Database:
-    """Open (and create or migrate) the cache database in ``cache_dir``."""
+    """Open (and create or migrate) the cache database in ``cache_dir``.
+
+    Switching a new database to WAL and migrating it take the cache lock: two processes doing
+    either at once would otherwise fail with "database is locked" (a deferred transaction
+    cannot wait for a writer).
+    """
     path = cache_dir / DATABASE_NAME
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                           check_same_thread=False)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    db = sqlite_utils.Database(conn)
-    if migrations.pending(db):
-        try:  # every statement is idempotent, so two processes migrating at once is harmless
-            migrations.apply(db)
-        except sqlite3.IntegrityError:
-            pass  # another process recorded the same migration first
-    path.chmod(0o600)
+    with cache_lock(cache_dir):
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        db = sqlite_utils.Database(conn)
+        if migrations.pending(db):
+            try:  # idempotent statements; a process without the lock may have raced us
+                migrations.apply(db)
+            except sqlite3.IntegrityError:
+                pass  # it recorded the same migration first
+        path.chmod(0o600)
     return db

@@ -3,6 +3,7 @@
 Layout of a cache directory (created 0700; files 0600)::
 
     kitfs.db                                  SQLite, WAL (see kitfs.cache.schema)
+    lock                                      flock: file and row changes across processes
     chunks/<algo>/<hex[:2]>/<hex>/<idx>       one file per cached chunk of a content key
     tmp/                                      chunk files being written
 
@@ -16,8 +17,13 @@ Invariants (what a ``kill -9`` at any instant cannot break):
   drops the chunk and reports a miss, and the reader fetches it again. That is why chunk files
   are not fsynced: the checksum, not the write order on disk, decides what is good.
 - Eviction (LRU by ``last_access``, down to the quota) skips chunks pinned by this process's
-  in-flight reads. Other processes' readers are safe too: they read through an open file
-  descriptor, or see a miss and refetch.
+  in-flight reads; when pins kept the cache over its quota, the last unpin evicts again, so
+  the quota holds once reads are over. Other processes' readers are safe too: they read
+  through an open file descriptor, or see a miss and refetch.
+- Across processes, "put a chunk's file in place and insert its row" and "delete rows and
+  unlink their files" (eviction, dropping a bad chunk, purge, ``gc``, ``clear``) each run
+  under an exclusive ``flock`` on ``lock`` in the cache directory; otherwise one process could
+  unlink the file another has just put back and recorded. ``kill -9`` releases the lock.
 - A full disk is not an error: ``put`` returns False and logs a warning, and the caller serves
   the bytes it already holds without caching them.
 
@@ -36,12 +42,13 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
-from kitfs.cache.schema import open_database
+from kitfs.cache.schema import cache_lock, open_database
 from kitfs.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -106,6 +113,8 @@ class ChunkStore:
             raise CacheError(f"cannot open the cache in {directory}: {exc}") from exc
         self._conn = self.db.conn
         self._pins: Counter[tuple[str, int]] = Counter()
+        self._over_quota = False  # the last eviction stopped short because of pins
+        self._dropped = 0  # chunks found damaged and dropped (``verify_chunks`` counts them)
         self._touched: dict[tuple[str, int], float] = {}
         self._warned_full = False
 
@@ -152,10 +161,11 @@ class ChunkStore:
         return row[0] if row else None
 
     def purge_chunks(self, key: str) -> None:
-        rows = self._execute("SELECT idx FROM chunks WHERE key = ?", (key,)).fetchall()
-        self._execute("DELETE FROM chunks WHERE key = ?", (key,))
-        for (idx,) in rows:
-            self._unlink(key, idx)
+        with self._lock():
+            rows = self._execute("SELECT idx FROM chunks WHERE key = ?", (key,)).fetchall()
+            self._execute("DELETE FROM chunks WHERE key = ?", (key,))
+            for (idx,) in rows:
+                self._unlink(key, idx)
 
     # --- chunks -------------------------------------------------------------------------------
 
@@ -177,7 +187,7 @@ class ChunkStore:
         """Bytes ``[offset, offset+length)`` of chunk ``idx``, checked; None on a miss.
 
         A chunk whose file is missing, short, or fails its checksum is dropped (and logged),
-        and the read is a miss.
+        and the read is a miss. A chunk another process evicts meanwhile is a plain miss.
         """
         row = self._execute(
             "SELECT length, xxh3 FROM chunks WHERE key = ? AND idx = ?", (key, idx)
@@ -199,7 +209,8 @@ class ChunkStore:
             finally:
                 os.close(fd)
         except FileNotFoundError:
-            self._drop_bad_chunk(key, idx, "its file is missing")
+            if self.has_chunk(key, idx) and not self.chunk_path(key, idx).exists():
+                self._drop_bad_chunk(key, idx, "its file is missing")
             return None
         except OSError as exc:
             self._drop_bad_chunk(key, idx, f"reading it failed: {exc}")
@@ -221,7 +232,6 @@ class ChunkStore:
         path = self.chunk_path(key, idx)
         tmp = self.directory / "tmp" / f"{os.getpid()}-{time.monotonic_ns()}"
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 view = memoryview(data)
@@ -229,12 +239,14 @@ class ChunkStore:
                     view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-            self._execute(
-                "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (key, idx, len(data), sums, time.time()),
-            )
+            with self._lock():
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.replace(tmp, path)
+                self._execute(
+                    "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (key, idx, len(data), sums, time.time()),
+                )
         except OSError as exc:
             _unlink_quietly(tmp)
             if exc.errno in _FULL_ERRNOS:
@@ -259,6 +271,8 @@ class ChunkStore:
         self._pins[(key, idx)] -= 1
         if self._pins[(key, idx)] <= 0:
             del self._pins[(key, idx)]
+            if self._over_quota and self.quota_bytes is not None:
+                self.evict(self.quota_bytes)
 
     def used_bytes(self) -> int:
         row = self._execute("SELECT COALESCE(SUM(length), 0) FROM chunks").fetchone()
@@ -269,24 +283,28 @@ class ChunkStore:
 
         Returns the bytes freed.
         """
-        used = self.used_bytes()
-        if used <= target_bytes:
-            return 0
         self._flush_access_times()
-        freed = 0
-        victims: list[tuple[str, int]] = []
-        rows = self._execute("SELECT key, idx, length FROM chunks ORDER BY last_access")
-        for key, idx, length in rows:
-            if used - freed <= target_bytes:
-                break
-            if (key, idx) in self._pins:
-                continue
-            victims.append((key, idx))
-            freed += length
-        with self._transaction():
-            self._conn.executemany("DELETE FROM chunks WHERE key = ? AND idx = ?", victims)
-        for key, idx in victims:
-            self._unlink(key, idx)
+        with self._lock():
+            used = self.used_bytes()
+            if used <= target_bytes:
+                self._over_quota = False
+                return 0
+            freed = 0
+            victims: list[tuple[str, int]] = []
+            rows = self._execute(
+                "SELECT key, idx, length FROM chunks ORDER BY last_access").fetchall()
+            for key, idx, length in rows:
+                if used - freed <= target_bytes:
+                    break
+                if (key, idx) in self._pins:
+                    continue
+                victims.append((key, idx))
+                freed += length
+            self._over_quota = used - freed > target_bytes
+            with self._transaction():
+                self._conn.executemany("DELETE FROM chunks WHERE key = ? AND idx = ?", victims)
+            for key, idx in victims:
+                self._unlink(key, idx)
         if victims:
             log.info("evicted %d chunks (%d bytes) to stay under %d bytes", len(victims), freed,
                      target_bytes)
@@ -308,20 +326,23 @@ class ChunkStore:
         )
 
     def verify_chunks(self) -> tuple[int, int]:
-        """Check every chunk's checksums (and sha256 where known). Returns (good, dropped)."""
-        good = dropped = 0
+        """Check every chunk's checksums (and sha256 where known). Returns (good, dropped).
+
+        A chunk that another process evicts while this runs is neither good nor dropped.
+        """
+        good = 0
+        dropped_before = self._dropped
         rows = self._execute("SELECT key, idx, length FROM chunks").fetchall()
         for key, idx, length in rows:
             data = self.read(key, idx, 0, length)
-            expected = self.chunk_sha256(key, idx)
-            if data is not None and expected and hashlib.sha256(data).hexdigest() != expected:
-                self._drop_bad_chunk(key, idx, "its sha256 differs from the verified one")
-                data = None
             if data is None:
-                dropped += 1
+                continue  # dropped (counted) or gone
+            expected = self.chunk_sha256(key, idx)
+            if expected and hashlib.sha256(data).hexdigest() != expected:
+                self._drop_bad_chunk(key, idx, "its sha256 differs from the verified one")
             else:
                 good += 1
-        return good, dropped
+        return good, self._dropped - dropped_before
 
     def collect_garbage(self) -> int:
         """Remove orphan chunk files and stale temporary files; evict to the quota.
@@ -329,14 +350,15 @@ class ChunkStore:
         Returns the number of files removed.
         """
         removed = 0
-        known = {
-            str(self.chunk_path(key, idx))
-            for key, idx in self._execute("SELECT key, idx FROM chunks").fetchall()
-        }
-        for path in _walk_files(self.directory / "chunks"):
-            if str(path) not in known:
-                _unlink_quietly(path)
-                removed += 1
+        with self._lock():  # no chunk is put (file, then row) while we look for orphans
+            known = {
+                str(self.chunk_path(key, idx))
+                for key, idx in self._execute("SELECT key, idx FROM chunks").fetchall()
+            }
+            for path in _walk_files(self.directory / "chunks"):
+                if str(path) not in known:
+                    _unlink_quietly(path)
+                    removed += 1
         horizon = time.time() - 3600  # a tmp file older than an hour belongs to a dead writer
         for path in _walk_files(self.directory / "tmp"):
             try:
@@ -351,12 +373,13 @@ class ChunkStore:
 
     def clear(self) -> None:
         """Drop everything: chunks, verification records, indexes, documents."""
-        with self._transaction():
-            for table in ("chunks", "chunk_digests", "blobs", "documents", "members",
-                          "layer_indexes"):
-                self._execute(f"DELETE FROM {table}")
-        shutil.rmtree(self.directory / "chunks", ignore_errors=True)
-        (self.directory / "chunks").mkdir(mode=0o700, exist_ok=True)
+        with self._lock():
+            with self._transaction():
+                for table in ("chunks", "chunk_digests", "blobs", "documents", "members",
+                              "layer_indexes"):
+                    self._execute(f"DELETE FROM {table}")
+            shutil.rmtree(self.directory / "chunks", ignore_errors=True)
+            (self.directory / "chunks").mkdir(mode=0o700, exist_ok=True)
 
     # --- documents (manifests and configs) ------------------------------------------------
 
@@ -385,6 +408,9 @@ class ChunkStore:
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn)
 
+    def _lock(self) -> AbstractContextManager[None]:
+        return cache_lock(self.directory)
+
     def _touch(self, key: str, idx: int) -> None:
         self._touched[(key, idx)] = time.time()
         if len(self._touched) >= _ACCESS_FLUSH_EVERY:
@@ -405,8 +431,10 @@ class ChunkStore:
 
     def _drop_bad_chunk(self, key: str, idx: int, why: str) -> None:
         log.warning("cache: dropping chunk %d of %s: %s", idx, key, why)
-        self._execute("DELETE FROM chunks WHERE key = ? AND idx = ?", (key, idx))
-        self._unlink(key, idx)
+        self._dropped += 1
+        with self._lock():
+            self._execute("DELETE FROM chunks WHERE key = ? AND idx = ?", (key, idx))
+            self._unlink(key, idx)
 
     def _unlink(self, key: str, idx: int) -> None:
         _unlink_quietly(self.chunk_path(key, idx))

@@ -101,6 +101,11 @@ class _Job:
     error: BaseException | None = None
     size: int | None = None
     memory: dict[int, bytes] = field(default_factory=dict)  # chunks the cache could not take
+    # Chunk ranges [first, last] that waiting reads still need, and copies of those chunks as
+    # the stream passes them: under a tight quota the cache may evict a chunk before its
+    # reader runs, which would send the reader back to decompress the whole layer again.
+    waiting: list[tuple[int, int]] = field(default_factory=list)
+    held: dict[int, bytes] = field(default_factory=dict)
 
 
 class BlobReader:
@@ -118,6 +123,7 @@ class BlobReader:
         self.chunk_size_bytes = chunk_size_bytes
         self._nursery = nursery
         self._inflight: dict[tuple[str, int], trio.Event] = {}
+        self._chunk_sizes: dict[str, int] = {}  # per content key, as recorded in the cache
         self._jobs: dict[str, _Job] = {}
         self._verifying: dict[str, trio.Event] = {}
 
@@ -154,8 +160,7 @@ class BlobReader:
         if content.compression is not Compression.NONE:
             return await self._read_decompressed(content, offset, length)
         size = content.blob_size
-        chunk = self.chunk_size_bytes
-        self.store.register_blob(content.key, size, chunk)
+        chunk = self._register(content)
         if self.verify is VerifyMode.STRICT:
             await self._ensure_verified(content)
         spans = chunks_covering(offset, length, size, chunk)
@@ -169,13 +174,25 @@ class BlobReader:
     async def verify_now(self, content: Content) -> None:
         """Fetch whatever is missing of ``content`` and check its digest (``cache verify``)."""
         if content.compression is Compression.NONE:
-            self.store.register_blob(content.key, content.blob_size, self.chunk_size_bytes)
+            self._register(content)
             await self._ensure_verified(content)
         else:
             await self.size(content)
             self._check_not_failed(content)
 
     # --- uncompressed content -------------------------------------------------------------
+
+    def _register(self, content: Content) -> int:
+        """Make sure the cache knows ``content``; returns its chunk size there: the size the
+        content was first cached with wins, whatever this reader's ``chunk_size_bytes``."""
+        size = content.blob_size if content.compression is Compression.NONE else -1
+        state = self.store.register_blob(content.key, size, self.chunk_size_bytes)
+        self._chunk_sizes[content.key] = state.chunk_size
+        return state.chunk_size
+
+    def _chunk_size(self, content: Content) -> int:
+        known = self._chunk_sizes.get(content.key)
+        return known if known is not None else self._register(content)
 
     def _check_not_failed(self, content: Content) -> None:
         state = self.store.blob_state(content.key)
@@ -189,7 +206,7 @@ class BlobReader:
                           length: int) -> list[bytes]:
         """The bytes of ``[offset, offset+length)`` that fall in each chunk of ``indexes``."""
         results: list[bytes] = [b""] * len(indexes)
-        chunk = self.chunk_size_bytes
+        chunk = self._chunk_size(content)
 
         async def one(position: int, idx: int) -> None:
             span = chunk_span(idx, content.blob_size, chunk)
@@ -231,7 +248,7 @@ class BlobReader:
         event = trio.Event()
         self._inflight[(key, idx)] = event
         try:
-            span = chunk_span(idx, content.blob_size, self.chunk_size_bytes)
+            span = chunk_span(idx, content.blob_size, self._chunk_size(content))
             buffer = bytearray(span.length)
             await content.registry.fetch_range(
                 content.repository, content.blob_digest, content.blob_size, span.start,
@@ -255,7 +272,8 @@ class BlobReader:
         state = self.store.blob_state(content.key)
         if state is None or state.verified != 0:
             return
-        total = chunk_count(content.blob_size, self.chunk_size_bytes)
+        chunk = self._chunk_size(content)
+        total = chunk_count(content.blob_size, chunk)
         cached = self.store.cached_chunks(content.key)
         if len(cached) >= total:
             await self._ensure_verified(content)
@@ -263,7 +281,7 @@ class BlobReader:
         if not reaches_file_end:
             return
         missing_bytes = sum(
-            chunk_span(i, content.blob_size, self.chunk_size_bytes).length
+            chunk_span(i, content.blob_size, chunk).length
             for i in range(total) if i not in cached
         )
         if missing_bytes <= max(NEARLY_COMPLETE_BYTES, content.blob_size // 4):
@@ -283,7 +301,7 @@ class BlobReader:
         done = trio.Event()
         self._verifying[key] = done
         try:
-            total = chunk_count(content.blob_size, self.chunk_size_bytes)
+            total = chunk_count(content.blob_size, self._chunk_size(content))
             missing = sorted(set(range(total)) - self.store.cached_chunks(key))
             limiter = trio.CapacityLimiter(4)
 
@@ -304,11 +322,12 @@ class BlobReader:
         key = content.key
         hasher = content.blob_digest.hasher()
         per_chunk: list[tuple[int, str]] = []
+        chunk = self._chunk_size(content)
         for idx in range(total):
-            span = chunk_span(idx, content.blob_size, self.chunk_size_bytes)
-            data = self.store.read(key, idx, 0, span.length)
-            if data is None:  # evicted or corrupt meanwhile: fetch it again
-                data = bytes(await self._fetch_chunk(content, idx))
+            span = chunk_span(idx, content.blob_size, chunk)
+            # from the cache, or fetched again (evicted or corrupt meanwhile), through the
+            # single-flight path: another task may be fetching this chunk right now
+            data = await self._chunk_slice(content, idx, 0, span.length)
             hasher.update(data)
             per_chunk.append((idx, hashlib.sha256(data).hexdigest()))
             if idx % 16 == 15:
@@ -330,39 +349,52 @@ class BlobReader:
 
     async def _read_decompressed(self, content: Content, offset: int, length: int) -> bytes:
         key = content.key
-        chunk = self.chunk_size_bytes
+        chunk = self._chunk_size(content)
         if self.verify is VerifyMode.STRICT:
             await self.size(content)
             self._check_not_failed(content)
         out = []
         position = offset
         end = offset + length
-        while position < end:
-            idx, start = divmod(position, chunk)
-            want = min(end - position, chunk - start)
-            data = self.store.read(key, idx, start, want)
-            if data is None:
-                job = self._jobs.get(key)
-                if job is not None and idx in job.memory:
-                    data = job.memory[idx][start : start + want]
-            if data is None:
-                state = self.store.blob_state(key)
-                if state is not None and state.size >= 0 and position >= state.size:
-                    break  # past the end of the content
-                job = self._start_job(content)
-                if job.done.is_set():
-                    if job.error is not None:
-                        raise _reraise(job.error)
-                    if job.size is not None and position >= job.size:
-                        break
-                    self._jobs.pop(key, None)  # cached chunk vanished: decompress again
+        registered: list[tuple[_Job, tuple[int, int]]] = []  # this read's entries in waiting
+        try:
+            while position < end:
+                idx, start = divmod(position, chunk)
+                want = min(end - position, chunk - start)
+                data = self.store.read(key, idx, start, want)
+                if data is None:
+                    job = self._jobs.get(key)
+                    if job is not None:
+                        kept = job.memory.get(idx, job.held.get(idx))
+                        if kept is not None:
+                            data = kept[start : start + want]
+                if data is None:
+                    state = self.store.blob_state(key)
+                    if state is not None and state.size >= 0 and position >= state.size:
+                        break  # past the end of the content
+                    job = self._start_job(content)
+                    if job.done.is_set():
+                        if job.error is not None:
+                            raise _reraise(job.error)
+                        if job.size is not None and position >= job.size:
+                            break
+                        self._jobs.pop(key, None)  # cached chunk vanished: decompress again
+                        continue
+                    if all(j is not job for j, _ in registered):
+                        needed = (idx, (end - 1) // chunk)
+                        job.waiting.append(needed)
+                        registered.append((job, needed))
+                    await job.progress.wait()  # woken each time the job stores a chunk
                     continue
-                await job.progress.wait()  # woken each time the job stores a chunk
-                continue
-            out.append(data)
-            position += len(data)
-            if len(data) < want:
-                break
+                out.append(data)
+                position += len(data)
+                if len(data) < want:
+                    break
+        finally:
+            for job, needed in registered:
+                job.waiting.remove(needed)
+                for i in [i for i in job.held if not _needed(job, i)]:
+                    del job.held[i]
         return b"".join(out)
 
     def _start_job(self, content: Content) -> _Job:
@@ -377,9 +409,8 @@ class BlobReader:
     async def _decompress(self, content: Content, job: _Job) -> None:
         """Stream the compressed blob once; store decompressed chunks; verify both digests."""
         key = content.key
-        chunk = self.chunk_size_bytes
         try:
-            self.store.register_blob(key, -1, chunk)
+            chunk = self._register(content)
             feed = _decompressor(content.compression)
             compressed_hash = content.blob_digest.hasher()
             diff_hasher = hashlib.sha256()
@@ -431,10 +462,17 @@ class BlobReader:
 
     def _store_decompressed(self, key: str, idx: int, data: bytes | bytearray, job: _Job) -> None:
         data = bytes(data)
+        if _needed(job, idx):
+            job.held[idx] = data
         if not self.store.has_chunk(key, idx) and not self.store.put(key, idx, data):
             job.memory[idx] = data
             while len(job.memory) * self.chunk_size_bytes > 64 * 1024 * 1024:
                 job.memory.pop(next(iter(job.memory)))
+
+
+def _needed(job: _Job, idx: int) -> bool:
+    """Does a read waiting on ``job`` still need chunk ``idx``?"""
+    return any(first <= idx <= last for first, last in job.waiting)
 
 
 @contextmanager
