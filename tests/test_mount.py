@@ -35,7 +35,7 @@ from safetensors.numpy import save as save_safetensors
 
 from kitfs.sample import KIT, Pusher, Registry, kit_tar, tar_layer, with_layer_info
 from tests.faultproxy import FaultProxy, Rule
-from tests.mounts import Mounter
+from tests.mounts import Mounter, wait_gone
 
 CREATED = "2024-05-01T12:30:00Z"
 CREATED_NS = 1714566600 * 1_000_000_000
@@ -536,3 +536,20 @@ def test_credentials_are_never_logged_even_with_debug(
     finally:
         mounter.close()
         proxy.stop()
+
+
+def test_one_mount_crashing_leaves_the_others_and_a_remount_clears_the_dead_mount(
+        mounter: Mounter, kit: str) -> None:
+    doomed = mounter.mount(kit, name="doomed")
+    survivor = mounter.mount(kit, name="survivor")
+    os.kill(doomed.pid, signal.SIGKILL)
+    assert wait_gone(doomed.pid)
+    with pytest.raises(OSError, match=r"not connected|connection abort") as caught:
+        os.listdir(doomed.path)
+    assert caught.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    assert (survivor.path / "src/train.py").read_bytes() == CODE["src/train.py"]
+    again = mounter.mount(kit, name="doomed")  # over the dead mount the crash left
+    assert "clearing a dead FUSE mount" in again.log()
+    assert (again.path / "src/train.py").read_bytes() == CODE["src/train.py"]
+    listed = {m["mountpoint"] for m in json.loads(mounter.kitfs("status", "--json").stdout)}
+    assert {str(again.path), str(survivor.path)} <= listed

@@ -118,9 +118,11 @@ def created_mtime_ns(created: str | None) -> int:
 def check_mountpoint(mountpoint: Path) -> None:
     """A directory we may mount on; a dead FUSE mount left there by a crash is cleared."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # not stat: the kernel may answer that from its attribute cache
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:  # "Transport endpoint is not connected"
+        # A FUSE mount whose daemon died: "Transport endpoint is not connected" (or, on newer
+        # kernels, "Software caused connection abort").
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             log.warning("%s: clearing a dead FUSE mount left by a crashed daemon", mountpoint)
             subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
         elif exc.errno == errno.ENOENT:
