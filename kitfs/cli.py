@@ -295,8 +295,10 @@ def _status(args: argparse.Namespace) -> int:
             continue
         fetched, served = record["bytes_fetched"], record["bytes_served"]
         print(f"    digest {record['digest']}  pid {record['pid']}  verify {record['verify']}")
+        ratio = record.get("cache_hit_ratio")
         print(f"    fetched {fetched} bytes in {record['registry_requests']} requests, served "
-              f"{served} bytes in {record['reads']} reads, {record['errors']} errors")
+              f"{served} bytes in {record['reads']} reads, {record['errors']} errors, cache hits "
+              f"{'-' if ratio is None else f'{100 * ratio:.0f} %'}")
         for blob in record["blobs"]:
             print(f"    {blob['digest']}  {blob['state']:<11} {blob['path']}")
     return 0

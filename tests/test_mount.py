@@ -255,6 +255,8 @@ def test_two_mounts_of_two_tags_share_one_cache(
     mark = registry.log_mark()
     assert (two.path / "models/model.safetensors").read_bytes() == WEIGHTS
     assert registry.blob_bytes_served(mark) == 0  # same layer digest: served from the cache
+    assert two.status()["cache_hit_ratio"] == 1.0
+    assert one.status()["cache_hit_ratio"] < 1.0
     assert (one.path / "README.md").read_bytes() == b"# Mount kit\n"
     assert (two.path / "README.md").read_bytes() == b"# v2\n"
     listed = json.loads(mounter.kitfs("status", "--json").stdout)

@@ -32,7 +32,6 @@ Verification (see the README's "Verification" section, which tests quote)
 
 from __future__ import annotations
 
-import copy
 import enum
 import hashlib
 import logging
@@ -46,7 +45,7 @@ import trio
 import zstandard
 
 from kitfs.cache.store import ChunkStore
-from kitfs.errors import FormatError, IntegrityError, KitfsError, unwrap_group
+from kitfs.errors import FormatError, IntegrityError, KitfsError, copy_for_waiter, unwrap_group
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import Compression
 from kitfs.format.ranges import chunk_count, chunk_span, chunks_covering
@@ -108,6 +107,20 @@ class _Job:
     held: dict[int, bytes] = field(default_factory=dict)
 
 
+@dataclass
+class ReaderStatistics:
+    """Chunk accesses answered from the cache (hits) and by a registry fetch (misses, whether
+    this access fetched the chunk or waited for another access's fetch)."""
+
+    chunk_hits: int = 0
+    chunk_misses: int = 0
+
+    @property
+    def hit_ratio(self) -> float | None:
+        total = self.chunk_hits + self.chunk_misses
+        return self.chunk_hits / total if total else None
+
+
 class BlobReader:
     """Reads content ranges. One per process; needs a nursery for decompression jobs."""
 
@@ -123,6 +136,7 @@ class BlobReader:
         self.chunk_size_bytes = chunk_size_bytes
         self._nursery = nursery
         self._inflight: dict[tuple[str, int], trio.Event] = {}
+        self.stats = ReaderStatistics()
         self._chunk_sizes: dict[str, int] = {}  # per content key, as recorded in the cache
         self._jobs: dict[str, _Job] = {}
         self._verifying: dict[str, trio.Event] = {}
@@ -139,7 +153,7 @@ class BlobReader:
         job = self._start_job(content)
         await job.done.wait()
         if job.error is not None:
-            raise _reraise(job.error)
+            raise copy_for_waiter(job.error)
         assert job.size is not None
         return job.size
 
@@ -227,16 +241,21 @@ class BlobReader:
         key = content.key
         self.store.pin(key, idx)
         try:
+            data = self.store.read(key, idx, start, length)
+            if data is not None:
+                self.stats.chunk_hits += 1
+                return data
+            self.stats.chunk_misses += 1
             while True:
-                data = self.store.read(key, idx, start, length)
-                if data is not None:
-                    return data
                 event = self._inflight.get((key, idx))
                 if event is None:
                     whole = await self._fetch_chunk(content, idx)
                     return bytes(whole[start : start + length])
                 await event.wait()
-                if (key, idx) not in self._inflight and not self.store.has_chunk(key, idx):
+                data = self.store.read(key, idx, start, length)
+                if data is not None:
+                    return data
+                if (key, idx) not in self._inflight:
                     # the fetcher failed or the disk is full: fetch ourselves
                     whole = await self._fetch_chunk(content, idx)
                     return bytes(whole[start : start + length])
@@ -375,7 +394,7 @@ class BlobReader:
                     job = self._start_job(content)
                     if job.done.is_set():
                         if job.error is not None:
-                            raise _reraise(job.error)
+                            raise copy_for_waiter(job.error)
                         if job.size is not None and position >= job.size:
                             break
                         self._jobs.pop(key, None)  # cached chunk vanished: decompress again
@@ -485,15 +504,6 @@ def collapse_groups() -> Iterator[None]:
         if inner is group:
             raise
         raise inner from None
-
-
-def _reraise(error: BaseException) -> BaseException:
-    """A copy of a job's error for one waiter: every waiter raises its own instance, so
-    tracebacks do not pile up on one shared exception object; type, args and attributes are
-    kept and the original is chained."""
-    twin = copy.copy(error)
-    twin.__cause__ = error
-    return twin
 
 
 def _decompressor(compression: Compression) -> Callable[[bytes | None], bytes]:
