@@ -22,6 +22,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ def test_a_small_read_fetches_only_what_covers_it(
 
 def test_every_write_is_refused_with_erofs(mounter: Mounter, kit: str) -> None:
     root = mounter.mount(kit).path
-    attempts = [
+    attempts: list[Callable[[], object]] = [
         lambda: os.open(root / "README.md", os.O_WRONLY),
         lambda: os.open(root / "README.md", os.O_RDWR | os.O_APPEND),
         lambda: os.open(root / "new.txt", os.O_WRONLY | os.O_CREAT),

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultproxy import Cert, FaultProxy, Rule, issue, make_ca, server_context
 
 from kitfs.sample import Pusher, Registry, sample_kit
+from tests.faultproxy import Cert, FaultProxy, Rule, issue, make_ca, server_context
 
 WEIGHTS = os.urandom(6 * 1024 * 1024 + 4321)  # two 4 MiB chunks: the second starts past 0
 WEIGHTS_PATH = "models/weights.safetensors"

@@ -455,7 +455,8 @@ def test_go_format_float_property(value: float) -> None:
 # ============================================================================================
 
 
-def _descriptor(media_type: str, digest: str, size: int = 10, **annotations: str) -> dict[str, Any]:
+def _descriptor(media_type: str, digest: str, size: int = 10,
+                annotations: dict[str, str] | None = None) -> dict[str, Any]:
     desc: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": size}
     if annotations:
         desc["annotations"] = annotations
@@ -572,13 +573,13 @@ def test_plan_layout_some_digests_missing_is_format_error() -> None:
 def test_plan_layout_raw_layer_mode_from_metadata_and_unsafe_path() -> None:
     meta = "org.cncf.model.file.metadata+json"
     manifest = _manifest([
-        _descriptor(KIT_CODE_RAW, sha("x"), **{FILEPATH: "bin/run.sh", meta: '{"mode": 2541}'}),
+        _descriptor(KIT_CODE_RAW, sha("x"), annotations={FILEPATH: "bin/run.sh", meta: '{"mode": 2541}'}),
     ])
     config = json.dumps({"code": [{"path": "bin/run.sh", "digest": sha("x")}]}).encode()
     (placement,) = plan_layout(manifest, config).placements
     assert placement.raw_mode == 2541 & 0o777
 
-    evil = _manifest([_descriptor(KIT_CODE_RAW, sha("x"), **{FILEPATH: "../etc/passwd"})])
+    evil = _manifest([_descriptor(KIT_CODE_RAW, sha("x"), annotations={FILEPATH: "../etc/passwd"})])
     with pytest.raises(UnsafeEntryError, match=re.escape(sha("x"))):
         plan_layout(evil, json.dumps({"code": [{"path": "p", "digest": sha("x")}]}).encode())
 
@@ -612,8 +613,8 @@ def test_modelpack_fixture_plan_layout_is_refused() -> None:
 
 def test_modelpack_with_filepaths_is_planned() -> None:
     layers = [
-        _descriptor("application/vnd.cncf.model.weight.v1.raw", sha("w"), **{FILEPATH: "w.bin"}),
-        _descriptor("application/vnd.cncf.model.doc.v1.tar+zstd", sha("d"), **{FILEPATH: "docs"}),
+        _descriptor("application/vnd.cncf.model.weight.v1.raw", sha("w"), annotations={FILEPATH: "w.bin"}),
+        _descriptor("application/vnd.cncf.model.doc.v1.tar+zstd", sha("d"), annotations={FILEPATH: "docs"}),
     ]
     manifest = _manifest(layers, MODELPACK_CONFIG, MODELPACK_ARTIFACT)
     config = json.dumps({"modelfs": {"diffIds": [sha("w"), sha("du")]}}).encode()
