@@ -326,3 +326,32 @@ def test_quota_is_respected_while_reading(kitfs: Any, sample: str) -> None:
     out = kitfs("cat", "--cache-size", "8M", sample, "models/weights.safetensors").stdout
     assert out == WEIGHTS
     assert json.loads(kitfs("cache", "stats", "--json").text)["used_bytes"] <= 8 * 1024 * 1024
+
+
+def test_index_jumps_over_big_bodies_and_reads_dense_headers_once(
+    kitfs: Any, registry: Registry, pusher: Pusher
+) -> None:
+    mib = 1024 * 1024
+    big = {f"data/big-{i}.bin": os.urandom(20 * mib) for i in range(3)}
+    sparse = tar_layer("dataset", {**big, "data/small.txt": b"small\n"}, "data")
+    dense_files = {f"more/d{i // 1000}/f{i}.txt": os.urandom(1500) for i in range(12_000)}
+    dense = tar_layer("dataset", dense_files, "more")
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "datasets": [
+        {"name": "sparse", "path": "data"}, {"name": "dense", "path": "more"}]}
+    with_layer_info(kitfile, [(kitfile["datasets"][0], sparse), (kitfile["datasets"][1], dense)])
+    reference = f"{registry.host}/team/index-shapes:v1"
+    pusher.push_kit(reference, kitfile, [sparse, dense])
+
+    mark = registry.log_mark()
+    listing = ls_json(kitfs, f"{reference}")
+    assert listing["data/small.txt"]["size"] == 6
+    assert sum(1 for p in listing if p.startswith("more/d")) == 12_000 + 12
+    by_blob: dict[str, int] = {}
+    for method, uri, written in registry.requests(mark):
+        if method == "GET" and "/blobs/" in uri:
+            digest = uri.rsplit("/", 1)[1]
+            by_blob[digest] = by_blob.get(digest, 0) + written
+    # one 4 MiB chunk per big file's header (and the end of the archive), not the 60 MiB bodies
+    assert by_blob[sparse.digest] <= 5 * 4 * mib, by_blob[sparse.digest]
+    # every header of the dense layer is read, each chunk once
+    assert by_blob[dense.digest] == len(dense.data)

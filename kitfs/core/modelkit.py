@@ -53,10 +53,9 @@ from kitfs.remote.registry import RegistryClient, RegistryConfig, RegistryStatis
 log = logging.getLogger(__name__)
 
 MAX_MODEL_REFERENCE_CHAIN = 10
-# Index building reads headers in windows of this size; each window is a few cached chunks'
-# worth of bytes, so a layer of many small files is read sequentially and a layer of a few
-# big files costs one chunk per header.
-INDEX_WINDOW_BYTES = 64 * 1024
+# Index building reads headers in windows of whole chunks, doubling up to this many while the
+# windows keep holding several headers (see layer_members).
+MAX_INDEX_WINDOW_CHUNKS = 16
 
 
 @dataclass(frozen=True)
@@ -355,17 +354,25 @@ class KitSession:
     async def layer_members(self, source: LayerSource) -> list[TarMember]:
         """A tar layer's members: from the cache index, or by reading its headers."""
         key = source.content.key
-        members = load_members(self.store, key)
-        if members is not None:
-            return members
+        cached = load_members(self.store, key)
+        if cached is not None:
+            return cached
         size = await self.reader.size(source.content)
         scanner = TarScanner(size)
-        members = []
+        members: list[TarMember] = []
+        chunk = self.options.chunk_size_bytes
+        window_chunks = 1
         while (want := scanner.wants()) is not None:
             offset, length = want
-            window = max(length, INDEX_WINDOW_BYTES)
-            data = await self.reader.read(source.content, offset, min(window, size - offset))
-            members.extend(scanner.feed(data))
+            # Read to the end of the chunk holding the header (the reader fetches whole chunks
+            # anyway), or of several chunks, fetched in parallel, where headers sit close
+            # together: the window doubles while windows hold several headers and falls back
+            # to one chunk after a big file body, which the scan jumps over.
+            end = max(offset + length, (offset // chunk + window_chunks) * chunk)
+            data = await self.reader.read(source.content, offset, min(end, size) - offset)
+            found = scanner.feed(data)
+            members.extend(found)
+            window_chunks = min(window_chunks * 2, MAX_INDEX_WINDOW_CHUNKS) if len(found) > 1 else 1
         store_members(self.store, key, members)
         return members
 

@@ -132,7 +132,11 @@ class TarScanner:
     def __init__(self, stream_size: int) -> None:
         self._size = stream_size
         self._offset = 0  # offset of the next header block
-        self._buffer = b""  # bytes from self._offset on, already fed
+        # Bytes fed and not yet consumed are self._buffer[self._start:]; the first of them is
+        # at stream offset self._offset. Consuming moves _start (no copy per member), so a big
+        # window of small files is parsed in linear time.
+        self._buffer = b""
+        self._start = 0
         self._pending_length = BLOCK  # bytes needed at self._offset
         self._pax: dict[str, str] = {}
         self._global_pax: dict[str, str] = {}
@@ -143,6 +147,10 @@ class TarScanner:
         self._ext_size = 0
         self._done = False
         self.members_seen = 0
+
+    @property
+    def _available(self) -> int:
+        return len(self._buffer) - self._start
 
     @property
     def offset(self) -> int:
@@ -162,14 +170,17 @@ class TarScanner:
                 f"tar: truncated archive: need {self._pending_length} bytes at offset "
                 f"{self._offset}, stream is {self._size} bytes"
             )
-        have = len(self._buffer)
+        have = self._available
         return self._offset + have, self._pending_length - have
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[TarMember]:
         """Feed bytes starting at the offset ``wants()`` returned; return completed members."""
-        self._buffer += bytes(data)
+        if self._start == len(self._buffer):
+            self._buffer, self._start = bytes(data), 0
+        else:
+            self._buffer, self._start = self._buffer[self._start :] + bytes(data), 0
         members: list[TarMember] = []
-        while not self._done and len(self._buffer) >= self._pending_length:
+        while not self._done and self._available >= self._pending_length:
             member = self._step()
             if member is not None:
                 members.append(member)
@@ -178,14 +189,14 @@ class TarScanner:
         return members
 
     def _advance(self, count: int) -> None:
-        self._buffer = self._buffer[count:]
+        self._start += count
         self._offset += count
 
     def _step(self) -> TarMember | None:
         if self._pending_length > BLOCK:  # body of an extended header is buffered
             self._finish_extended()
             return None
-        block = self._buffer[:BLOCK]
+        block = self._buffer[self._start : self._start + BLOCK]
         if block == b"\0" * BLOCK:
             self._done = True  # end-of-archive marker (one zero block is enough to stop)
             return None
@@ -209,7 +220,7 @@ class TarScanner:
         return self._finish_member(block, typeflag, size)
 
     def _finish_extended(self) -> None:
-        body = self._buffer[BLOCK : BLOCK + self._ext_size]
+        body = self._buffer[self._start + BLOCK : self._start + BLOCK + self._ext_size]
         if self._ext_type in (b"x", b"g"):
             records = parse_pax_records(body)
             (self._pax if self._ext_type == b"x" else self._global_pax).update(records)
@@ -278,10 +289,10 @@ class TarScanner:
                 f"end of the {self._size}-byte layer"
             )
         skip = next_offset - self._offset
-        if skip <= len(self._buffer):
+        if skip <= self._available:
             self._advance(skip)
         else:
-            self._buffer = b""
+            self._buffer, self._start = b"", 0
             self._offset = next_offset
         self.members_seen += 1
         return member
