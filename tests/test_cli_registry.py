@@ -355,3 +355,25 @@ def test_index_jumps_over_big_bodies_and_reads_dense_headers_once(
     assert by_blob[sparse.digest] <= 5 * 4 * mib, by_blob[sparse.digest]
     # every header of the dense layer is read, each chunk once
     assert by_blob[dense.digest] == len(dense.data)
+
+
+def test_a_full_cache_disk_serves_uncached_with_a_warning(
+    sample: str, registry: Registry, tmp_path: Path
+) -> None:
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
+    try:
+        env = dict(os.environ, KITFS_CACHE_DIR=str(small / "cache"))
+        done = subprocess.run([sys.executable, "-m", "kitfs", "cat", sample, "models/weights.safetensors"],
+                              capture_output=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == WEIGHTS
+        stderr = done.stderr.decode()
+        assert "WARNING" in stderr and "Traceback" not in stderr
+        assert stderr.count("WARNING") == 1, stderr  # one warning, not one per chunk
+        verify = subprocess.run([sys.executable, "-m", "kitfs", "cache", "verify"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
