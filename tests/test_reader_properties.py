@@ -77,15 +77,19 @@ def make_content(fake: FakeRegistry, genuine: bytes) -> Content:
 
 def run_with_reader(
     verify: VerifyMode, chunk: int, quota: int | None,
-    body: Callable[[BlobReader, ChunkStore], Awaitable[None]],
+    body: Callable[[BlobReader, ChunkStore], Awaitable[None]], read_ahead_chunks: int = 0,
 ) -> None:
-    """Run ``body`` with a BlobReader on a fresh cache directory, inside trio."""
+    """Run ``body`` with a BlobReader on a fresh cache directory, inside trio.
+
+    Read-ahead is off unless asked: most properties here are about exactly which chunks the
+    reads themselves cover; ``test_read_ahead_*`` checks read-ahead on its own."""
     with tempfile.TemporaryDirectory() as tmp:
         store = ChunkStore(Path(tmp) / "cache", quota)
         try:
             async def main() -> None:
                 async with trio.open_nursery() as nursery:
-                    await body(BlobReader(store, nursery, verify, chunk), store)
+                    await body(BlobReader(store, nursery, verify, chunk,
+                                          read_ahead_chunks=read_ahead_chunks), store)
 
             trio.run(main)
         finally:
@@ -336,10 +340,10 @@ def test_readers_with_different_chunk_sizes_share_one_cache(tmp_path: Path) -> N
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            first = BlobReader(store, nursery, VerifyMode.EVENTUAL, CHUNK)
+            first = BlobReader(store, nursery, VerifyMode.EVENTUAL, CHUNK, read_ahead_chunks=0)
             content = make_content(FakeRegistry(blob), blob)
             assert await first.read(content, 0, 3 * CHUNK) == blob[: 3 * CHUNK]
-            second = BlobReader(store, nursery, VerifyMode.EVENTUAL, 2 * CHUNK + 1000)
+            second = BlobReader(store, nursery, VerifyMode.EVENTUAL, 2 * CHUNK + 1000, read_ahead_chunks=0)
             for offset, length in [(CHUNK - 5, 2 * CHUNK), (0, len(blob))]:
                 got = await second.read(content, offset, length, file_end=len(blob))
                 assert got == blob[offset : offset + length]
@@ -407,12 +411,17 @@ def test_verification_refetches_an_evicted_chunk_through_single_flight(tmp_path:
 
     async def scenario() -> None:
         async with trio.open_nursery() as nursery:
-            reader = BlobReader(store, nursery, VerifyMode.EVENTUAL, CHUNK)
+            reader = BlobReader(store, nursery, VerifyMode.EVENTUAL, CHUNK, read_ahead_chunks=0)
             nursery.start_soon(reader.read, content, CHUNK, 10)
-            assert await fake.open_next() == CHUNK  # chunk 1 cached
+            assert await fake.open_next() == CHUNK
+            for _ in range(500):  # the chunk file is written by a worker thread
+                if store.has_chunk(content.key, 1):
+                    break
+                await trio.sleep(0.01)
             nursery.start_soon(reader.verify_now, content)  # fetches chunk 0, then hashes
             await trio.testing.wait_all_tasks_blocked()
-            other_process.evict(0)  # chunk 1 is gone
+            other_process.evict(0)  # chunk 1 is gone from the cache
+            reader._recent.clear()  # and from the reader's memory (as if others came since)
             nursery.start_soon(reader.read, content, CHUNK + 5, 10)  # fetching chunk 1 again
             assert await fake.open_next() == 0
             while fake.gates:
@@ -443,7 +452,7 @@ def test_a_compressed_layer_is_read_under_a_quota_smaller_than_two_chunks(tmp_pa
     async def main() -> None:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                reader = BlobReader(store, nursery, VerifyMode.EVENTUAL, CHUNK)
+                reader = BlobReader(store, nursery, VerifyMode.EVENTUAL, CHUNK, read_ahead_chunks=0)
                 assert await reader.read(content, 0, len(plain)) == plain
                 assert await reader.read(content, 2 * CHUNK - 3, 10) == plain[2 * CHUNK - 3 :][:10]
 
@@ -453,3 +462,38 @@ def test_a_compressed_layer_is_read_under_a_quota_smaller_than_two_chunks(tmp_pa
     finally:
         store.close()
     assert sum(length for _, length in fake.requests) <= 2 * len(packed)
+
+
+# --- read-ahead ------------------------------------------------------------------------------
+
+
+def test_read_ahead_follows_sequential_streams_only_and_never_fetches_twice() -> None:
+    chunks = 64
+    blob = blob_of(chunks * CHUNK, 5)
+    fake = FakeRegistry(blob)
+    content = make_content(fake, blob)
+
+    async def body(reader: BlobReader, store: ChunkStore) -> None:
+        # a read somewhere in the middle: only its own chunk
+        assert await reader.read(content, 40 * CHUNK + 7, 4096) == blob[40 * CHUNK + 7:][:4096]
+        await trio.testing.wait_all_tasks_blocked()
+        assert chunk_requests(fake, len(blob), CHUNK) == [40]
+        # a small read at the start: its chunk and at most one more (the stream may go on)
+        assert await reader.read(content, 0, 4096) == blob[:4096]
+        await trio.testing.wait_all_tasks_blocked()
+        assert set(chunk_requests(fake, len(blob), CHUNK)) <= {40, 0, 1}
+        # a whole sequential read in 1/4-chunk pieces: right bytes, every chunk fetched once,
+        # and at the end of a file (here: 48 chunks) nothing past it
+        piece = CHUNK // 4
+        for offset in range(0, 48 * CHUNK, piece):
+            data = await reader.read(content, offset, piece, file_end=48 * CHUNK)
+            assert data == blob[offset : offset + piece]
+        await trio.testing.wait_all_tasks_blocked()
+        fetched = chunk_requests(fake, len(blob), CHUNK)
+        assert sorted(fetched) == sorted(set(fetched)), "a chunk was fetched twice"
+        assert set(fetched) == set(range(48)) | {40}
+        assert len(fetched) == 48
+
+    # verification off: in eventual mode reaching the file's end would fetch the (small) rest
+    # of the blob to check its digest, which is another rule (tested above)
+    run_with_reader(VerifyMode.OFF, CHUNK, None, body, read_ahead_chunks=8)

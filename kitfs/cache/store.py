@@ -39,6 +39,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -77,6 +78,17 @@ class CacheStatistics:
     verified_blobs: int
     failed_blobs: int
     indexed_layers: int
+
+
+@dataclass(frozen=True)
+class PreparedChunk:
+    """A chunk written to a temporary file by ``ChunkStore.prepare``, not yet recorded.
+    ``tmp`` is None when the disk was full (``full_reason`` says how)."""
+
+    tmp: Path | None
+    length: int
+    sums: bytes
+    full_reason: str = ""
 
 
 def block_checksums(data: bytes | bytearray | memoryview) -> bytes:
@@ -218,8 +230,10 @@ class ChunkStore:
         if len(data) != stop - start:
             self._drop_bad_chunk(key, idx, "its file is shorter than recorded")
             return None
+        view = memoryview(data)  # slices of a view copy nothing
         for block in range(first_block, last_block + 1):
-            piece = data[(block - first_block) * BLOCK_SIZE_BYTES :][:BLOCK_SIZE_BYTES]
+            at = (block - first_block) * BLOCK_SIZE_BYTES
+            piece = view[at : at + BLOCK_SIZE_BYTES]
             if xxhash.xxh3_64_digest(piece)[::-1] != sums[block * 8 : block * 8 + 8]:
                 self._drop_bad_chunk(key, idx, f"block {block} fails its xxh3 checksum")
                 return None
@@ -228,9 +242,16 @@ class ChunkStore:
 
     def put(self, key: str, idx: int, data: bytes | bytearray | memoryview) -> bool:
         """Store a chunk; returns False (and logs once) when the disk is full."""
+        return self.commit(key, idx, self.prepare(data))
+
+    def prepare(self, data: bytes | bytearray | memoryview) -> PreparedChunk:
+        """Checksum a chunk and write it to a temporary file: the slow half of ``put``.
+
+        Touches no SQLite and no shared state, so it may run in a worker thread while the
+        trio thread goes on (the reader does that); ``commit`` then records it.
+        """
         sums = block_checksums(data)
-        path = self.chunk_path(key, idx)
-        tmp = self.directory / "tmp" / f"{os.getpid()}-{time.monotonic_ns()}"
+        tmp = self.directory / "tmp" / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -239,21 +260,42 @@ class ChunkStore:
                     view = view[os.write(fd, view) :]
             finally:
                 os.close(fd)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            if exc.errno in _FULL_ERRNOS:
+                return PreparedChunk(None, len(data), sums, str(exc))
+            raise CacheError(f"cannot write a chunk to {tmp.parent}: {exc}") from exc
+        return PreparedChunk(tmp, len(data), sums)
+
+    def discard(self, prepared: PreparedChunk) -> None:
+        """Drop a prepared chunk that must not be recorded after all."""
+        if prepared.tmp is not None:
+            _unlink_quietly(prepared.tmp)
+
+    def commit(self, key: str, idx: int, prepared: PreparedChunk) -> bool:
+        """Move a prepared chunk into place and record it; False (logged once) if the disk
+        was full."""
+        if prepared.tmp is None:
+            self._warn_full(prepared.full_reason)
+            return False
+        path = self.chunk_path(key, idx)
+        try:
             with self._lock():
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                os.replace(tmp, path)
+                os.replace(prepared.tmp, path)
                 self._execute(
                     "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access) "
                     "VALUES (?, ?, ?, ?, ?)",
-                    (key, idx, len(data), sums, time.time()),
+                    (key, idx, prepared.length, prepared.sums, time.time()),
                 )
         except OSError as exc:
-            _unlink_quietly(tmp)
+            _unlink_quietly(prepared.tmp)
             if exc.errno in _FULL_ERRNOS:
                 self._warn_full(str(exc))
                 return False
             raise CacheError(f"cannot write chunk {idx} of {key}: {exc}") from exc
         except CacheError as exc:
+            _unlink_quietly(prepared.tmp)
             if "full" in str(exc):
                 self._warn_full(str(exc))
                 return False

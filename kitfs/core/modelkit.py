@@ -369,7 +369,8 @@ class KitSession:
             # together: the window doubles while windows hold several headers and falls back
             # to one chunk after a big file body, which the scan jumps over.
             end = max(offset + length, (offset // chunk + window_chunks) * chunk)
-            data = await self.reader.read(source.content, offset, min(end, size) - offset)
+            data = await self.reader.read(source.content, offset, min(end, size) - offset,
+                                          read_ahead=False)
             found = scanner.feed(data)
             members.extend(found)
             window_chunks = min(window_chunks * 2, MAX_INDEX_WINDOW_CHUNKS) if len(found) > 1 else 1

@@ -36,6 +36,7 @@ import enum
 import hashlib
 import logging
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from typing import Any
 import trio
 import zstandard
 
-from kitfs.cache.store import ChunkStore
+from kitfs.cache.store import ChunkStore, PreparedChunk
 from kitfs.errors import FormatError, IntegrityError, KitfsError, copy_for_waiter, unwrap_group
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import Compression
@@ -60,6 +61,18 @@ DEFAULT_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
 # "Nearly complete": when a read reaches the end of a file and at most this much (or a quarter)
 # of its blob is missing, fetch the rest and verify before answering.
 NEARLY_COMPLETE_BYTES = 16 * 1024 * 1024
+# Chunks just fetched are kept in memory (also by prefetch), so the reads that follow the one
+# that fetched a chunk are answered without a trip through the cache file, and the digest
+# frontier finds chunks that arrived out of order: 16 x 4 MiB.
+RECENT_CHUNKS = 16
+# Sequential read-ahead (as mountpoint-s3's prefetcher): a read that continues a stream (starts
+# within STREAM_SLACK_BYTES of where an earlier read of the same content ended; the kernel's
+# own read-ahead reorders a little) keeps chunks fetched ahead of it in parallel, a quarter as many
+# bytes as the stream has read, up to MAX_PREFETCH_CHUNKS; any other read starts a new stream
+# with no read-ahead (see BlobReader._read_ahead).
+STREAM_SLACK_BYTES = 2 * 1024 * 1024
+MAX_PREFETCH_CHUNKS = 8
+MAX_STREAMS_PER_CONTENT = 4
 # Compressed layers are fetched in ranges of this size while decompressing.
 STREAM_RANGE_BYTES = 8 * 1024 * 1024
 
@@ -108,6 +121,23 @@ class _Job:
 
 
 @dataclass
+class _Frontier:
+    """The digest of a blob's chunks 0..next-1, fed in order as they arrive, so that the
+    blob is verified about when its last chunk lands, without reading it all back."""
+
+    hasher: Any
+    next: int = 0
+    per_chunk: list[tuple[int, str]] = field(default_factory=list)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass
+class _Stream:
+    start: int  # where the stream began
+    next_offset: int  # where its last read ended
+
+
+@dataclass
 class ReaderStatistics:
     """Chunk accesses answered from the cache (hits) and by a registry fetch (misses, whether
     this access fetched the chunk or waited for another access's fetch)."""
@@ -130,14 +160,24 @@ class BlobReader:
         nursery: trio.Nursery,
         verify: VerifyMode = VerifyMode.EVENTUAL,
         chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES,
+        read_ahead_chunks: int = MAX_PREFETCH_CHUNKS,
     ) -> None:
         self.store = store
+        self.read_ahead_chunks = read_ahead_chunks  # 0: fetch only what reads cover
         self.verify = verify
         self.chunk_size_bytes = chunk_size_bytes
         self._nursery = nursery
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self.stats = ReaderStatistics()
         self._chunk_sizes: dict[str, int] = {}  # per content key, as recorded in the cache
+        self._recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._frontiers: dict[str, _Frontier] = {}
+        self._verified: set[str] = set()  # keys known verified (a verified blob stays so)
+        self._streams: dict[str, list[_Stream]] = {}
+        self._prefetching: set[tuple[str, int]] = set()
+        self._seen: set[str] = set()  # keys read at least once by this reader
+        self._failed: set[str] = set()  # keys this reader found failing their digest
+        self._piece_digests: dict[tuple[str, int], str] = {}  # sha256 of chunks just fetched
         self._jobs: dict[str, _Job] = {}
         self._verifying: dict[str, trio.Event] = {}
 
@@ -158,31 +198,44 @@ class BlobReader:
         return job.size
 
     async def read(self, content: Content, offset: int, length: int, *,
-                   file_end: int | None = None, file_start: int = 0) -> bytes:
+                   file_end: int | None = None, file_start: int = 0,
+                   read_ahead: bool = True) -> bytes:
         """Bytes ``[offset, offset+length)`` of ``content`` (short at the end of the content).
 
         Args:
             file_end: where the file being read ends in the content; a read that reaches it
                 may trigger completion and verification (eventual mode).
             file_start: where that file starts (used to judge "nearly complete").
+            read_ahead: whether this read may start or continue a sequential stream (index
+                building says no: it jumps from header to header and reads its own windows).
 
         Raises:
             IntegrityError: the content failed verification, now or before.
             RemoteError, RemoteTimeoutError, AuthError: the registry failed.
         """
-        self._check_not_failed(content)
+        if content.key not in self._verified:
+            self._check_not_failed(content)
         if content.compression is not Compression.NONE:
             return await self._read_decompressed(content, offset, length)
         size = content.blob_size
-        chunk = self._register(content)
-        if self.verify is VerifyMode.STRICT:
+        chunk = self._chunk_size(content)
+        if self.verify is VerifyMode.STRICT and content.key not in self._verified:
             await self._ensure_verified(content)
         spans = chunks_covering(offset, length, size, chunk)
+        if spans and self.read_ahead_chunks and read_ahead:
+            end = min(size, file_end) if file_end is not None else size
+            self._read_ahead(content, offset, length, spans[-1].index, end)
+        misses_before = self.stats.chunk_misses
         pieces = await self._get_chunks(content, [s.index for s in spans], offset, length)
         data = b"".join(pieces)
-        if self.verify is VerifyMode.EVENTUAL:
+        if self.verify is VerifyMode.EVENTUAL and content.key not in self._verified:
             reaches_end = file_end is not None and offset + length >= file_end
-            await self._maybe_verify(content, reaches_end)
+            # The completeness check costs a query: make it when it can have changed (this read
+            # fetched, or reaches a file's end) and on the first read of the content here.
+            first_read = content.key not in self._seen
+            self._seen.add(content.key)
+            if reaches_end or first_read or self.stats.chunk_misses != misses_before:
+                await self._maybe_verify(content, reaches_end)
         return data
 
     async def verify_now(self, content: Content) -> None:
@@ -241,7 +294,7 @@ class BlobReader:
         key = content.key
         self.store.pin(key, idx)
         try:
-            data = self.store.read(key, idx, start, length)
+            data = self._from_memory_or_cache(key, idx, start, length)
             if data is not None:
                 self.stats.chunk_hits += 1
                 return data
@@ -252,7 +305,7 @@ class BlobReader:
                     whole = await self._fetch_chunk(content, idx)
                     return bytes(whole[start : start + length])
                 await event.wait()
-                data = self.store.read(key, idx, start, length)
+                data = self._from_memory_or_cache(key, idx, start, length)
                 if data is not None:
                     return data
                 if (key, idx) not in self._inflight:
@@ -261,6 +314,33 @@ class BlobReader:
                     return bytes(whole[start : start + length])
         finally:
             self.store.unpin(key, idx)
+
+    def _still_failed(self, key: str) -> bool:
+        state = self.store.blob_state(key)
+        if state is not None and state.verified == -1:
+            return True
+        self._failed.discard(key)  # the failure was cleared (kitfs cache clear)
+        return False
+
+    def _from_memory_or_cache(self, key: str, idx: int, start: int, length: int) -> bytes | None:
+        kept = self._recent.get((key, idx))
+        if kept is not None:
+            self._recent.move_to_end((key, idx))
+            return kept[start : start + length]
+        return self.store.read(key, idx, start, length)
+
+    def _remember(self, key: str, idx: int, data: bytes) -> None:
+        self._recent[(key, idx)] = data
+        self._recent.move_to_end((key, idx))
+        while len(self._recent) > RECENT_CHUNKS:
+            self._recent.popitem(last=False)
+
+    def _forget(self, key: str) -> None:
+        for entry in [e for e in self._recent if e[0] == key]:
+            del self._recent[entry]
+        for entry in [e for e in self._piece_digests if e[0] == key]:
+            del self._piece_digests[entry]
+        self._frontiers.pop(key, None)
 
     async def _fetch_chunk(self, content: Content, idx: int) -> bytearray:
         key = content.key
@@ -273,22 +353,38 @@ class BlobReader:
                 content.repository, content.blob_digest, content.blob_size, span.start,
                 memoryview(buffer),
             )
-            expected = self.store.chunk_sha256(key, idx)
-            if expected is not None and self.verify is not VerifyMode.OFF:
-                actual = hashlib.sha256(buffer).hexdigest()
-                if actual != expected:
-                    reason = (f"chunk {idx} from the registry has sha256 {actual}, the verified "
-                              f"blob had {expected}")
-                    log.error("layer %s: %s", content.blob_digest, reason)
-                    raise IntegrityError(f"layer {content.blob_digest}: {reason}")
-            self.store.put(key, idx, buffer)
-            return buffer
+            data = bytes(buffer)
+            # The slow per-chunk work (its sha256, its xxh3 sums, writing its file) runs in a
+            # worker thread: the trio thread goes on serving reads and receiving other chunks.
+            hashing = self.verify is not VerifyMode.OFF
+            prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, data, hashing)
+            expected = self.store.chunk_sha256(key, idx) if hashing else None
+            if expected is not None and actual != expected:
+                self.store.discard(prepared)
+                reason = (f"chunk {idx} from the registry has sha256 {actual}, the verified "
+                          f"blob had {expected}")
+                log.error("layer %s: %s", content.blob_digest, reason)
+                raise IntegrityError(f"layer {content.blob_digest}: {reason}")
+            if actual is not None and key not in self._verified:
+                self._piece_digests[(key, idx)] = actual  # for the frontier: no second hash
+            self._remember(key, idx, data)
+            if key in self._failed and self._still_failed(key):
+                # the blob failed verification while this chunk was on its way: keep nothing
+                self.store.discard(prepared)
+                self._forget(key)
+                raise IntegrityError(f"layer {content.blob_digest} failed verification")
+            self.store.commit(key, idx, prepared)
         finally:
             del self._inflight[(key, idx)]
             event.set()
+        if self.verify is not VerifyMode.OFF and key not in self._verified:
+            await self._advance_frontier(content, fetch_missing=False)
+        return buffer
 
     async def _maybe_verify(self, content: Content, reaches_file_end: bool) -> None:
         state = self.store.blob_state(content.key)
+        if state is not None and state.verified == 1:
+            self._verified.add(content.key)
         if state is None or state.verified != 0:
             return
         chunk = self._chunk_size(content)
@@ -312,6 +408,7 @@ class BlobReader:
         while True:
             state = self.store.blob_state(key)
             if state is not None and state.verified == 1:
+                self._verified.add(key)
                 return
             self._check_not_failed(content)
             if key not in self._verifying:
@@ -332,35 +429,96 @@ class BlobReader:
                 async with trio.open_nursery() as nursery:
                     for idx in missing:
                         nursery.start_soon(fetch, idx)
-            await self._hash_and_record(content, total)
+            await self._advance_frontier(content, fetch_missing=True)
+            if key not in self._verified:  # the chunks hashed so far were dropped meanwhile
+                self._frontiers.pop(key, None)
+                await self._advance_frontier(content, fetch_missing=True)
         finally:
             del self._verifying[key]
             done.set()
 
-    async def _hash_and_record(self, content: Content, total: int) -> None:
+    async def _advance_frontier(self, content: Content, *, fetch_missing: bool) -> None:
+        """Feed the blob's digest with its chunks in order, from where it stopped, and check
+        it when the last chunk is in. Without ``fetch_missing`` it stops at the first chunk
+        not in memory or the cache (it runs after each fetch: a cold sequential read is
+        verified as its last chunk lands); with it, missing chunks are fetched (through the
+        single-flight path), which ``_ensure_verified`` uses to finish the job."""
         key = content.key
-        hasher = content.blob_digest.hasher()
-        per_chunk: list[tuple[int, str]] = []
+        frontier = self._frontiers.get(key)
+        if frontier is None:
+            frontier = self._frontiers[key] = _Frontier(content.blob_digest.hasher())
+        if frontier.lock.locked() and not fetch_missing:
+            return  # another task is advancing it; it will find this chunk too
+        async with frontier.lock:
+            if self._frontiers.get(key) is not frontier:
+                return  # purged or restarted meanwhile
+            chunk = self._chunk_size(content)
+            total = chunk_count(content.blob_size, chunk)
+            while frontier.next < total:
+                span = chunk_span(frontier.next, content.blob_size, chunk)
+                data = self._from_memory_or_cache(key, frontier.next, 0, span.length)
+                if data is None:
+                    if not fetch_missing:
+                        return
+                    data = await self._chunk_slice(content, frontier.next, 0, span.length)
+                known = self._piece_digests.pop((key, frontier.next), None)
+                piece_sha256 = await trio.to_thread.run_sync(_feed, frontier.hasher, data, known)
+                frontier.per_chunk.append((frontier.next, piece_sha256))
+                frontier.next += 1
+            del self._frontiers[key]
+            actual = frontier.hasher.hexdigest()
+            if actual != content.blob_digest.hex:
+                self._fail(content, f"content is {content.blob_digest.algorithm}:{actual}, "
+                                    f"expected {content.blob_digest}")
+            self.store.mark_verified(key, frontier.per_chunk)
+            self._verified.add(key)
+            log.info("layer %s verified (%d bytes)", content.blob_digest, content.blob_size)
+
+    def _read_ahead(self, content: Content, offset: int, length: int, last_idx: int,
+                    end: int) -> None:
+        """Detect sequential streams and keep chunks fetched ahead of them, never past ``end``
+        (the end of the file being read): a stream that has read N bytes in order has
+        N/4 ahead of it (at least one chunk, at most ``read_ahead_chunks``), so the bytes
+        fetched and never read stay a fraction of those read."""
+        key = content.key
         chunk = self._chunk_size(content)
-        for idx in range(total):
-            span = chunk_span(idx, content.blob_size, chunk)
-            # from the cache, or fetched again (evicted or corrupt meanwhile), through the
-            # single-flight path: another task may be fetching this chunk right now
-            data = await self._chunk_slice(content, idx, 0, span.length)
-            hasher.update(data)
-            per_chunk.append((idx, hashlib.sha256(data).hexdigest()))
-            if idx % 16 == 15:
-                await trio.lowlevel.checkpoint()
-        actual = hasher.hexdigest()
-        if actual != content.blob_digest.hex:
-            self._fail(content, f"content is {content.blob_digest.algorithm}:{actual}, "
-                                f"expected {content.blob_digest}")
-        self.store.mark_verified(key, per_chunk)
-        log.info("layer %s verified (%d bytes)", content.blob_digest, content.blob_size)
+        streams = self._streams.setdefault(key, [])
+        stream = next((st for st in streams
+                       if abs(offset - st.next_offset) <= STREAM_SLACK_BYTES), None)
+        if stream is None:
+            stream = _Stream(offset, offset + length)
+            streams.append(stream)
+            del streams[:-MAX_STREAMS_PER_CONTENT]
+            if offset != 0:
+                return  # a read somewhere: no read-ahead until it proves sequential
+        stream.next_offset = max(stream.next_offset, offset + length)
+        consumed = stream.next_offset - stream.start
+        window = min(max(1, consumed // (4 * chunk)), self.read_ahead_chunks)
+        last = (end - 1) // chunk
+        for idx in range(last_idx + 1, min(last_idx + 1 + window, last + 1)):
+            entry = (key, idx)
+            if entry in self._inflight or entry in self._prefetching or entry in self._recent:
+                continue
+            if self.store.has_chunk(key, idx):
+                continue
+            self._prefetching.add(entry)
+            self._nursery.start_soon(self._prefetch, content, idx, name=f"prefetch {idx}")
+
+    async def _prefetch(self, content: Content, idx: int) -> None:
+        try:
+            await self._chunk_slice(content, idx, 0, 0)
+        except KitfsError as exc:  # the read that needs it will try again and report
+            log.debug("prefetch of chunk %d of %s failed: %s", idx, content.blob_digest, exc)
+        except Exception:  # a bug: never let it end the session's nursery (and the mount)
+            log.exception("prefetch of chunk %d of %s failed unexpectedly", idx, content.blob_digest)
+        finally:
+            self._prefetching.discard((content.key, idx))
 
     def _fail(self, content: Content, reason: str) -> None:
         log.error("layer %s failed verification: %s; purged from the cache",
                   content.blob_digest, reason)
+        self._forget(content.key)
+        self._failed.add(content.key)
         self.store.mark_failed(content.key, reason)
         raise IntegrityError(f"layer {content.blob_digest} failed verification: {reason}")
 
@@ -504,6 +662,20 @@ def collapse_groups() -> Iterator[None]:
         if inner is group:
             raise
         raise inner from None
+
+
+def _feed(hasher: Any, data: bytes, known_sha256: str | None) -> str:
+    """Add ``data`` to the blob's running digest; return the chunk's own sha256 (kept, so a
+    chunk fetched again later is checked on its own), computed unless the fetch already did.
+    Runs in a worker thread: hashlib releases the GIL for large buffers."""
+    hasher.update(data)
+    return known_sha256 or hashlib.sha256(data).hexdigest()
+
+
+def _prepare(store: ChunkStore, data: bytes, hashing: bool) -> tuple[PreparedChunk, str | None]:
+    """A fetched chunk's sha256 (when verifying) and its cache file (worker thread)."""
+    digest = hashlib.sha256(data).hexdigest() if hashing else None
+    return store.prepare(data), digest
 
 
 def _decompressor(compression: Compression) -> Callable[[bytes | None], bytes]:
