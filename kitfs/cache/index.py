@@ -13,13 +13,13 @@ from kitfs.format.tar import TarMember
 
 def load_members(store: ChunkStore, key: str) -> list[TarMember] | None:
     """The stored members of ``key``, or None if it has not been indexed."""
-    row = store.db.conn.execute(
+    row = store.conn.execute(
         "SELECT member_count, error FROM layer_indexes WHERE key = ?", (key,)
     ).fetchone()
     if row is None:
         return None
     count, _ = row
-    rows = store.db.conn.execute(
+    rows = store.conn.execute(
         "SELECT name, typeflag, mode, size, data_offset FROM members WHERE key = ? ORDER BY seq",
         (key,),
     ).fetchall()
@@ -33,7 +33,7 @@ def load_members(store: ChunkStore, key: str) -> list[TarMember] | None:
 
 
 def store_members(store: ChunkStore, key: str, members: list[TarMember]) -> None:
-    conn = store.db.conn
+    conn = store.conn
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute("DELETE FROM members WHERE key = ?", (key,))

@@ -22,19 +22,15 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import sqlite_utils
-from sqlite_utils.migrations import Migrations
+from typing import Any
 
 DATABASE_NAME = "kitfs.db"
 LOCK_NAME = "lock"
 BUSY_TIMEOUT_MS = 30_000
+MIGRATION_SET = "kitfs-cache"
 
-migrations = Migrations("kitfs-cache")
 
-
-@migrations()
-def m001_initial(db: sqlite_utils.Database) -> None:
+def m001_initial(db: Any) -> None:
     db.execute("""CREATE TABLE IF NOT EXISTS blobs (
         key TEXT PRIMARY KEY,         -- content key (digest, or decompressed-stream key)
         size INTEGER NOT NULL,        -- bytes of content
@@ -89,7 +85,37 @@ def cache_lock(cache_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def open_database(cache_dir: Path) -> sqlite_utils.Database:
+# In order; each is applied once per cache, recorded in sqlite-utils' _sqlite_migrations table.
+MIGRATIONS = (m001_initial,)
+
+
+def _pending(conn: sqlite3.Connection) -> bool:
+    """Whether a migration is missing, asked with plain SQL: importing sqlite-utils costs
+    tens of MiB when pandas is installed (it imports pandas), so a daemon does it only when
+    there is something to migrate."""
+    table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                         "name = '_sqlite_migrations'").fetchone()
+    if table is None:
+        return True
+    done = {row[0] for row in conn.execute(
+        "SELECT name FROM _sqlite_migrations WHERE migration_set = ?", (MIGRATION_SET,))}
+    return any(m.__name__ not in done for m in MIGRATIONS)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    import sqlite_utils
+    from sqlite_utils.migrations import Migrations
+
+    migrations = Migrations(MIGRATION_SET)
+    for migration in MIGRATIONS:
+        migrations()(migration)
+    try:  # idempotent statements; a process without the lock may have raced us
+        migrations.apply(sqlite_utils.Database(conn))
+    except sqlite3.IntegrityError:
+        pass  # it recorded the same migration first
+
+
+def open_database(cache_dir: Path) -> sqlite3.Connection:
     """Open (and create or migrate) the cache database in ``cache_dir``.
 
     Switching a new database to WAL and migrating it take the cache lock: two processes doing
@@ -103,11 +129,7 @@ def open_database(cache_dir: Path) -> sqlite_utils.Database:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        db = sqlite_utils.Database(conn)
-        if migrations.pending(db):
-            try:  # idempotent statements; a process without the lock may have raced us
-                migrations.apply(db)
-            except sqlite3.IntegrityError:
-                pass  # it recorded the same migration first
+        if _pending(conn):
+            _migrate(conn)
         path.chmod(0o600)
-    return db
+    return conn

@@ -120,10 +120,9 @@ class ChunkStore:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             (directory / "chunks").mkdir(mode=0o700, exist_ok=True)
             (directory / "tmp").mkdir(mode=0o700, exist_ok=True)
-            self.db = open_database(directory)
+            self._conn = open_database(directory)
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"cannot open the cache in {directory}: {exc}") from exc
-        self._conn = self.db.conn
         self._pins: Counter[tuple[str, int]] = Counter()
         self._over_quota = False  # the last eviction stopped short because of pins
         self._dropped = 0  # chunks found damaged and dropped (``verify_chunks`` counts them)
@@ -189,6 +188,11 @@ class ChunkStore:
     def cached_chunks(self, key: str) -> set[int]:
         rows = self._execute("SELECT idx FROM chunks WHERE key = ?", (key,)).fetchall()
         return {idx for (idx,) in rows}
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The cache database (for ``kitfs.cache.index``; the store's own queries use it too)."""
+        return self._conn
 
     def has_chunk(self, key: str, idx: int) -> bool:
         return self._execute(

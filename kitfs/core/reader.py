@@ -63,8 +63,8 @@ DEFAULT_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
 NEARLY_COMPLETE_BYTES = 16 * 1024 * 1024
 # Chunks just fetched are kept in memory (also by prefetch), so the reads that follow the one
 # that fetched a chunk are answered without a trip through the cache file, and the digest
-# frontier finds chunks that arrived out of order: 16 x 4 MiB.
-RECENT_CHUNKS = 16
+# frontier finds chunks that arrived out of order: 8 x 4 MiB (the read-ahead window).
+RECENT_CHUNKS = 8
 # Sequential read-ahead (as mountpoint-s3's prefetcher): a read that continues a stream (starts
 # within STREAM_SLACK_BYTES of where an earlier read of the same content ended; the kernel's
 # own read-ahead reorders a little) keeps chunks fetched ahead of it in parallel, a quarter as many
@@ -170,7 +170,8 @@ class BlobReader:
         self._inflight: dict[tuple[str, int], trio.Event] = {}
         self.stats = ReaderStatistics()
         self._chunk_sizes: dict[str, int] = {}  # per content key, as recorded in the cache
-        self._recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        # never mutated once fetched, so kept as the bytearray the body was received into
+        self._recent: OrderedDict[tuple[str, int], bytearray] = OrderedDict()
         self._frontiers: dict[str, _Frontier] = {}
         self._verified: set[str] = set()  # keys known verified (a verified blob stays so)
         self._streams: dict[str, list[_Stream]] = {}
@@ -303,7 +304,7 @@ class BlobReader:
                 event = self._inflight.get((key, idx))
                 if event is None:
                     whole = await self._fetch_chunk(content, idx)
-                    return bytes(whole[start : start + length])
+                    return memoryview(whole)[start : start + length].tobytes()
                 await event.wait()
                 data = self._from_memory_or_cache(key, idx, start, length)
                 if data is not None:
@@ -311,7 +312,7 @@ class BlobReader:
                 if (key, idx) not in self._inflight:
                     # the fetcher failed or the disk is full: fetch ourselves
                     whole = await self._fetch_chunk(content, idx)
-                    return bytes(whole[start : start + length])
+                    return memoryview(whole)[start : start + length].tobytes()
         finally:
             self.store.unpin(key, idx)
 
@@ -326,10 +327,10 @@ class BlobReader:
         kept = self._recent.get((key, idx))
         if kept is not None:
             self._recent.move_to_end((key, idx))
-            return kept[start : start + length]
+            return memoryview(kept)[start : start + length].tobytes()
         return self.store.read(key, idx, start, length)
 
-    def _remember(self, key: str, idx: int, data: bytes) -> None:
+    def _remember(self, key: str, idx: int, data: bytearray) -> None:
         self._recent[(key, idx)] = data
         self._recent.move_to_end((key, idx))
         while len(self._recent) > RECENT_CHUNKS:
@@ -353,11 +354,10 @@ class BlobReader:
                 content.repository, content.blob_digest, content.blob_size, span.start,
                 memoryview(buffer),
             )
-            data = bytes(buffer)
             # The slow per-chunk work (its sha256, its xxh3 sums, writing its file) runs in a
             # worker thread: the trio thread goes on serving reads and receiving other chunks.
             hashing = self.verify is not VerifyMode.OFF
-            prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, data, hashing)
+            prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, buffer, hashing)
             expected = self.store.chunk_sha256(key, idx) if hashing else None
             if expected is not None and actual != expected:
                 self.store.discard(prepared)
@@ -367,7 +367,7 @@ class BlobReader:
                 raise IntegrityError(f"layer {content.blob_digest}: {reason}")
             if actual is not None and key not in self._verified:
                 self._piece_digests[(key, idx)] = actual  # for the frontier: no second hash
-            self._remember(key, idx, data)
+            self._remember(key, idx, buffer)
             if key in self._failed and self._still_failed(key):
                 # the blob failed verification while this chunk was on its way: keep nothing
                 self.store.discard(prepared)
@@ -456,7 +456,9 @@ class BlobReader:
             total = chunk_count(content.blob_size, chunk)
             while frontier.next < total:
                 span = chunk_span(frontier.next, content.blob_size, chunk)
-                data = self._from_memory_or_cache(key, frontier.next, 0, span.length)
+                data: bytes | bytearray | None = self._recent.get((key, frontier.next))
+                if data is None:  # not in memory (no copy needed when it is)
+                    data = self.store.read(key, frontier.next, 0, span.length)
                 if data is None:
                     if not fetch_missing:
                         return
@@ -625,7 +627,7 @@ class BlobReader:
             if content.diff_id is not None and diff_hasher.hexdigest() != content.diff_id.hex:
                 self._fail(content, f"decompressed content is sha256:{diff_hasher.hexdigest()}, "
                                     f"the config's diffId is {content.diff_id}")
-            self.store.db.conn.execute(
+            self.store.conn.execute(
                 "UPDATE blobs SET size = ?, verified = 1 WHERE key = ?", (produced, key)
             )
             job.size = produced
@@ -664,7 +666,7 @@ def collapse_groups() -> Iterator[None]:
         raise inner from None
 
 
-def _feed(hasher: Any, data: bytes, known_sha256: str | None) -> str:
+def _feed(hasher: Any, data: bytes | bytearray, known_sha256: str | None) -> str:
     """Add ``data`` to the blob's running digest; return the chunk's own sha256 (kept, so a
     chunk fetched again later is checked on its own), computed unless the fetch already did.
     Runs in a worker thread: hashlib releases the GIL for large buffers."""
@@ -672,7 +674,7 @@ def _feed(hasher: Any, data: bytes, known_sha256: str | None) -> str:
     return known_sha256 or hashlib.sha256(data).hexdigest()
 
 
-def _prepare(store: ChunkStore, data: bytes, hashing: bool) -> tuple[PreparedChunk, str | None]:
+def _prepare(store: ChunkStore, data: bytes | bytearray, hashing: bool) -> tuple[PreparedChunk, str | None]:
     """A fetched chunk's sha256 (when verifying) and its cache file (worker thread)."""
     digest = hashlib.sha256(data).hexdigest() if hashing else None
     return store.prepare(data), digest
