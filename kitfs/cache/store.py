@@ -189,6 +189,17 @@ class ChunkStore:
         rows = self._execute("SELECT idx FROM chunks WHERE key = ?", (key,)).fetchall()
         return {idx for (idx,) in rows}
 
+    def advise_will_need(self, key: str, idx: int) -> None:
+        """Ask the kernel to read a cached chunk's file into the page cache, in the background."""
+        try:
+            fd = os.open(self.chunk_path(key, idx), os.O_RDONLY)
+        except OSError:
+            return  # gone meanwhile: the read will miss and fetch
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
     @property
     def conn(self) -> sqlite3.Connection:
         """The cache database (for ``kitfs.cache.index``; the store's own queries use it too)."""

@@ -135,6 +135,7 @@ class _Frontier:
 class _Stream:
     start: int  # where the stream began
     next_offset: int  # where its last read ended
+    ahead: int = -1  # the last chunk index read-ahead has considered
 
 
 @dataclass
@@ -497,11 +498,15 @@ class BlobReader:
         consumed = stream.next_offset - stream.start
         window = min(max(1, consumed // (4 * chunk)), self.read_ahead_chunks)
         last = (end - 1) // chunk
-        for idx in range(last_idx + 1, min(last_idx + 1 + window, last + 1)):
+        # chunks up to stream.ahead were dealt with by earlier reads of this stream
+        for idx in range(max(last_idx, stream.ahead) + 1, min(last_idx + 1 + window, last + 1)):
+            stream.ahead = idx
             entry = (key, idx)
             if entry in self._inflight or entry in self._prefetching or entry in self._recent:
                 continue
             if self.store.has_chunk(key, idx):
+                # cached: have the kernel read its file ahead, so the read finds it in memory
+                self.store.advise_will_need(key, idx)
                 continue
             self._prefetching.add(entry)
             self._nursery.start_soon(self._prefetch, content, idx, name=f"prefetch {idx}")
