@@ -77,6 +77,9 @@ def parse_number(field: bytes, what: str) -> int:
         raise FormatError(f"tar header: {what} field {field!r} is not octal") from None
 
 
+_HIGH_BYTES = bytes(range(128, 256))
+
+
 def _checksum_ok(block: bytes) -> bool:
     stored = block[148:156]
     try:
@@ -84,9 +87,12 @@ def _checksum_ok(block: bytes) -> bool:
     except FormatError:
         return False
     unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    if expected == unsigned:  # what every current tar writes: done without a second pass
+        return True
     # Some old tars summed the header as signed chars: every byte above 127 counts 256 less.
-    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
-    return expected in (unsigned, signed)
+    high_bytes = len(block) - 8 - len(block[:148].translate(None, _HIGH_BYTES)) - len(
+        block[156:].translate(None, _HIGH_BYTES))
+    return expected == unsigned - 256 * high_bytes
 
 
 def parse_pax_records(data: bytes) -> dict[str, str]:
