@@ -1,0 +1,187 @@
+"""Mounts the benchmarks read through: a real ``kitfs mount`` and the ratarmount peer.
+
+Both are context managers that always unmount (``kitfs umount``, else ``fusermount3 -u``) and
+wait for their own daemon, by PID, to exit. A daemon that will not exit is killed by its PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from common import run_quiet, vm_hwm_bytes
+
+KITFS = [sys.executable, "-m", "kitfs"]
+EXIT_WAIT_S = 20.0
+
+
+def mounted_fstype(path: Path) -> str | None:
+    """The fstype of the topmost mount at ``path``, if any (from /proc/self/mountinfo)."""
+    wanted = str(path.absolute())
+    found = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4 and fields[4].replace("\\040", " ") == wanted and "-" in fields:
+            found = fields[fields.index("-") + 1]
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_exit(pid: int, timeout_s: float = EXIT_WAIT_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def force_unmount(path: Path) -> None:
+    if mounted_fstype(path) is not None:
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+
+
+class KitfsMount:
+    """``kitfs mount REF DIR --cache-dir CACHE`` (a background daemon), unmounted on exit.
+
+    kitfs runs from ``src_dir`` (``PYTHONPATH`` and working directory), a snapshot taken at the
+    start of the run, not from the editable install, whose files may change meanwhile.
+
+    ``pid`` comes from ``kitfs status --json``; ``mount_s`` is how long ``kitfs mount`` took.
+    """
+
+    def __init__(self, reference: str, mountpoint: Path, cache_dir: Path, runtime_dir: Path,
+                 log_file: Path, src_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+        self.src_dir = src_dir  # the snapshot of the kitfs package this run measures
+        self.reference = reference
+        self.path = mountpoint
+        self.cache_dir = cache_dir
+        self.runtime_dir = runtime_dir
+        self.log_file = log_file
+        self.extra_args = extra_args
+        self.pid = 0
+        self.mount_s = 0.0
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ, KITFS_RUNTIME_DIR=str(self.runtime_dir), PYTHONPATH=str(self.src_dir))
+
+    def __enter__(self) -> KitfsMount:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.runtime_dir.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        run_quiet([*KITFS, "mount", self.reference, str(self.path), "--cache-dir", str(self.cache_dir),
+                   "--log-file", str(self.log_file), *self.extra_args], env=self.env(), cwd=self.src_dir,
+                  timeout=300)
+        self.mount_s = time.perf_counter() - start
+        self.pid = self._daemon_pid()
+        return self
+
+    def _daemon_pid(self) -> int:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done = run_quiet([*KITFS, "status", "--json"], env=self.env(), cwd=self.src_dir, timeout=30)
+            for record in json.loads(done.stdout):
+                if record.get("mountpoint") == str(self.path.absolute()) and record.get("pid"):
+                    return int(record["pid"])
+            time.sleep(0.1)
+        raise RuntimeError(f"no kitfs status record for {self.path}")
+
+    def status(self) -> dict[str, object]:
+        """The daemon's own record (counters are rewritten every second)."""
+        record: dict[str, object] = json.loads((self.runtime_dir / f"{self.pid}.json").read_text())
+        return record
+
+    def peak_rss_bytes(self) -> int:
+        return vm_hwm_bytes(self.pid) if self.pid and pid_alive(self.pid) else 0
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if mounted_fstype(self.path) == "fuse.kitfs":
+            done = subprocess.run([*KITFS, "umount", str(self.path)], capture_output=True, text=True,
+                                  env=self.env(), cwd=self.src_dir, timeout=60, check=False)
+            if done.returncode != 0:
+                force_unmount(self.path)
+        if self.pid and not wait_exit(self.pid):
+            os.kill(self.pid, signal.SIGKILL)
+            wait_exit(self.pid, 5)
+        force_unmount(self.path)
+
+
+class Ratarmount:
+    """``ratarmount -f URL_OR_FILE DIR`` in the foreground as a child (ratarmount refuses to
+    daemonize while its fsspec HTTP thread runs), ready when the mount appears."""
+
+    def __init__(self, source: str, mountpoint: Path, index_dir: Path, log_file: Path,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.source = source
+        self.path = mountpoint
+        self.index_dir = index_dir
+        self.log_file = log_file
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+        self.mount_s = 0.0
+
+    def __enter__(self) -> Ratarmount:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        binary = str(Path(sys.executable).parent / "ratarmount")
+        start = time.perf_counter()
+        with open(self.log_file, "ab") as log_stream:
+            self.process = subprocess.Popen(
+                [binary, "-f", "--index-folders", str(self.index_dir), *self.extra_args,
+                 self.source, str(self.path)],
+                stdin=subprocess.DEVNULL, stdout=log_stream, stderr=log_stream, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ratarmount exited {self.process.returncode}: "
+                                   f"{self.log_file.read_text(errors='replace')[-1500:]}")
+            fstype = mounted_fstype(self.path)
+            if fstype is not None and fstype.startswith("fuse"):
+                break
+            time.sleep(0.01)
+        else:
+            self.__exit__(None, None, None)
+            raise RuntimeError("ratarmount did not mount within 600 s")
+        # the mount shows up before the FUSE INIT is answered; wait until it answers
+        while time.monotonic() < deadline:
+            try:
+                os.listdir(self.path)
+                break
+            except OSError:
+                time.sleep(0.01)
+        self.mount_s = time.perf_counter() - start
+        return self
+
+    def peak_rss_bytes(self) -> int:
+        return vm_hwm_bytes(self.process.pid) if self.process and self.process.poll() is None else 0
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if mounted_fstype(self.path) is not None:
+            subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True, check=False)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=EXIT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            self.process = None
+        force_unmount(self.path)
