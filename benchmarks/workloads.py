@@ -110,6 +110,20 @@ class Bench:
                           if isinstance(m.get(k), float))
         log(f"  {workload:<12} {system:<18} {variant:<22} {shown}")
 
+    def local_file(self, workload: str, measure: Callable[[], dict[str, Any]]) -> None:
+        """The local-copy comparison: ``measure`` with the page cache dropped, then again warm."""
+
+        def body() -> None:
+            cold, warm = [], []
+            for _ in range(self.repeat):
+                drop_caches()
+                cold.append(measure())
+                warm.append(measure())
+            self.record(workload, "local file", "page cache dropped", cold)
+            self.record(workload, "local file", "page cache warm", warm)
+
+        self.guarded(workload, "local file", body)
+
     def guarded(self, workload: str, system: str, body: Callable[[], None]) -> None:
         """Run one comparison; a failure is recorded (and the run goes on), not raised."""
         try:
@@ -202,16 +216,7 @@ def _limits(b: Bench, workload: str, blob: Blob, local_file: Path | None) -> Non
     b.guarded(workload, "curl→/dev/null", curl_devnull)
     b.guarded(workload, "curl→file", curl_file)
     if local_file is not None:
-        def local() -> None:
-            cold, warm = [], []
-            for _ in range(b.repeat):
-                drop_caches()
-                cold.append(read_sequential(local_file).as_dict())
-                warm.append(read_sequential(local_file).as_dict())
-            b.record(workload, "local file", "page cache dropped", cold)
-            b.record(workload, "local file", "page cache warm", warm)
-
-        b.guarded(workload, "local file", local)
+        b.local_file(workload, lambda: read_sequential(local_file).as_dict())
 
 
 def _users(b: Bench, workload: str, blob: Blob, wanted: str, *, gzip: bool) -> None:
@@ -471,15 +476,6 @@ def find_dataset(b: Bench) -> None:
         b.record(w, "kitfs", "same mount again", warm)
         b.record(w, "kitfs", "remount (index cached)", remount)
 
-    def local() -> None:
-        cold, warm = [], []
-        for _ in range(b.repeat):
-            drop_caches()
-            cold.append(find_stat(kit.local["dataset"]))
-            warm.append(find_stat(kit.local["dataset"]))
-        b.record(w, "local file", "page cache dropped", cold)
-        b.record(w, "local file", "page cache warm", warm)
-
     def users() -> None:
         runs = []
         url = kit.blob_url(kit.dataset)
@@ -515,7 +511,7 @@ def find_dataset(b: Bench) -> None:
         b.record(w, RATARMOUNT, "remount, index kept", again)
 
     b.guarded(w, "kitfs", kitfs)
-    b.guarded(w, "local file", local)
+    b.local_file(w, lambda: find_stat(kit.local["dataset"]))
     b.guarded(w, "pull+untar", users)
     b.guarded(w, RATARMOUNT, peer)
 
@@ -555,17 +551,8 @@ def safetensors(b: Bench) -> None:
         b.record(w, "kitfs", "disk cache, page cache dropped", disk)
         b.record(w, "kitfs", "page cache warm", page)
 
-    def local() -> None:
-        cold, warm = [], []
-        for _ in range(b.repeat):
-            drop_caches()
-            cold.append(load_safetensors(kit.local["model"]))
-            warm.append(load_safetensors(kit.local["model"]))
-        b.record(w, "local file", "page cache dropped", cold)
-        b.record(w, "local file", "page cache warm", warm)
-
     b.guarded(w, "kitfs", kitfs)
-    b.guarded(w, "local file", local)
+    b.local_file(w, lambda: load_safetensors(kit.local["model"]))
 
 
 def concurrent(b: Bench) -> None:
