@@ -35,6 +35,7 @@ Everything listens on 127.0.0.1 on free ports; ``start``/``stop`` run and end th
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import re
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -403,6 +405,17 @@ class FaultProxy:
         h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         h.connection.close()
         h.close_connection = True
+
+
+@contextlib.contextmanager
+def running(proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """Start ``proxy``, stop it at the end, then fail if it hit an error of its own."""
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+    assert not proxy.errors, proxy.errors
 
 
 def _shift_content_range(value: str) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from kitfs.sample import Pusher, Registry, sample_kit
-from tests.faultproxy import Cert, FaultProxy, Rule, issue, make_ca, server_context
+from tests.faultproxy import Cert, FaultProxy, Rule, issue, make_ca, running, server_context
 
 WEIGHTS = os.urandom(6 * 1024 * 1024 + 4321)  # two 4 MiB chunks: the second starts past 0
 WEIGHTS_PATH = "models/weights.safetensors"
@@ -65,12 +65,8 @@ def kit(registry: Registry, pusher: Pusher) -> Kit:
 
 @pytest.fixture
 def proxy(registry: Registry) -> Iterator[FaultProxy]:
-    started = FaultProxy(registry.host).start()
-    try:
+    with running(FaultProxy(registry.host)) as started:
         yield started
-    finally:
-        started.stop()
-    assert not started.errors, started.errors
 
 
 @pytest.fixture
@@ -379,13 +375,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
 
 @pytest.fixture
 def tls_proxy(registry: Registry, certs: Certs) -> Iterator[FaultProxy]:
-    started = FaultProxy(registry.host, hostname=TLS_NAME, context=server_context(certs.registry),
-                         storage_context=server_context(certs.storage)).start()
-    try:
+    with running(FaultProxy(registry.host, hostname=TLS_NAME, context=server_context(certs.registry),
+                            storage_context=server_context(certs.storage))) as started:
         yield started
-    finally:
-        started.stop()
-    assert not started.errors, started.errors
 
 
 @pytest.fixture
