@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import os
 import random
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -497,3 +498,28 @@ def test_read_ahead_follows_sequential_streams_only_and_never_fetches_twice() ->
     # verification off: in eventual mode reaching the file's end would fetch the (small) rest
     # of the blob to check its digest, which is another rule (tested above)
     run_with_reader(VerifyMode.OFF, CHUNK, None, body, read_ahead_chunks=8)
+
+
+def test_the_cache_never_holds_more_than_its_quota_even_while_a_chunk_is_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Room is made before a chunk's file is put in place, not after: measured on disk at the
+    moment each chunk file appears."""
+    quota = 3 * CHUNK
+    store = ChunkStore(tmp_path / "cache", quota_bytes=quota)
+    on_disk: list[int] = []
+    real_replace = os.replace
+
+    def replace_and_measure(src: str | Path, dst: str | Path) -> None:
+        real_replace(src, dst)
+        chunks = tmp_path / "cache" / "chunks"
+        on_disk.append(sum(p.stat().st_size for p in chunks.rglob("*") if p.is_file()))
+
+    monkeypatch.setattr(os, "replace", replace_and_measure)
+    try:
+        for idx in range(10):
+            assert store.put("sha256:" + "ab" * 32, idx, bytes([idx]) * CHUNK)
+    finally:
+        store.close()
+    assert len(on_disk) == 10
+    assert max(on_disk) <= quota, on_disk

@@ -16,9 +16,10 @@ Invariants (what a ``kill -9`` at any instant cannot break):
   it touches; a mismatch (bit rot, a truncated file after power loss, someone editing files)
   drops the chunk and reports a miss, and the reader fetches it again. That is why chunk files
   are not fsynced: the checksum, not the write order on disk, decides what is good.
-- Eviction (LRU by ``last_access``, down to the quota) skips chunks pinned by this process's
-  in-flight reads; when pins kept the cache over its quota, the last unpin evicts again, so
-  the quota holds once reads are over. Other processes' readers are safe too: they read
+- Eviction (LRU by ``last_access``) runs before a chunk's file is put in place, under the same
+  lock, making room for it: the chunks on disk never exceed the quota. It skips chunks pinned
+  by this process's in-flight reads; when pins kept the cache over its quota, the last unpin
+  evicts again, so the quota holds once reads are over. Other processes' readers are safe too: they read
   through an open file descriptor, or see a miss and refetch.
 - Across processes, "put a chunk's file in place and insert its row" and "delete rows and
   unlink their files" (eviction, dropping a bad chunk, purge, ``gc``, ``clear``) each run
@@ -294,8 +295,13 @@ class ChunkStore:
             self._warn_full(prepared.full_reason)
             return False
         path = self.chunk_path(key, idx)
+        freed: list[tuple[str, int, int]] = []
         try:
             with self._lock():
+                if self.quota_bytes is not None:  # make room first: never over the quota
+                    self._flush_access_times()
+                    freed = self._evict_locked(self.quota_bytes - prepared.length,
+                                               keep=(key, idx))
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 os.replace(prepared.tmp, path)
                 self._execute(
@@ -315,8 +321,8 @@ class ChunkStore:
                 self._warn_full(str(exc))
                 return False
             raise
-        if self.quota_bytes is not None:
-            self.evict(self.quota_bytes)
+        finally:
+            _log_evicted(freed, self.quota_bytes)
         return True
 
     # --- pins and eviction ----------------------------------------------------------------
@@ -342,30 +348,39 @@ class ChunkStore:
         """
         self._flush_access_times()
         with self._lock():
-            used = self.used_bytes()
-            if used <= target_bytes:
-                self._over_quota = False
-                return 0
-            freed = 0
-            victims: list[tuple[str, int]] = []
-            rows = self._execute(
-                "SELECT key, idx, length FROM chunks ORDER BY last_access").fetchall()
-            for key, idx, length in rows:
-                if used - freed <= target_bytes:
-                    break
-                if (key, idx) in self._pins:
-                    continue
-                victims.append((key, idx))
-                freed += length
-            self._over_quota = used - freed > target_bytes
-            with self._transaction():
-                self._conn.executemany("DELETE FROM chunks WHERE key = ? AND idx = ?", victims)
-            for key, idx in victims:
-                self._unlink(key, idx)
-        if victims:
-            log.info("evicted %d chunks (%d bytes) to stay under %d bytes", len(victims), freed,
-                     target_bytes)
-        return freed
+            victims = self._evict_locked(target_bytes)
+        _log_evicted(victims, target_bytes)
+        return sum(length for _, _, length in victims)
+
+    def _evict_locked(self, target_bytes: int, keep: tuple[str, int] | None = None
+                      ) -> list[tuple[str, int, int]]:
+        """``evict``'s work, with the cache lock held: the (key, idx, length) removed.
+        ``keep`` is a chunk about to be replaced in place, never a victim."""
+        used = self.used_bytes()
+        if keep is not None:  # a chunk being replaced frees its old length
+            row = self._execute("SELECT length FROM chunks WHERE key = ? AND idx = ?",
+                                keep).fetchone()
+            used -= row[0] if row else 0
+        if used <= target_bytes:
+            self._over_quota = False
+            return []
+        freed = 0
+        victims: list[tuple[str, int, int]] = []
+        rows = self._execute("SELECT key, idx, length FROM chunks ORDER BY last_access").fetchall()
+        for key, idx, length in rows:
+            if used - freed <= target_bytes:
+                break
+            if (key, idx) in self._pins or (key, idx) == keep:
+                continue
+            victims.append((key, idx, length))
+            freed += length
+        self._over_quota = used - freed > target_bytes
+        with self._transaction():
+            self._conn.executemany("DELETE FROM chunks WHERE key = ? AND idx = ?",
+                                   [(key, idx) for key, idx, _ in victims])
+        for key, idx, _ in victims:
+            self._unlink(key, idx)
+        return victims
 
     # --- maintenance ----------------------------------------------------------------------
 
@@ -512,6 +527,12 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _log_evicted(victims: list[tuple[str, int, int]], target_bytes: int | None) -> None:
+    if victims:
+        log.info("evicted %d chunks (%d bytes) to stay under %d bytes", len(victims),
+                 sum(length for _, _, length in victims), target_bytes)
 
 
 def _unlink_quietly(path: Path) -> None:
