@@ -153,6 +153,7 @@ def test_reads_return_the_right_bytes_and_fetch_only_covering_chunks_once(
         for offset, length in reversed(plan):
             assert await reader.read(content, offset, length) == blob[offset : offset + length]
         assert len(fake.requests) == before
+        await reader.settle()  # chunks are hashed, stored and verified behind the reads
         if verify is VerifyMode.EVENTUAL and set(store.cached_chunks(content.key)) == set(
                 range(chunk_count(size, chunk))):
             state = store.blob_state(content.key)

@@ -56,6 +56,8 @@ MAX_MODEL_REFERENCE_CHAIN = 10
 # Index building reads headers in windows of whole chunks, doubling up to this many while the
 # windows keep holding several headers (see layer_members).
 MAX_INDEX_WINDOW_CHUNKS = 16
+# On close, how long a session waits for chunks already served to be hashed and stored.
+SETTLE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -423,5 +425,8 @@ async def open_session(options: SessionOptions) -> AsyncIterator[KitSession]:
             try:
                 yield session
             finally:
+                # chunks already served are still being hashed and stored: keep them
+                with trio.move_on_after(SETTLE_TIMEOUT_S, shield=True):
+                    await session.reader.settle()
                 nursery.cancel_scope.cancel()
                 await session.aclose()

@@ -12,7 +12,9 @@ Tasks and shared state (all on the one trio thread; no locks)
     ``_inflight[(key, idx)]`` is a ``trio.Event`` per chunk being fetched. A reader that
     finds a chunk missing either becomes its fetcher (creates the event, fetches, stores,
     sets the event in ``finally``) or waits on the existing event and then looks in the cache
-    again: so concurrent readers never fetch the same bytes twice (single-flight). A
+    again: so concurrent readers never fetch the same bytes twice (single-flight). A fetched
+    chunk answers its read at once; its hashing, its cache file and the digest frontier follow
+    in a background task (``_store_fetched``), with the chunk in ``_storing`` meanwhile. A
     decompression job per compressed layer (``_jobs``) streams the layer once and wakes
     readers as chunks appear. No ``await`` sits between a cache lookup and the decision it
     feeds, except where the code re-checks after it.
@@ -180,6 +182,10 @@ class BlobReader:
         self._seen: set[str] = set()  # keys read at least once by this reader
         self._failed: set[str] = set()  # keys this reader found failing their digest
         self._piece_digests: dict[tuple[str, int], str] = {}  # sha256 of chunks just fetched
+        # chunks fetched and served, being hashed and stored behind the reads (_store_fetched)
+        self._storing: dict[tuple[str, int], bytearray] = {}
+        self._background_stores = 0
+        self._stores_done = trio.Event()
         self._jobs: dict[str, _Job] = {}
         self._verifying: dict[str, trio.Event] = {}
 
@@ -239,6 +245,12 @@ class BlobReader:
             if reaches_end or first_read or self.stats.chunk_misses != misses_before:
                 await self._maybe_verify(content, reaches_end)
         return data
+
+    async def settle(self) -> None:
+        """Wait until every chunk fetched so far is hashed, stored and fed to its digest
+        frontier (``_store_fetched``); the session does this before it closes."""
+        while self._background_stores:
+            await self._stores_done.wait()
 
     async def verify_now(self, content: Content) -> None:
         """Fetch whatever is missing of ``content`` and check its digest (``cache verify``)."""
@@ -329,6 +341,9 @@ class BlobReader:
         if kept is not None:
             self._recent.move_to_end((key, idx))
             return memoryview(kept)[start : start + length].tobytes()
+        kept = self._storing.get((key, idx))
+        if kept is not None:
+            return memoryview(kept)[start : start + length].tobytes()
         return self.store.read(key, idx, start, length)
 
     def _remember(self, key: str, idx: int, data: bytearray) -> None:
@@ -342,6 +357,8 @@ class BlobReader:
             del self._recent[entry]
         for entry in [e for e in self._piece_digests if e[0] == key]:
             del self._piece_digests[entry]
+        for entry in [e for e in self._storing if e[0] == key]:
+            del self._storing[entry]
         self._frontiers.pop(key, None)
 
     async def _fetch_chunk(self, content: Content, idx: int) -> bytearray:
@@ -355,32 +372,77 @@ class BlobReader:
                 content.repository, content.blob_digest, content.blob_size, span.start,
                 memoryview(buffer),
             )
-            # The slow per-chunk work (its sha256, its xxh3 sums, writing its file) runs in a
-            # worker thread: the trio thread goes on serving reads and receiving other chunks.
             hashing = self.verify is not VerifyMode.OFF
-            prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, buffer, hashing)
             expected = self.store.chunk_sha256(key, idx) if hashing else None
-            if expected is not None and actual != expected:
+            if expected is None:
+                # Nothing to check the chunk against before serving it (eventual mode serves
+                # bytes as they arrive): answer now, hash and store it behind the read.
+                self._storing[(key, idx)] = buffer
+                if not self._background_stores:
+                    self._stores_done = trio.Event()
+                self._background_stores += 1
+                self._nursery.start_soon(self._store_fetched, content, idx, buffer, hashing,
+                                         name=f"store chunk {idx}")
+                return buffer
+            # A chunk of a verified blob, fetched again: checked before a byte of it is served.
+            prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, buffer, True)
+            if actual != expected:
                 self.store.discard(prepared)
                 reason = (f"chunk {idx} from the registry has sha256 {actual}, the verified "
                           f"blob had {expected}")
                 log.error("layer %s: %s", content.blob_digest, reason)
                 raise IntegrityError(f"layer {content.blob_digest}: {reason}")
-            if actual is not None and key not in self._verified:
+            self._remember(key, idx, buffer)
+            self.store.commit(key, idx, prepared)
+            return buffer
+        finally:
+            del self._inflight[(key, idx)]
+            event.set()
+
+    async def _store_fetched(self, content: Content, idx: int, buffer: bytearray,
+                             hashing: bool) -> None:
+        """A fetched chunk's slow half, after the read it served: its sha256 and xxh3 sums and
+        its file (in a worker thread, so the trio thread goes on serving reads), its row in the
+        cache, then the blob's digest frontier. Until it is stored, ``_storing`` answers for it."""
+        try:
+            await self._store_and_advance(content, idx, buffer, hashing)
+        finally:
+            self._background_stores -= 1
+            if not self._background_stores:
+                self._stores_done.set()
+
+    async def _store_and_advance(self, content: Content, idx: int, buffer: bytearray,
+                                 hashing: bool) -> None:
+        key = content.key
+        try:
+            prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, buffer, hashing)
+            frontier = self._frontiers.get(key)
+            if actual is not None and key not in self._verified and (
+                    frontier is None or frontier.next <= idx):
                 self._piece_digests[(key, idx)] = actual  # for the frontier: no second hash
             self._remember(key, idx, buffer)
             if key in self._failed and self._still_failed(key):
                 # the blob failed verification while this chunk was on its way: keep nothing
                 self.store.discard(prepared)
                 self._forget(key)
-                raise IntegrityError(f"layer {content.blob_digest} failed verification")
+                return
             self.store.commit(key, idx, prepared)
+        except KitfsError as exc:  # the chunk stays uncached; a later read fetches it again
+            log.warning("layer %s: chunk %d not cached: %s", content.blob_digest, idx, exc)
+            return
+        except Exception:  # a bug: never let it end the session's nursery (and the mount)
+            log.exception("layer %s: storing chunk %d failed unexpectedly", content.blob_digest, idx)
+            return
         finally:
-            del self._inflight[(key, idx)]
-            event.set()
-        if self.verify is not VerifyMode.OFF and key not in self._verified:
-            await self._advance_frontier(content, fetch_missing=False)
-        return buffer
+            if self._storing.get((key, idx)) is buffer:
+                del self._storing[(key, idx)]
+        if hashing and key not in self._verified:
+            try:
+                await self._advance_frontier(content, fetch_missing=False)
+            except IntegrityError:
+                pass  # logged by _fail; every later read of the blob reports it
+            except KitfsError as exc:
+                log.warning("layer %s: digest frontier stopped: %s", content.blob_digest, exc)
 
     async def _maybe_verify(self, content: Content, reaches_file_end: bool) -> None:
         state = self.store.blob_state(content.key)
@@ -432,6 +494,7 @@ class BlobReader:
                         nursery.start_soon(fetch, idx)
             await self._advance_frontier(content, fetch_missing=True)
             if key not in self._verified:  # the chunks hashed so far were dropped meanwhile
+                self._check_not_failed(content)
                 self._frontiers.pop(key, None)
                 await self._advance_frontier(content, fetch_missing=True)
         finally:
@@ -457,7 +520,8 @@ class BlobReader:
             total = chunk_count(content.blob_size, chunk)
             while frontier.next < total:
                 span = chunk_span(frontier.next, content.blob_size, chunk)
-                data: bytes | bytearray | None = self._recent.get((key, frontier.next))
+                data: bytes | bytearray | None = (self._recent.get((key, frontier.next))
+                                                  or self._storing.get((key, frontier.next)))
                 if data is None:  # not in memory (no copy needed when it is)
                     data = self.store.read(key, frontier.next, 0, span.length)
                 if data is None:
@@ -466,6 +530,8 @@ class BlobReader:
                     data = await self._chunk_slice(content, frontier.next, 0, span.length)
                 known = self._piece_digests.pop((key, frontier.next), None)
                 piece_sha256 = await trio.to_thread.run_sync(_feed, frontier.hasher, data, known)
+                if self._frontiers.get(key) is not frontier:
+                    return  # the blob failed or was purged meanwhile
                 frontier.per_chunk.append((frontier.next, piece_sha256))
                 frontier.next += 1
             del self._frontiers[key]
@@ -502,7 +568,8 @@ class BlobReader:
         for idx in range(max(last_idx, stream.ahead) + 1, min(last_idx + 1 + window, last + 1)):
             stream.ahead = idx
             entry = (key, idx)
-            if entry in self._inflight or entry in self._prefetching or entry in self._recent:
+            if (entry in self._inflight or entry in self._prefetching or entry in self._recent
+                    or entry in self._storing):
                 continue
             if self.store.has_chunk(key, idx):
                 # cached: have the kernel read its file ahead, so the read finds it in memory
