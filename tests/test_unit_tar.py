@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -461,3 +462,42 @@ def test_parse_number_gnu_base256() -> None:
 @given(value=st.integers(0, (1 << 88) - 1))
 def test_parse_number_base256_property(value: int) -> None:
     assert parse_number(_itn(value, 12, tarfile.GNU_FORMAT), "size") == value
+
+
+# --- the persisted index (kitfs.cache.index) ------------------------------------------------------
+
+member_names = st.one_of(
+    st.text(min_size=1, max_size=40),
+    # bytes that are not UTF-8, as the scanner decodes them (surrogate escapes)
+    st.binary(min_size=1, max_size=40).map(lambda b: b.decode("utf-8", "surrogateescape")),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(member_names, st.sampled_from([b"0", b"\0", b"5", b"7"]),
+                          st.integers(0, 0o7777), st.integers(0, 2**40), st.integers(0, 2**50)),
+                max_size=30))
+def test_a_packed_index_round_trips_any_name(rows: list[tuple[str, bytes, int, int, int]]) -> None:
+    from kitfs.cache.index import pack_members, unpack_members
+
+    members = [TarMember(name=n, typeflag=t, mode=m, size=s, data_offset=o, header_offset=-1)
+               for n, t, m, s, o in rows]
+    assert unpack_members(pack_members(members), len(members)) == members
+
+
+def test_an_unreadable_stored_index_means_indexing_again(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from kitfs.cache.index import load_members, store_members
+    from kitfs.cache.store import ChunkStore
+
+    store = ChunkStore(tmp_path / "cache")
+    try:
+        members = [TarMember(name="a/b.bin", typeflag=b"0", mode=0o644, size=3, data_offset=512,
+                             header_offset=-1)]
+        store_members(store, "sha256:" + "ab" * 32, members)
+        assert load_members(store, "sha256:" + "ab" * 32) == members
+        store.conn.execute("UPDATE layer_indexes SET packed = ?", (b"not zstd",))
+        assert load_members(store, "sha256:" + "ab" * 32) is None
+        assert "unreadable" in caplog.text and "indexing it again" in caplog.text
+    finally:
+        store.close()

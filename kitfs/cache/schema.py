@@ -7,7 +7,8 @@ processes (mounts, ``kitfs cat``, ``kitfs cache gc``) share it safely. Tables:
 ``chunks``        one row per chunk file on disk; a row exists only after its file does.
 ``chunk_digests`` per-chunk sha256 recorded once the whole blob verified; survives eviction.
 ``documents``     verified manifests and configs, by digest.
-``layer_indexes`` / ``members``  the parsed tar index of a layer, by content key.
+``layer_indexes`` the parsed tar index of a layer, by content key: one packed row per layer
+                  (a row per member cost more than parsing the tar; see ``kitfs.cache.index``).
 
 Content keys are digests (``sha256:…``) for blobs as the registry stores them, and
 ``gunzip:sha256:…`` / ``unzstd:sha256:…`` for the decompressed stream of a compressed layer
@@ -74,6 +75,18 @@ def m001_initial(db: Any) -> None:
     )""")
 
 
+def m002_packed_layer_indexes(db: Any) -> None:
+    """A layer's members in one zstd-compressed row instead of one row each; the old indexes
+    are dropped (a layer is indexed again on its next use)."""
+    db.execute("DROP TABLE IF EXISTS members")
+    db.execute("DROP TABLE IF EXISTS layer_indexes")
+    db.execute("""CREATE TABLE layer_indexes (
+        key TEXT PRIMARY KEY,         -- content key of the (uncompressed) tar stream
+        member_count INTEGER NOT NULL,
+        packed BLOB NOT NULL          -- zstd(JSON) of the members, see kitfs.cache.index
+    )""")
+
+
 @contextmanager
 def cache_lock(cache_dir: Path) -> Iterator[None]:
     """Hold the cache directory's exclusive ``flock`` (released by the kernel on ``kill -9``)."""
@@ -86,7 +99,7 @@ def cache_lock(cache_dir: Path) -> Iterator[None]:
 
 
 # In order; each is applied once per cache, recorded in sqlite-utils' _sqlite_migrations table.
-MIGRATIONS = (m001_initial,)
+MIGRATIONS = (m001_initial, m002_packed_layer_indexes)
 
 
 def _pending(conn: sqlite3.Connection) -> bool:

@@ -447,8 +447,7 @@ class ChunkStore:
         """Drop everything: chunks, verification records, indexes, documents."""
         with self._lock():
             with self._transaction():
-                for table in ("chunks", "chunk_digests", "blobs", "documents", "members",
-                              "layer_indexes"):
+                for table in ("chunks", "chunk_digests", "blobs", "documents", "layer_indexes"):
                     self._execute(f"DELETE FROM {table}")
             shutil.rmtree(self.directory / "chunks", ignore_errors=True)
             (self.directory / "chunks").mkdir(mode=0o700, exist_ok=True)
