@@ -80,18 +80,25 @@ def check_entry_path(name: str, where: str) -> str:
         UnsafeEntryError: absolute paths, NUL bytes, ``..`` anywhere (kit refuses even
             ``model..bin``, because it looks for ``..`` in the relative path).
     """
+    cleaned, problem = clean_entry_path(name)
+    if problem is not None:
+        raise UnsafeEntryError(f"{where}: {problem}")
+    return cleaned
+
+
+def clean_entry_path(name: str) -> tuple[str, str | None]:
+    """``check_entry_path`` without the exception: the cleaned path and why kit refuses it
+    (None if it does not). For hot loops, which format their error context only on error."""
     if "\0" in name:
-        raise UnsafeEntryError(f"{where}: path {name!r} contains a NUL byte")
+        return "", f"path {name!r} contains a NUL byte"
     if name.startswith("/"):
-        raise UnsafeEntryError(f"{where}: absolute path {name!r} (kit refuses absolute paths)")
+        return "", f"absolute path {name!r} (kit refuses absolute paths)"
     cleaned = posixpath.normpath(name) if name else "."
     if cleaned == ".":
-        return ""
+        return "", None
     if ".." in cleaned:
-        raise UnsafeEntryError(
-            f"{where}: path {name!r} leaves the kit or contains '..' (kit refuses both)"
-        )
-    return cleaned
+        return "", f"path {name!r} leaves the kit or contains '..' (kit refuses both)"
+    return cleaned, None
 
 
 def _filepath_annotation(descriptor: Descriptor) -> str | None:

@@ -17,7 +17,8 @@ Pure: no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from typing import NamedTuple
 
 from kitfs.errors import FormatError
 
@@ -30,9 +31,12 @@ REGULAR_TYPES = (b"0", b"\0", b"7")  # '7' is contiguous file, read as regular (
 DIRECTORY_TYPE = b"5"
 
 
-@dataclass(frozen=True)
-class TarMember:
-    """One tar entry. ``data_offset`` is where its data starts in the uncompressed stream."""
+class TarMember(NamedTuple):
+    """One tar entry. ``data_offset`` is where its data starts in the uncompressed stream.
+
+    (A NamedTuple, not a frozen dataclass: indexing a layer of 100,000 files makes 100,000 of
+    them, and a NamedTuple is several times cheaper to build.)
+    """
 
     name: str
     typeflag: bytes
@@ -68,6 +72,10 @@ def parse_number(field: bytes, what: str) -> int:
             value -= 1 << (8 * (len(field) - 1))
             raise FormatError(f"tar header: negative {what}")
         return value | ((field[0] & 0x3F) << (8 * (len(field) - 1)))
+    try:  # the common case, as every current tar writes it: octal digits, then NUL or space
+        return int(field.split(b"\0", 1)[0], 8)
+    except ValueError:
+        pass
     text = field.replace(b"\0", b" ").strip()
     if not text:
         return 0
@@ -78,6 +86,15 @@ def parse_number(field: bytes, what: str) -> int:
 
 
 _HIGH_BYTES = bytes(range(128, 256))
+_ZERO_BLOCK = bytes(BLOCK)
+_NO_PAX: dict[str, str] = {}  # never mutated
+
+
+def _byte_sum(piece: bytes) -> int:
+    """The sum of ``piece``'s bytes, for at most 256 bytes: Adler-32's low half is one plus
+    that sum modulo 65521, which 256 * 255 cannot reach; so C does the loop (5x faster than
+    ``sum``, and a layer of 100,000 small files checks 100,000 headers)."""
+    return (zlib.adler32(piece) & 0xFFFF) - 1
 
 
 def _checksum_ok(block: bytes) -> bool:
@@ -86,7 +103,8 @@ def _checksum_ok(block: bytes) -> bool:
         expected = parse_number(stored, "checksum")
     except FormatError:
         return False
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    unsigned = (_byte_sum(block[:148]) + 8 * 32 + _byte_sum(block[156:334])
+                + _byte_sum(block[334:]))
     if expected == unsigned:  # what every current tar writes: done without a second pass
         return True
     # Some old tars summed the header as signed chars: every byte above 127 counts 256 less.
@@ -203,7 +221,7 @@ class TarScanner:
             self._finish_extended()
             return None
         block = self._buffer[self._start : self._start + BLOCK]
-        if block == b"\0" * BLOCK:
+        if block == _ZERO_BLOCK:
             self._done = True  # end-of-archive marker (one zero block is enough to stop)
             return None
         if not _checksum_ok(block):
@@ -240,14 +258,14 @@ class TarScanner:
     def _finish_member(self, block: bytes, typeflag: bytes, size: int) -> TarMember:
         header_offset = self._ext_header_offset if self._ext_header_offset is not None else self._offset
         name = _decode(_cstr(block[0:100]))
-        if block[257:262] == b"ustar":
+        if block[257:262] == b"ustar" and block[345] != 0:
             prefix = _cstr(block[345:500])
             if prefix and block[257:265] != b"ustar  \0":  # POSIX prefix; not in old GNU format
                 name = _decode(prefix) + "/" + name
-        linkname = _decode(_cstr(block[157:257]))
+        linkname = _decode(_cstr(block[157:257])) if block[157] != 0 else ""
         mode = parse_number(block[100:108], "mode")
         mtime = parse_number(block[136:148], "mtime")
-        pax = {**self._global_pax, **self._pax}
+        pax = {**self._global_pax, **self._pax} if self._global_pax or self._pax else _NO_PAX
         if self._long_name is not None:
             name = self._long_name
         if self._long_link is not None:

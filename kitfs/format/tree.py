@@ -15,10 +15,11 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kitfs.errors import FormatError, NotFoundError, UnsafeEntryError
-from kitfs.format.layout import check_entry_path
-from kitfs.format.tar import TarMember
+from kitfs.format.layout import clean_entry_path
+from kitfs.format.tar import DIRECTORY_TYPE, REGULAR_TYPES, TarMember
 
 DEFAULT_DIR_MODE = 0o755
 KITFILE_NAME = "Kitfile"
@@ -29,11 +30,11 @@ _TYPE_NAMES = {
 }
 
 
-@dataclass(frozen=True)
-class FileSource:
+class FileSource(NamedTuple):
     """Where a file's bytes are: ``size`` bytes at ``offset`` of layer ``layer_index``'s content.
 
-    ``layer_index`` is -1 for the Kitfile, whose bytes are ``inline``.
+    ``layer_index`` is -1 for the Kitfile, whose bytes are ``inline``. (A NamedTuple, not a
+    frozen dataclass: a layer of 100,000 files makes 100,000 of them, and this is 3x cheaper.)
     """
 
     layer_index: int
@@ -41,7 +42,7 @@ class FileSource:
     inline: bytes = b""
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     path: str  # "" for the root
     is_dir: bool
@@ -180,18 +181,42 @@ class TreeBuilder:
         Raises:
             UnsafeEntryError: an entry kit refuses, naming the layer digest and the entry.
         """
+        # The hot loop of indexing a layer of many small files: directories already met are
+        # looked up by path, and the error message is only formatted for an error.
+        parents: dict[str, Node] = {}
         for member in members:
-            where = f"layer {layer_digest} entry {member.name!r}"
-            if not (member.is_file or member.is_dir):
-                kind = _TYPE_NAMES.get(member.typeflag, f"type {member.typeflag!r}")
-                raise UnsafeEntryError(f"{where}: {kind} entries are not allowed in a ModelKit")
-            relative = check_entry_path(member.name, where)
-            path = check_entry_path(posixpath.join(prefix, relative), where) if prefix else relative
-            if member.is_dir:
-                self.add_directory(path, member.mode, where)
-            else:
-                self.add_file(path, member.mode, member.size,
-                              FileSource(layer_index, member.data_offset), where)
+            typeflag = member.typeflag
+            is_dir = typeflag == DIRECTORY_TYPE
+            if not (is_dir or typeflag in REGULAR_TYPES):
+                kind = _TYPE_NAMES.get(typeflag, f"type {typeflag!r}")
+                raise UnsafeEntryError(f"{_where(layer_digest, member)}: {kind} entries are not "
+                                       "allowed in a ModelKit")
+            path, problem = clean_entry_path(member.name)
+            if problem is None and prefix:
+                path, problem = clean_entry_path(posixpath.join(prefix, path))
+            if problem is not None:
+                raise UnsafeEntryError(f"{_where(layer_digest, member)}: {problem}")
+            if is_dir:
+                self.add_directory(path, member.mode, _where(layer_digest, member))
+                continue
+            if not path:
+                raise UnsafeEntryError(f"{_where(layer_digest, member)}: a file entry names the "
+                                       "kit root")
+            parent_path, _, name = path.rpartition("/")
+            parent = parents.get(parent_path)
+            if parent is None:
+                parent = parents[parent_path] = self._parent_of(path, _where(layer_digest, member))
+            existing = parent.children.get(name)
+            if existing is not None:
+                what = "a directory" if existing.is_dir else "another file"
+                raise FormatError(f"{_where(layer_digest, member)}: {path!r} conflicts with {what} "
+                                  "at the same path (kit unpack refuses to overwrite)")
+            parent.children[name] = Node(path, False, member.mode & 0o777, member.size,
+                                         FileSource(layer_index, member.data_offset))
 
     def build(self) -> Tree:
         return Tree(self._root)
+
+
+def _where(layer_digest: str, member: TarMember) -> str:
+    return f"layer {layer_digest} entry {member.name!r}"
