@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sqlite3
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,8 +117,9 @@ def _pending(conn: sqlite3.Connection) -> bool:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    import sqlite_utils
-    from sqlite_utils.migrations import Migrations
+    with _without_optional_imports("pandas", "numpy"):
+        import sqlite_utils
+        from sqlite_utils.migrations import Migrations
 
     migrations = Migrations(MIGRATION_SET)
     for migration in MIGRATIONS:
@@ -126,6 +128,24 @@ def _migrate(conn: sqlite3.Connection) -> None:
         migrations.apply(sqlite_utils.Database(conn))
     except sqlite3.IntegrityError:
         pass  # it recorded the same migration first
+
+
+@contextmanager
+def _without_optional_imports(*names: str) -> Iterator[None]:
+    """Make ``import name`` fail inside the block (for modules not already imported).
+
+    sqlite-utils imports pandas and numpy whenever they are installed, for DataFrame column
+    types kitfs never uses; in a mount daemon creating a cache that cost ~85 MiB of memory.
+    """
+    blocked = [name for name in names if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
 
 
 def open_database(cache_dir: Path) -> sqlite3.Connection:
