@@ -53,9 +53,9 @@ from kitfs.remote.registry import RegistryClient, RegistryConfig, RegistryStatis
 log = logging.getLogger(__name__)
 
 MAX_MODEL_REFERENCE_CHAIN = 10
-# Index building reads headers in windows of whole chunks, doubling up to this many while the
-# windows keep holding several headers (see layer_members).
-MAX_INDEX_WINDOW_CHUNKS = 16
+# Index building reads headers chunk by chunk; while chunks keep holding several headers it has
+# the next ones fetched ahead in parallel, doubling up to this many (see layer_members).
+MAX_INDEX_AHEAD_CHUNKS = 4
 # On close, how long a session waits for chunks already served to be hashed and stored.
 SETTLE_TIMEOUT_S = 30.0
 
@@ -363,19 +363,22 @@ class KitSession:
         scanner = TarScanner(size)
         members: list[TarMember] = []
         chunk = self.options.chunk_size_bytes
-        window_chunks = 1
+        ahead_chunks = 0
         while (want := scanner.wants()) is not None:
             offset, length = want
+            if ahead_chunks:
+                # Headers sit close together here: have the chunks after this one fetched in
+                # parallel while this one is parsed. The scan asks from the next header on, so
+                # after a big file body (which it jumps over) nothing of the body is fetched.
+                ahead_end = (offset // chunk + 1 + ahead_chunks) * chunk
+                self.reader.prefetch(source.content, offset, ahead_end - offset)
             # Read to the end of the chunk holding the header (the reader fetches whole chunks
-            # anyway), or of several chunks, fetched in parallel, where headers sit close
-            # together: the window doubles while windows hold several headers and falls back
-            # to one chunk after a big file body, which the scan jumps over.
-            end = max(offset + length, (offset // chunk + window_chunks) * chunk)
-            data = await self.reader.read(source.content, offset, min(end, size) - offset,
-                                          read_ahead=False)
+            # anyway), one chunk at a time: memory stays a few chunks, whatever the layer.
+            end = min(max(offset + length, (offset // chunk + 1) * chunk), size)
+            data = await self.reader.read(source.content, offset, end - offset, read_ahead=False)
             found = scanner.feed(data)
             members.extend(found)
-            window_chunks = min(window_chunks * 2, MAX_INDEX_WINDOW_CHUNKS) if len(found) > 1 else 1
+            ahead_chunks = min(max(1, 2 * ahead_chunks), MAX_INDEX_AHEAD_CHUNKS) if len(found) > 1 else 0
         store_members(self.store, key, members)
         return members
 

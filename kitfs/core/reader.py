@@ -567,16 +567,28 @@ class BlobReader:
         # chunks up to stream.ahead were dealt with by earlier reads of this stream
         for idx in range(max(last_idx, stream.ahead) + 1, min(last_idx + 1 + window, last + 1)):
             stream.ahead = idx
-            entry = (key, idx)
-            if (entry in self._inflight or entry in self._prefetching or entry in self._recent
-                    or entry in self._storing):
-                continue
-            if self.store.has_chunk(key, idx):
-                # cached: have the kernel read its file ahead, so the read finds it in memory
-                self.store.advise_will_need(key, idx)
-                continue
-            self._prefetching.add(entry)
-            self._nursery.start_soon(self._prefetch, content, idx, name=f"prefetch {idx}")
+            self._start_prefetch(content, idx)
+
+    def prefetch(self, content: Content, offset: int, length: int) -> None:
+        """Start fetching the chunks of ``[offset, offset+length)`` in the background (index
+        building asks for its next window while it parses the current one)."""
+        if content.compression is not Compression.NONE:
+            return
+        chunk = self._chunk_size(content)
+        for span in chunks_covering(offset, length, content.blob_size, chunk):
+            self._start_prefetch(content, span.index)
+
+    def _start_prefetch(self, content: Content, idx: int) -> None:
+        entry = (content.key, idx)
+        if (entry in self._inflight or entry in self._prefetching or entry in self._recent
+                or entry in self._storing):
+            return
+        if self.store.has_chunk(content.key, idx):
+            # cached: have the kernel read its file ahead, so the read finds it in memory
+            self.store.advise_will_need(content.key, idx)
+            return
+        self._prefetching.add(entry)
+        self._nursery.start_soon(self._prefetch, content, idx, name=f"prefetch {idx}")
 
     async def _prefetch(self, content: Content, idx: int) -> None:
         try:
