@@ -42,7 +42,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -59,6 +59,7 @@ BLOCK_SIZE_BYTES = 64 * 1024  # checksum granularity: a 4 KiB read checks at mos
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How many chunk reads to remember before writing their access times to the database.
 _ACCESS_FLUSH_EVERY = 256
+_ROWS_KEPT = 4096  # chunk rows remembered by read(): 16 GiB of 4 MiB chunks, ~2.5 MiB
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,10 @@ class ChunkStore:
         self._dropped = 0  # chunks found damaged and dropped (``verify_chunks`` counts them)
         self._touched: dict[tuple[str, int], float] = {}
         self._warned_full = False
+        # (length, xxh3 sums) of chunks read lately: a chunk's row never changes while it is
+        # cached (content-addressed), so a FUSE read of a cached chunk costs no query. A chunk
+        # another process removed meanwhile shows up as a missing file, as before.
+        self._rows: OrderedDict[tuple[str, int], tuple[int, bytes]] = OrderedDict()
 
     def close(self) -> None:
         self._flush_access_times()
@@ -186,6 +191,9 @@ class ChunkStore:
         head, _, hex_ = algo_hex.rpartition("/")
         return self.directory / "chunks" / head / hex_[:2] / hex_ / str(idx)
 
+    def cached_chunk_count(self, key: str) -> int:
+        return int(self._execute("SELECT COUNT(*) FROM chunks WHERE key = ?", (key,)).fetchone()[0])
+
     def cached_chunks(self, key: str) -> set[int]:
         rows = self._execute("SELECT idx FROM chunks WHERE key = ?", (key,)).fetchall()
         return {idx for (idx,) in rows}
@@ -217,11 +225,16 @@ class ChunkStore:
         A chunk whose file is missing, short, or fails its checksum is dropped (and logged),
         and the read is a miss. A chunk another process evicts meanwhile is a plain miss.
         """
-        row = self._execute(
-            "SELECT length, xxh3 FROM chunks WHERE key = ? AND idx = ?", (key, idx)
-        ).fetchone()
+        row = self._rows.get((key, idx))
         if row is None:
-            return None
+            row = self._execute(
+                "SELECT length, xxh3 FROM chunks WHERE key = ? AND idx = ?", (key, idx)
+            ).fetchone()
+            if row is None:
+                return None
+            self._rows[(key, idx)] = row
+            if len(self._rows) > _ROWS_KEPT:
+                self._rows.popitem(last=False)
         chunk_length, sums = row
         end = min(offset + length, chunk_length)
         if offset >= end:
@@ -237,6 +250,7 @@ class ChunkStore:
             finally:
                 os.close(fd)
         except FileNotFoundError:
+            self._rows.pop((key, idx), None)
             if self.has_chunk(key, idx) and not self.chunk_path(key, idx).exists():
                 self._drop_bad_chunk(key, idx, "its file is missing")
             return None
@@ -303,6 +317,7 @@ class ChunkStore:
                     freed = self._evict_locked(self.quota_bytes - prepared.length,
                                                keep=(key, idx))
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._rows.pop((key, idx), None)
                 os.replace(prepared.tmp, path)
                 self._execute(
                     "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access) "
@@ -449,6 +464,7 @@ class ChunkStore:
             with self._transaction():
                 for table in ("chunks", "chunk_digests", "blobs", "documents", "layer_indexes"):
                     self._execute(f"DELETE FROM {table}")
+            self._rows.clear()
             shutil.rmtree(self.directory / "chunks", ignore_errors=True)
             (self.directory / "chunks").mkdir(mode=0o700, exist_ok=True)
 
@@ -508,6 +524,7 @@ class ChunkStore:
             self._unlink(key, idx)
 
     def _unlink(self, key: str, idx: int) -> None:
+        self._rows.pop((key, idx), None)
         _unlink_quietly(self.chunk_path(key, idx))
 
     def _warn_full(self, detail: str) -> None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -65,8 +66,9 @@ DEFAULT_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
 NEARLY_COMPLETE_BYTES = 16 * 1024 * 1024
 # Chunks just fetched are kept in memory (also by prefetch), so the reads that follow the one
 # that fetched a chunk are answered without a trip through the cache file, and the digest
-# frontier finds chunks that arrived out of order: 8 x 4 MiB (the read-ahead window).
-RECENT_CHUNKS = 8
+# frontier finds chunks that arrived out of order: the read-ahead window (8) and the chunks
+# being read (with only 8, prefetched chunks pushed the one being read out of memory).
+RECENT_CHUNKS = 12
 # Sequential read-ahead (as mountpoint-s3's prefetcher): a read that continues a stream (starts
 # within STREAM_SLACK_BYTES of where an earlier read of the same content ended; the kernel's
 # own read-ahead reorders a little) keeps chunks fetched ahead of it in parallel, a quarter as many
@@ -74,6 +76,8 @@ RECENT_CHUNKS = 8
 # with no read-ahead (see BlobReader._read_ahead).
 STREAM_SLACK_BYTES = 2 * 1024 * 1024
 MAX_PREFETCH_CHUNKS = 8
+# How often a reader asks the cache whether another process found a blob failing its digest.
+FAILED_CHECK_INTERVAL_S = 1.0
 MAX_STREAMS_PER_CONTENT = 4
 # Compressed layers are fetched in ranges of this size while decompressing.
 STREAM_RANGE_BYTES = 8 * 1024 * 1024
@@ -181,6 +185,7 @@ class BlobReader:
         self._prefetching: set[tuple[str, int]] = set()
         self._seen: set[str] = set()  # keys read at least once by this reader
         self._failed: set[str] = set()  # keys this reader found failing their digest
+        self._not_failed_until: dict[str, float] = {}  # key -> monotonic time to ask again
         self._piece_digests: dict[tuple[str, int], str] = {}  # sha256 of chunks just fetched
         # chunks fetched and served, being hashed and stored behind the reads (_store_fetched)
         self._storing: dict[tuple[str, int], bytearray] = {}
@@ -276,6 +281,13 @@ class BlobReader:
         return known if known is not None else self._register(content)
 
     def _check_not_failed(self, content: Content) -> None:
+        """Raise if the blob failed verification, here or in another process (which this asks
+        the cache about at most every FAILED_CHECK_INTERVAL_S: not on every read)."""
+        if content.key not in self._failed:
+            now = time.monotonic()
+            if now < self._not_failed_until.get(content.key, 0.0):
+                return
+            self._not_failed_until[content.key] = now + FAILED_CHECK_INTERVAL_S
         state = self.store.blob_state(content.key)
         if state is not None and state.verified == -1:
             raise IntegrityError(
@@ -308,7 +320,9 @@ class BlobReader:
         key = content.key
         self.store.pin(key, idx)
         try:
-            data = self._from_memory_or_cache(key, idx, start, length)
+            data = self._from_memory(key, idx, start, length)
+            if data is None and (key, idx) not in self._inflight:  # in flight: not cached yet
+                data = self.store.read(key, idx, start, length)
             if data is not None:
                 self.stats.chunk_hits += 1
                 return data
@@ -337,6 +351,10 @@ class BlobReader:
         return False
 
     def _from_memory_or_cache(self, key: str, idx: int, start: int, length: int) -> bytes | None:
+        data = self._from_memory(key, idx, start, length)
+        return data if data is not None else self.store.read(key, idx, start, length)
+
+    def _from_memory(self, key: str, idx: int, start: int, length: int) -> bytes | None:
         kept = self._recent.get((key, idx))
         if kept is not None:
             self._recent.move_to_end((key, idx))
@@ -344,7 +362,7 @@ class BlobReader:
         kept = self._storing.get((key, idx))
         if kept is not None:
             return memoryview(kept)[start : start + length].tobytes()
-        return self.store.read(key, idx, start, length)
+        return None
 
     def _remember(self, key: str, idx: int, data: bytearray) -> None:
         self._recent[(key, idx)] = data
@@ -452,12 +470,12 @@ class BlobReader:
             return
         chunk = self._chunk_size(content)
         total = chunk_count(content.blob_size, chunk)
-        cached = self.store.cached_chunks(content.key)
-        if len(cached) >= total:
+        if self.store.cached_chunk_count(content.key) >= total:
             await self._ensure_verified(content)
             return
         if not reaches_file_end:
             return
+        cached = self.store.cached_chunks(content.key)
         missing_bytes = sum(
             chunk_span(i, content.blob_size, chunk).length
             for i in range(total) if i not in cached
