@@ -485,6 +485,31 @@ def test_a_tampered_weights_file_fails_with_eio_and_says_why(
     assert model.digest in mount.log()
 
 
+def test_a_failure_found_by_another_process_fails_the_mounts_reads_within_a_second(
+        mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
+    weights = os.urandom(10 * MiB)
+    model = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/w.bin"}}
+    with_layer_info(kitfile, [(kitfile["model"], model)])
+    reference = f"{registry.host}/team/tampered-elsewhere:v1"
+    pusher.push_kit(reference, kitfile, [model])
+    stored = registry.blob_file(model.digest)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    mount = mounter.mount(reference)
+    path = mount.path / "models/w.bin"
+    with path.open("rb") as f:  # eventual mode: a read that does not reach the end is served
+        assert os.pread(f.fileno(), 4096, 0) == weights[:4096]
+    done = mounter.kitfs("cat", reference, "models/w.bin", check=False)  # same cache
+    assert done.returncode == 65 and "failed verification" in done.stderr
+    mount.expect_error(rf"{model.digest} failed verification")
+    time.sleep(1.2)
+    with path.open("rb") as f, pytest.raises(OSError) as caught:
+        os.pread(f.fileno(), 4096, 8 * MiB)  # a range this mount never read
+    assert caught.value.errno == errno.EIO
+
+
 def test_readers_never_wait_on_each_others_network_fetches(
         mounter: Mounter, kit: str, registry: Registry) -> None:
     proxy = FaultProxy(registry.host).start()

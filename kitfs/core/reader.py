@@ -283,13 +283,14 @@ class BlobReader:
     def _check_not_failed(self, content: Content) -> None:
         """Raise if the blob failed verification, here or in another process (which this asks
         the cache about at most every FAILED_CHECK_INTERVAL_S: not on every read)."""
-        if content.key not in self._failed:
-            now = time.monotonic()
-            if now < self._not_failed_until.get(content.key, 0.0):
-                return
-            self._not_failed_until[content.key] = now + FAILED_CHECK_INTERVAL_S
+        now = time.monotonic()
+        if content.key not in self._failed and now < self._not_failed_until.get(content.key, 0.0):
+            return
         state = self.store.blob_state(content.key)
-        if state is not None and state.verified == -1:
+        if state is None or state.verified != -1:
+            self._not_failed_until[content.key] = now + FAILED_CHECK_INTERVAL_S
+        else:
+            self._not_failed_until.pop(content.key, None)
             raise IntegrityError(
                 f"layer {content.blob_digest} failed verification earlier and is not served: "
                 f"{state.failure}"
