@@ -505,7 +505,7 @@ def test_a_failure_found_by_another_process_fails_the_mounts_reads_within_a_seco
     assert done.returncode == 65 and "failed verification" in done.stderr
     mount.expect_error(rf"{model.digest} failed verification")
     time.sleep(1.2)
-    with path.open("rb") as f, pytest.raises(OSError) as caught:
+    with path.open("rb") as f, pytest.raises(OSError, match="Input/output error") as caught:
         os.pread(f.fileno(), 4096, 8 * MiB)  # a range this mount never read
     assert caught.value.errno == errno.EIO
 
