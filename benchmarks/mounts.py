@@ -17,6 +17,8 @@ from types import TracebackType
 
 from common import run_quiet, vm_hwm_bytes
 
+from kitfs.mount.status import process_alive, wait_exit
+
 KITFS = [sys.executable, "-m", "kitfs"]
 EXIT_WAIT_S = 20.0
 
@@ -30,23 +32,6 @@ def mounted_fstype(path: Path) -> str | None:
         if len(fields) > 4 and fields[4].replace("\\040", " ") == wanted and "-" in fields:
             found = fields[fields.index("-") + 1]
     return found
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def wait_exit(pid: int, timeout_s: float = EXIT_WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def force_unmount(path: Path) -> None:
@@ -105,7 +90,7 @@ class KitfsMount:
         return record
 
     def peak_rss_bytes(self) -> int:
-        return vm_hwm_bytes(self.pid) if self.pid and pid_alive(self.pid) else 0
+        return vm_hwm_bytes(self.pid) if self.pid and process_alive(self.pid) else 0
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -114,7 +99,7 @@ class KitfsMount:
                                   env=self.env(), cwd=self.src_dir, timeout=60, check=False)
             if done.returncode != 0:
                 force_unmount(self.path)
-        if self.pid and not wait_exit(self.pid):
+        if self.pid and not wait_exit(self.pid, EXIT_WAIT_S):
             os.kill(self.pid, signal.SIGKILL)
             wait_exit(self.pid, 5)
         force_unmount(self.path)

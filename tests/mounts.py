@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kitfs.mount.status import find_mount, process_alive
+from kitfs.mount.status import find_mount, wait_exit
 
 DAEMON_EXIT_S = 15.0
 
@@ -53,12 +53,8 @@ class Mount:
 
 
 def wait_gone(pid: int, timeout_s: float = DAEMON_EXIT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not process_alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
+    """``kitfs.mount.status.wait_exit`` with the tests' default bound."""
+    return wait_exit(pid, timeout_s)
 
 
 class Mounter:

@@ -338,6 +338,5 @@ def unmount(mountpoint: Path, lazy: bool = False, timeout_s: float = 20.0) -> in
         raise KitfsError(f"cannot unmount {str(mountpoint)!r}: {reason}")
     deadline = time.monotonic() + timeout_s
     for pid in pids:
-        while time.monotonic() < deadline and status.process_alive(pid):
-            time.sleep(0.05)
+        status.wait_exit(pid, max(0.0, deadline - time.monotonic()))
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,17 @@ def write_status(pid: int, record: dict[str, Any]) -> None:
 
 def remove_status(pid: int) -> None:
     (runtime_dir() / f"{pid}.json").unlink(missing_ok=True)
+
+
+def wait_exit(pid: int, timeout_s: float) -> bool:
+    """Wait until ``pid`` no longer runs (``process_alive``); False if it still does after
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while process_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def process_alive(pid: int) -> bool:
