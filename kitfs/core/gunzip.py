@@ -183,12 +183,24 @@ def first_pass(blob: SequentialBlob, chunk_size_bytes: int,
                deliver: Callable[[int, bytes], None]) -> PassResult:
     """Decompress the whole gzip stream once; hand each chunk to ``deliver(index, bytes)`` as
     it is made; return the size and the checkpoint index (a checkpoint every chunk or so).
-    Every byte of the blob goes through ``blob.hasher``, in order, once. Worker thread.
+    Every byte of the blob goes through ``blob.hasher``, in order, once, also when the stream
+    turns out malformed: the caller can then tell a malformed layer from bytes that are not
+    the layer's. Worker thread.
 
     Raises:
         FormatError: not gzip, corrupt (a member's CRC or size is wrong) or truncated.
         Whatever ``blob``'s or ``deliver``'s callbacks raised (registry failures...).
     """
+    try:
+        return _first_pass(blob, chunk_size_bytes, deliver)
+    except FormatError:
+        if blob.error is None:
+            blob.drain()
+        raise
+
+
+def _first_pass(blob: SequentialBlob, chunk_size_bytes: int,
+                deliver: Callable[[int, bytes], None]) -> PassResult:
     spacing = chunk_size_bytes
     per_read = max(1, PASS_READ_BYTES // chunk_size_bytes) * chunk_size_bytes
     # seeks back reach the checkpoint before a read: at most a read and two spacings back
@@ -197,17 +209,19 @@ def first_pass(blob: SequentialBlob, chunk_size_bytes: int,
     try:
         with indexed_gzip.IndexedGzipFile(fileobj=blob, spacing=spacing,
                                           readbuf_size=READ_BUFFER_BYTES,
-                                          buffer_size=64 * 1024) as gz:
-            buffer = bytearray(per_read)
-            view = memoryview(buffer)
+                                          buffer_size=64 * 1024) as buffered:
+            # the unbuffered file: its read() reports a CRC mismatch as CrcError, where the
+            # buffered reader's readinto() only complains of an "invalid length"
+            gz = buffered.raw
             idx = 0
             while True:
-                filled = _fill(gz, view)
-                for start in range(0, filled, chunk_size_bytes):
-                    deliver(idx, bytes(view[start : min(start + chunk_size_bytes, filled)]))
+                data = _read(gz, per_read)
+                view = memoryview(data)
+                for start in range(0, len(data), chunk_size_bytes):
+                    deliver(idx, bytes(view[start : start + chunk_size_bytes]))
                     idx += 1
-                produced += filled
-                if filled < per_read:
+                produced += len(data)
+                if len(data) < per_read:
                     break
             if produced:
                 gz.seek(produced - 1)  # carry the checkpoints on to the end of the stream
@@ -225,7 +239,7 @@ def first_pass(blob: SequentialBlob, chunk_size_bytes: int,
     return PassResult(produced, index)
 
 
-def remake(blob: SpanBlob, spacing: int, index: bytes, start: int, length: int) -> bytearray:
+def remake(blob: SpanBlob, spacing: int, index: bytes, start: int, length: int) -> bytes:
     """Decompressed bytes ``[start, start+length)``, from ``index`` (a subset holding the
     checkpoint at or before ``start``) and the compressed bytes after it. Worker thread.
 
@@ -233,34 +247,34 @@ def remake(blob: SpanBlob, spacing: int, index: bytes, start: int, length: int) 
         FormatError: indexed_gzip could not decompress from that checkpoint.
         Whatever ``blob``'s fetch raised.
     """
-    out = bytearray(length)
     try:
         with indexed_gzip.IndexedGzipFile(fileobj=blob, spacing=spacing,
                                           readbuf_size=REMAKE_READ_BUFFER_BYTES,
-                                          buffer_size=64 * 1024) as gz:
+                                          buffer_size=64 * 1024) as buffered:
+            gz = buffered.raw
             gz.import_index(fileobj=io.BytesIO(index))
             gz.seek(start)
-            filled = _fill(gz, memoryview(out))
+            data = _read(gz, length)
     except KitfsError:
         raise
     except _LIBRARY_ERRORS as exc:
         blob.raise_kept_error()
         raise FormatError(f"cannot decompress from the checkpoint: {exc}") from exc
     blob.raise_kept_error()
-    if filled != length:
-        raise FormatError(f"decompressing from the checkpoint gave {filled} of {length} bytes")
-    return out
+    if len(data) != length:
+        raise FormatError(f"decompressing from the checkpoint gave {len(data)} of {length} bytes")
+    return data
 
 
-def _fill(gz: Any, view: memoryview) -> int:
-    """Read into ``view`` until it is full or the stream ends; returns the bytes read."""
-    filled = 0
-    while filled < len(view):
-        n = gz.readinto(view[filled:])
-        if not n:
+def _read(gz: Any, length: int) -> bytes:
+    """Up to ``length`` decompressed bytes: fewer only where the stream ends."""
+    data = gz.read(length)
+    while len(data) < length:
+        more = gz.read(length - len(data))
+        if not more:
             break
-        filled += n
-    return filled
+        data += more
+    return bytes(data)
 
 
 def _check_end(blob: SequentialBlob, table: gzindex.CheckpointTable, size_bytes: int) -> None:

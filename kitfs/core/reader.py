@@ -576,6 +576,10 @@ class BlobReader:
                         job.waiting.append(needed)
                         registered.append((job, needed))
                     await job.progress.wait()  # woken each time the job stores a chunk
+                    if job.done.is_set() and job.error is not None:
+                        # the job this read waited for failed: report it (the next read tries
+                        # again), rather than start another job at once, and another...
+                        raise copy_for_waiter(job.error)
                     continue
                 out.append(data)
                 position += len(data)
@@ -638,11 +642,18 @@ class BlobReader:
 
             blob = gunzip.SequentialBlob(content.blob_size, next_piece, fetch,
                                          content.blob_digest.hasher())
-            with collapse_groups():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._fetch_in_order, content, send)
-                    nursery.start_soon(trio.to_thread.run_sync, pipe.drain, store)
-                    result = await trio.to_thread.run_sync(decompress)
+            try:
+                with collapse_groups():
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._fetch_in_order, content, send)
+                        nursery.start_soon(trio.to_thread.run_sync, pipe.drain, store)
+                        result = await trio.to_thread.run_sync(decompress)
+            except FormatError:
+                if (blob.arrived == content.blob_size
+                        and blob.hasher.hexdigest() != content.blob_digest.hex):
+                    # not the layer's bytes at all (the layer itself may be fine)
+                    self._fail(content, f"compressed content is {blob.hasher.hexdigest()}")
+                raise
             if blob.hasher.hexdigest() != content.blob_digest.hex:
                 self._fail(content, f"compressed content is {blob.hasher.hexdigest()}")
             if content.diff_id is not None and diff_hasher.hexdigest() != content.diff_id.hex:
@@ -736,7 +747,7 @@ class BlobReader:
 
             span = gunzip.SpanBlob(content.blob_size, plan.first_byte, compressed, fetch)
             try:
-                data, actual, prepared = await trio.to_thread.run_sync(
+                made, actual, prepared = await trio.to_thread.run_sync(
                     _remake_in_thread, self.store, span, plan)
             except FormatError as exc:
                 self._drop_checkpoints(content, f"decompressing chunk {idx} from it failed: {exc}")
@@ -746,6 +757,7 @@ class BlobReader:
                           f"verified layer had {plan.sha256}")
                 log.error("layer %s: %s", content.blob_digest, reason)
                 raise IntegrityError(f"layer {content.blob_digest}: {reason}")
+            data = bytearray(made)
             self._remember(key, idx, data)
             self.store.commit(key, idx, prepared)
             log.debug("layer %s: chunk %d made again from a checkpoint (%d compressed bytes)",
@@ -939,7 +951,7 @@ class _RemakePlan:
 
 
 def _remake_in_thread(store: ChunkStore, span: gunzip.SpanBlob,
-                      plan: _RemakePlan) -> tuple[bytearray, str, PreparedChunk | None]:
+                      plan: _RemakePlan) -> tuple[bytes, str, PreparedChunk | None]:
     """Decompress a chunk from its checkpoint, hash it, and write its cache file if it is the
     verified one (worker thread)."""
     data = gunzip.remake(span, plan.spacing, plan.index, plan.start, plan.length)
