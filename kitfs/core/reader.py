@@ -77,6 +77,9 @@ MAX_PREFETCH_CHUNKS = 8
 MAX_STREAMS_PER_CONTENT = 4
 # Compressed layers are fetched in ranges of this size while decompressing.
 STREAM_RANGE_BYTES = 8 * 1024 * 1024
+# The compressed spans of the last chunks of gzip layers made again from checkpoints are kept
+# (each at most three checkpoint spacings): the next chunk's span starts inside the last one.
+KEPT_SPANS = 2
 
 
 class VerifyMode(enum.Enum):
@@ -185,6 +188,7 @@ class BlobReader:
         self._jobs: dict[str, _Job] = {}
         self._verifying: dict[str, trio.Event] = {}
         self._checkpoint_tables: dict[str, gzindex.CheckpointTable] = {}  # by gzip blob digest
+        self._spans: OrderedDict[str, tuple[int, bytes]] = OrderedDict()  # see _compressed_span
 
     # --- public -------------------------------------------------------------------------------
 
@@ -739,8 +743,7 @@ class BlobReader:
         event = trio.Event()
         self._inflight[(key, idx)] = event
         try:
-            compressed = await self._fetch_bytes(content, plan.first_byte,
-                                                 plan.end_byte - plan.first_byte)
+            compressed = await self._compressed_span(content, plan.first_byte, plan.end_byte)
 
             def fetch(offset: int, length: int) -> bytes:  # worker thread
                 return trio.from_thread.run(self._fetch_bytes, content, offset, length)
@@ -766,6 +769,26 @@ class BlobReader:
         finally:
             del self._inflight[(key, idx)]
             event.set()
+
+    async def _compressed_span(self, content: Content, start: int, end: int) -> bytes:
+        """Compressed bytes ``[start, end)`` of a gzip blob. The spans of the last few chunks
+        made again are kept, and the part of a span they hold comes from memory: consecutive
+        chunks' spans overlap by up to a checkpoint spacing, so a sequential read through an
+        evicted layer fetches each compressed byte about once."""
+        blob = str(content.blob_digest)
+        head: bytes = b""
+        kept = self._spans.get(blob)
+        if kept is not None and kept[0] <= start < kept[0] + len(kept[1]):
+            head = kept[1][start - kept[0] : end - kept[0]]
+        fetch_from = start + len(head)
+        data = head
+        if fetch_from < end:
+            data += await self._fetch_bytes(content, fetch_from, end - fetch_from)
+        self._spans[blob] = (start, data)
+        self._spans.move_to_end(blob)
+        while len(self._spans) > KEPT_SPANS:
+            self._spans.popitem(last=False)
+        return data
 
     def _remake_plan(self, content: Content, idx: int) -> _RemakePlan | None:
         """What ``_remake`` needs for chunk ``idx``, or None if it cannot make it."""
