@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from kitfs.cache.store import ChunkStore
 from kitfs.core.reader import BlobReader, Content, VerifyMode
-from kitfs.errors import IntegrityError
+from kitfs.errors import FormatError, IntegrityError
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import Compression
 from kitfs.format.ranges import chunk_count, chunk_span, chunks_covering
@@ -464,6 +464,124 @@ def test_a_compressed_layer_is_read_under_a_quota_smaller_than_two_chunks(tmp_pa
     finally:
         store.close()
     assert sum(length for _, length in fake.requests) <= 2 * len(packed)
+
+
+def gzip_content(fake: FakeRegistry, plain: bytes | None) -> Content:
+    """A gzip layer whose digest is that of the bytes ``fake`` serves; with the diffId of
+    ``plain`` when given."""
+    return Content(registry=cast(RegistryClient, fake), repository="team/kit",
+                   blob_digest=Digest.of(fake.served), blob_size=len(fake.served),
+                   compression=Compression.GZIP,
+                   diff_id=Digest.of(plain) if plain is not None else None)
+
+
+def test_a_gzip_layer_whose_bytes_fail_their_digest_fails_once_and_for_all(tmp_path: Path) -> None:
+    """The first pass finds the blob is not the layer's: the read fails with IntegrityError
+    after one pass (it used to start the pass again and again), and so does every later read,
+    without another request."""
+    plain = blob_of(5 * CHUNK, 4)
+    packed = gzip.compress(plain, mtime=0)
+    tampered = bytearray(packed)
+    tampered[len(packed) // 2] ^= 1
+    fake = FakeRegistry(bytes(tampered))
+    content = Content(registry=cast(RegistryClient, fake), repository="team/kit",
+                      blob_digest=Digest.of(packed), blob_size=len(packed),
+                      compression=Compression.GZIP, diff_id=Digest.of(plain))
+    store = ChunkStore(tmp_path / "cache")
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                reader = BlobReader(store, nursery, VerifyMode.EVENTUAL, CHUNK, read_ahead_chunks=0)
+                with pytest.raises(IntegrityError, match="failed verification"):
+                    await reader.read(content, 0, 100)
+                served = sum(length for _, length in fake.requests)
+                assert served == len(packed)
+                with pytest.raises(IntegrityError):
+                    await reader.read(content, 3 * CHUNK, 100)
+                assert sum(length for _, length in fake.requests) == served
+
+    try:
+        trio.run(main)
+        assert store.cached_chunks(content.key) == set()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda packed: packed[: len(packed) - 5000], "truncated"),
+    (lambda packed: packed + b"not gzip", "corrupt"),
+    (lambda packed: packed[:-8] + bytes(8), "CRC"),  # the trailer's CRC and size are wrong
+])
+def test_malformed_gzip_streams_are_refused(tmp_path: Path, damage: Callable[[bytes], bytes],
+                                           message: str) -> None:
+    """A blob that matches its digest but is not a whole gzip stream (and no diffId to catch
+    it): truncated inside deflate data, followed by something other than zero padding, or
+    with a wrong trailer, is a FormatError naming what is wrong."""
+    plain = blob_of(3 * CHUNK, 5) + b"text " * 20000
+    fake = FakeRegistry(damage(gzip.compress(plain, mtime=0)))
+    store = ChunkStore(tmp_path / "cache")
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                reader = BlobReader(store, nursery, VerifyMode.EVENTUAL, CHUNK, read_ahead_chunks=0)
+                with pytest.raises(FormatError, match=message):
+                    await reader.size(gzip_content(fake, None))
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()
+
+
+@st.composite
+def gzip_streams(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    """(plain, packed): one to three gzip members of random or repetitive bytes, some empty,
+    at various levels, sometimes followed by zero padding."""
+    plain, packed = b"", b""
+    for _ in range(draw(st.integers(1, 3))):
+        size = draw(st.sampled_from([0, 1, 1000, CHUNK - 1, 3 * CHUNK + 7, 6 * CHUNK]))
+        seed = draw(st.integers(0, 2**16))
+        member = (blob_of(size, seed) if draw(st.booleans())
+                  else (b"row %d of a table\n" % seed * (size // 16 + 1))[:size])
+        plain += member
+        packed += gzip.compress(member, compresslevel=draw(st.sampled_from([1, 6, 9])), mtime=0)
+    return plain, packed + bytes(draw(st.sampled_from([0, 0, 512])))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=gzip_streams(), seed=st.integers(0, 2**16))
+def test_evicted_gzip_chunks_are_made_from_checkpoints_with_the_right_bytes(
+        stream: tuple[bytes, bytes], seed: int) -> None:
+    """After the first pass, with every chunk evicted, reads anywhere (several members, empty
+    ones, zero padding) give the right bytes; each chunk made again costs one request of at
+    most three checkpoint spacings (a spacing is a chunk), concurrent reads of a chunk one."""
+    plain, packed = stream
+    fake = FakeRegistry(packed)
+    content = gzip_content(fake, plain)
+    rng = random.Random(seed)
+
+    async def body(reader: BlobReader, store: ChunkStore) -> None:
+        assert await reader.size(content) == len(plain)
+        store.purge_chunks(content.key)
+        fake.requests.clear()
+        chunks = chunk_count(len(plain), CHUNK)
+        for idx in rng.sample(range(chunks), min(chunks, 4)):
+            offset = idx * CHUNK + rng.randrange(CHUNK)
+            results: list[bytes] = []
+
+            async def read(at: int, into: list[bytes]) -> None:
+                into.append(await reader.read(content, at, 3000))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(3):
+                    nursery.start_soon(read, offset, results)
+            assert results == [plain[offset : offset + 3000]] * 3
+        assert all(length <= 3 * CHUNK + 64 * 1024 for _, length in fake.requests), fake.requests
+        assert len(fake.requests) <= min(chunks, 4) * 2  # a read may span two chunks
+
+    run_with_reader(VerifyMode.EVENTUAL, CHUNK, None, body)
 
 
 # --- read-ahead ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from kitfs.errors import (
     NotFoundError,
     UnsafeEntryError,
 )
+from kitfs.format import gzindex
 from kitfs.format.digest import Digest
 from kitfs.format.kitfile import go_format_float, render_kitfile
 from kitfs.format.layout import check_entry_path, plan_layout
@@ -853,3 +854,53 @@ def test_tree_add_file_for_raw_layer() -> None:
         builder.add_file("", 0o644, 0, FileSource(3, 0), "layer y")
     node = builder.build().lookup("pkg/__init__.py")
     assert (node.mode, node.size, node.source) == (0o644, 0, FileSource(2, 0))
+
+
+# --- gzip checkpoint indexes (GZIDX) ----------------------------------------------------------
+
+
+def gzidx(points: list[tuple[int, int, int, bytes | None]], *, version: int = 1,
+          compressed: int = 10_000, uncompressed: int = 40_000) -> bytes:
+    """A GZIDX file as indexed_gzip writes it (little-endian machine)."""
+    head = b"GZIDX" + bytes([version, 0]) + compressed.to_bytes(8, "little") + \
+        uncompressed.to_bytes(8, "little") + (65536).to_bytes(4, "little") + \
+        (32768).to_bytes(4, "little") + len(points).to_bytes(4, "little")
+    table = b"".join(c.to_bytes(8, "little") + u.to_bytes(8, "little") + bytes([bits, w is not None])
+                     for c, u, bits, w in points)
+    return head + table + b"".join(w for *_, w in points if w is not None)
+
+
+def test_gzidx_table_locates_windows_and_the_checkpoints_around_a_range() -> None:
+    w1, w2 = b"\1" * 32768, b"\2" * 32768
+    data = gzidx([(10, 0, 0, None), (3000, 16_000, 3, w1), (6000, 33_000, 0, w2),
+                  (10_000, 40_000, 5, None)])
+    table = gzindex.parse_table(data)
+    assert gzindex.parse_header(data[:gzindex.HEADER_BYTES]).table_bytes == 35 + 4 * 18
+    starts = [p.window_at for p in table.points]
+    assert starts == [None, 35 + 72, 35 + 72 + 32768, None]
+    assert data[35 + 72 :][:32768] == w1 and data[35 + 72 + 32768 :][:32768] == w2
+    before, after = table.around(16_000, 20_000)
+    assert (before.uncompressed_offset, before.first_byte, before.bits) == (16_000, 2999, 3)
+    assert after is not None and after.uncompressed_offset == 33_000
+    before, after = table.around(39_000, 40_000)
+    assert before.uncompressed_offset == 33_000 and after is not None and after.bits == 5
+    # a subset with two of them is again a well-formed index with their windows
+    sub = gzindex.subset(table, [(table.points[1], w1), (table.points[2], None)])
+    again = gzindex.parse_table(sub)
+    assert [(p.compressed_offset, p.uncompressed_offset, p.bits) for p in again.points] == [
+        (3000, 16_000, 3), (6000, 33_000, 0)]
+    assert again.points[1].window_at is None and sub.endswith(w1)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"GZIDX\1", "truncated in its header"),
+    (b"NOTIT" + bytes(30), "no GZIDX magic"),
+    (gzidx([], version=2), "version 2"),
+    (gzidx([(10, 0, 0, None), (20, 5, 0, None)])[:-1], "truncated in its table"),
+    (gzidx([(3000, 16_000, 0, None), (10, 20_000, 0, None)]), "checkpoint 1 is malformed"),
+    (gzidx([(10, 0, 9, None)]), "checkpoint 0 is malformed"),
+    (gzidx([(10, 50_000, 0, None)]), "checkpoint 0 is malformed"),
+])
+def test_gzidx_malformed_indexes_are_format_errors(data: bytes, message: str) -> None:
+    with pytest.raises(FormatError, match=message):
+        gzindex.parse_table(data)

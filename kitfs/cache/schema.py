@@ -9,6 +9,8 @@ processes (mounts, ``kitfs cat``, ``kitfs cache gc``) share it safely. Tables:
 ``documents``     verified manifests and configs, by digest.
 ``layer_indexes`` the parsed tar index of a layer, by content key: one packed row per layer
                   (a row per member cost more than parsing the tar; see ``kitfs.cache.index``).
+``checkpoints``   one row per gzip checkpoint index file on disk (by compressed blob digest);
+                  like a chunk row, it exists only after its file does.
 
 Content keys are digests (``sha256:…``) for blobs as the registry stores them, and
 ``gunzip:sha256:…`` / ``unzstd:sha256:…`` for the decompressed stream of a compressed layer
@@ -88,6 +90,16 @@ def m002_packed_layer_indexes(db: Any) -> None:
     )""")
 
 
+def m003_checkpoints(db: Any) -> None:
+    db.execute("""CREATE TABLE IF NOT EXISTS checkpoints (
+        blob TEXT PRIMARY KEY,        -- digest of the gzip blob the checkpoints point into
+        content_key TEXT NOT NULL,    -- the decompressed stream they rebuild chunks of
+        length INTEGER NOT NULL,      -- bytes in the index file
+        xxh3 BLOB NOT NULL,           -- xxh3_64 of each 64 KiB block, as for chunks
+        last_access REAL NOT NULL     -- evicted least recently used, after every chunk
+    )""")
+
+
 @contextmanager
 def cache_lock(cache_dir: Path) -> Iterator[None]:
     """Hold the cache directory's exclusive ``flock`` (released by the kernel on ``kill -9``)."""
@@ -100,7 +112,7 @@ def cache_lock(cache_dir: Path) -> Iterator[None]:
 
 
 # In order; each is applied once per cache, recorded in sqlite-utils' _sqlite_migrations table.
-MIGRATIONS = (m001_initial, m002_packed_layer_indexes)
+MIGRATIONS = (m001_initial, m002_packed_layer_indexes, m003_checkpoints)
 
 
 def _pending(conn: sqlite3.Connection) -> bool:

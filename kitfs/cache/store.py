@@ -5,7 +5,8 @@ Layout of a cache directory (created 0700; files 0600)::
     kitfs.db                                  SQLite, WAL (see kitfs.cache.schema)
     lock                                      flock: file and row changes across processes
     chunks/<algo>/<hex[:2]>/<hex>/<idx>       one file per cached chunk of a content key
-    tmp/                                      chunk files being written
+    checkpoints/<algo>/<hex[:2]>/<hex>        the checkpoint index of a gzip blob (by its digest)
+    tmp/                                      chunk and index files being written
 
 Invariants (what a ``kill -9`` at any instant cannot break):
 
@@ -25,6 +26,11 @@ Invariants (what a ``kill -9`` at any instant cannot break):
   unlink their files" (eviction, dropping a bad chunk, purge, ``gc``, ``clear``) each run
   under an exclusive ``flock`` on ``lock`` in the cache directory; otherwise one process could
   unlink the file another has just put back and recorded. ``kill -9`` releases the lock.
+- Checkpoint indexes (kitfs.format.gzindex) follow the same rules as chunks: file first, then
+  row; row removed before file; xxh3 per 64 KiB block checked on every read (a damaged index is
+  dropped and the read reports none); counted in the quota and evicted least recently used,
+  but only once no chunk is left to evict (an index is a small fraction of its layer and makes
+  every evicted chunk of it cheap to rebuild).
 - A full disk is not an error: ``put`` returns False and logs a warning, and the caller serves
   the bytes it already holds without caching them.
 
@@ -80,6 +86,7 @@ class CacheStatistics:
     verified_blobs: int
     failed_blobs: int
     indexed_layers: int
+    checkpoint_indexes: int
 
 
 @dataclass(frozen=True)
@@ -235,40 +242,18 @@ class ChunkStore:
             self._rows[(key, idx)] = row
             if len(self._rows) > _ROWS_KEPT:
                 self._rows.popitem(last=False)
-        chunk_length, sums = row
-        end = min(offset + length, chunk_length)
-        if offset >= end:
-            return b""
-        first_block = offset // BLOCK_SIZE_BYTES
-        last_block = (end - 1) // BLOCK_SIZE_BYTES
-        start = first_block * BLOCK_SIZE_BYTES
-        stop = min((last_block + 1) * BLOCK_SIZE_BYTES, chunk_length)
         try:
-            fd = os.open(self.chunk_path(key, idx), os.O_RDONLY)
-            try:
-                data = os.pread(fd, stop - start, start)
-            finally:
-                os.close(fd)
+            data = _read_checked(self.chunk_path(key, idx), row[0], row[1], offset, length)
         except FileNotFoundError:
             self._rows.pop((key, idx), None)
             if self.has_chunk(key, idx) and not self.chunk_path(key, idx).exists():
                 self._drop_bad_chunk(key, idx, "its file is missing")
             return None
-        except OSError as exc:
-            self._drop_bad_chunk(key, idx, f"reading it failed: {exc}")
+        except _Damaged as exc:
+            self._drop_bad_chunk(key, idx, str(exc))
             return None
-        if len(data) != stop - start:
-            self._drop_bad_chunk(key, idx, "its file is shorter than recorded")
-            return None
-        view = memoryview(data)  # slices of a view copy nothing
-        for block in range(first_block, last_block + 1):
-            at = (block - first_block) * BLOCK_SIZE_BYTES
-            piece = view[at : at + BLOCK_SIZE_BYTES]
-            if xxhash.xxh3_64_digest(piece)[::-1] != sums[block * 8 : block * 8 + 8]:
-                self._drop_bad_chunk(key, idx, f"block {block} fails its xxh3 checksum")
-                return None
         self._touch(key, idx)
-        return data[offset - start : end - start]
+        return data
 
     def put(self, key: str, idx: int, data: bytes | bytearray | memoryview) -> bool:
         """Store a chunk; returns False (and logs once) when the disk is full."""
@@ -309,13 +294,14 @@ class ChunkStore:
             self._warn_full(prepared.full_reason)
             return False
         path = self.chunk_path(key, idx)
-        freed: list[tuple[str, int, int]] = []
+        victims: list[tuple[str, int, int]] = []
+        indexes: list[tuple[str, int]] = []
         try:
             with self._lock():
                 if self.quota_bytes is not None:  # make room first: never over the quota
                     self._flush_access_times()
-                    freed = self._evict_locked(self.quota_bytes - prepared.length,
-                                               keep=(key, idx))
+                    victims, indexes = self._evict_locked(self.quota_bytes - prepared.length,
+                                                          keep=(key, idx))
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self._rows.pop((key, idx), None)
                 os.replace(prepared.tmp, path)
@@ -337,7 +323,7 @@ class ChunkStore:
                 return False
             raise
         finally:
-            _log_evicted(freed, self.quota_bytes)
+            _log_evicted(victims, indexes, self.quota_bytes)
         return True
 
     # --- pins and eviction ----------------------------------------------------------------
@@ -353,24 +339,27 @@ class ChunkStore:
                 self.evict(self.quota_bytes)
 
     def used_bytes(self) -> int:
-        row = self._execute("SELECT COALESCE(SUM(length), 0) FROM chunks").fetchone()
+        """Bytes of chunk files and checkpoint index files (what the quota counts)."""
+        row = self._execute(
+            "SELECT (SELECT COALESCE(SUM(length), 0) FROM chunks) + "
+            "(SELECT COALESCE(SUM(length), 0) FROM checkpoints)").fetchone()
         return int(row[0])
 
     def evict(self, target_bytes: int) -> int:
-        """Evict least-recently-used unpinned chunks until at most ``target_bytes`` are used.
-
-        Returns the bytes freed.
+        """Evict least-recently-used unpinned chunks until at most ``target_bytes`` are used,
+        then, if that is not enough, checkpoint indexes. Returns the bytes freed.
         """
         self._flush_access_times()
         with self._lock():
-            victims = self._evict_locked(target_bytes)
-        _log_evicted(victims, target_bytes)
-        return sum(length for _, _, length in victims)
+            victims, indexes = self._evict_locked(target_bytes)
+        _log_evicted(victims, indexes, target_bytes)
+        return sum(length for *_, length in victims) + sum(length for _, length in indexes)
 
     def _evict_locked(self, target_bytes: int, keep: tuple[str, int] | None = None
-                      ) -> list[tuple[str, int, int]]:
-        """``evict``'s work, with the cache lock held: the (key, idx, length) removed.
-        ``keep`` is a chunk about to be replaced in place, never a victim."""
+                      ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
+        """``evict``'s work, with the cache lock held: the chunks (key, idx, length) and then,
+        if that was not enough, the checkpoint indexes (blob, length) removed. ``keep`` is a
+        chunk about to be replaced in place, never a victim."""
         used = self.used_bytes()
         if keep is not None:  # a chunk being replaced frees its old length
             row = self._execute("SELECT length FROM chunks WHERE key = ? AND idx = ?",
@@ -378,7 +367,7 @@ class ChunkStore:
             used -= row[0] if row else 0
         if used <= target_bytes:
             self._over_quota = False
-            return []
+            return [], []
         freed = 0
         victims: list[tuple[str, int, int]] = []
         rows = self._execute("SELECT key, idx, length FROM chunks ORDER BY last_access").fetchall()
@@ -389,13 +378,96 @@ class ChunkStore:
                 continue
             victims.append((key, idx, length))
             freed += length
+        indexes: list[tuple[str, int]] = []
+        if used - freed > target_bytes:
+            for blob, length in self._execute(
+                    "SELECT blob, length FROM checkpoints ORDER BY last_access").fetchall():
+                if used - freed <= target_bytes:
+                    break
+                indexes.append((blob, length))
+                freed += length
         self._over_quota = used - freed > target_bytes
         with self._transaction():
             self._conn.executemany("DELETE FROM chunks WHERE key = ? AND idx = ?",
                                    [(key, idx) for key, idx, _ in victims])
+            self._conn.executemany("DELETE FROM checkpoints WHERE blob = ?",
+                                   [(blob,) for blob, _ in indexes])
         for key, idx, _ in victims:
             self._unlink(key, idx)
-        return victims
+        for blob, _ in indexes:
+            _unlink_quietly(self.checkpoints_path(blob))
+        return victims, indexes
+
+    # --- checkpoint indexes of gzip blobs ----------------------------------------------------
+
+    def checkpoints_path(self, blob: str) -> Path:
+        algo, _, hex_ = blob.partition(":")
+        return self.directory / "checkpoints" / algo / hex_[:2] / hex_
+
+    def put_checkpoints(self, blob: str, content_key: str, data: bytes | bytearray) -> bool:
+        """Store the checkpoint index of gzip blob ``blob`` (whose decompressed stream is
+        ``content_key``): written to ``tmp/``, renamed into place, then recorded, as a chunk
+        is. Returns False (and logs once) when the disk is full."""
+        prepared = self.prepare(data)
+        if prepared.tmp is None:
+            self._warn_full(prepared.full_reason)
+            return False
+        path = self.checkpoints_path(blob)
+        try:
+            with self._lock():
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.replace(prepared.tmp, path)
+                self._execute(
+                    "INSERT OR REPLACE INTO checkpoints (blob, content_key, length, xxh3, "
+                    "last_access) VALUES (?, ?, ?, ?, ?)",
+                    (blob, content_key, prepared.length, prepared.sums, time.time()),
+                )
+        except OSError as exc:
+            _unlink_quietly(prepared.tmp)
+            if exc.errno in _FULL_ERRNOS:
+                self._warn_full(str(exc))
+                return False
+            raise CacheError(f"cannot write the checkpoint index of {blob}: {exc}") from exc
+        except CacheError as exc:
+            _unlink_quietly(prepared.tmp)
+            if "full" in str(exc):
+                self._warn_full(str(exc))
+                return False
+            raise
+        if self.quota_bytes is not None:
+            self.evict(self.quota_bytes)
+        return True
+
+    def has_checkpoints(self, blob: str) -> bool:
+        return self._execute(
+            "SELECT 1 FROM checkpoints WHERE blob = ?", (blob,)).fetchone() is not None
+
+    def read_checkpoints(self, blob: str, offset: int, length: int) -> bytes | None:
+        """Bytes ``[offset, offset+length)`` of ``blob``'s checkpoint index, checked; None when
+        there is none, or it is damaged (then it is dropped and logged, as a chunk is)."""
+        row = self._execute(
+            "SELECT length, xxh3 FROM checkpoints WHERE blob = ?", (blob,)).fetchone()
+        if row is None:
+            return None
+        try:
+            data = _read_checked(self.checkpoints_path(blob), row[0], row[1], offset, length)
+        except FileNotFoundError:
+            if self.has_checkpoints(blob) and not self.checkpoints_path(blob).exists():
+                self.drop_checkpoints(blob, "its file is missing")
+            return None
+        except _Damaged as exc:
+            self.drop_checkpoints(blob, str(exc))
+            return None
+        self._execute("UPDATE checkpoints SET last_access = ? WHERE blob = ?", (time.time(), blob))
+        return data
+
+    def drop_checkpoints(self, blob: str, why: str) -> None:
+        """Forget a damaged or unusable checkpoint index (logged)."""
+        log.warning("cache: dropping the checkpoint index of %s: %s", blob, why)
+        self._dropped += 1
+        with self._lock():
+            self._execute("DELETE FROM checkpoints WHERE blob = ?", (blob,))
+            _unlink_quietly(self.checkpoints_path(blob))
 
     # --- maintenance ----------------------------------------------------------------------
 
@@ -410,12 +482,14 @@ class ChunkStore:
             verified_blobs=one("SELECT COUNT(*) FROM blobs WHERE verified = 1").fetchone()[0],
             failed_blobs=one("SELECT COUNT(*) FROM blobs WHERE verified = -1").fetchone()[0],
             indexed_layers=one("SELECT COUNT(*) FROM layer_indexes").fetchone()[0],
+            checkpoint_indexes=one("SELECT COUNT(*) FROM checkpoints").fetchone()[0],
         )
 
     def verify_chunks(self) -> tuple[int, int]:
-        """Check every chunk's checksums (and sha256 where known). Returns (good, dropped).
+        """Check every chunk's checksums (and sha256 where known), and every checkpoint
+        index's checksums. Returns (good, dropped), counting both.
 
-        A chunk that another process evicts while this runs is neither good nor dropped.
+        A file that another process evicts while this runs is neither good nor dropped.
         """
         good = 0
         dropped_before = self._dropped
@@ -428,6 +502,9 @@ class ChunkStore:
             if expected and hashlib.sha256(data).hexdigest() != expected:
                 self._drop_bad_chunk(key, idx, "its sha256 differs from the verified one")
             else:
+                good += 1
+        for blob, length in self._execute("SELECT blob, length FROM checkpoints").fetchall():
+            if self.read_checkpoints(blob, 0, length) is not None:
                 good += 1
         return good, self._dropped - dropped_before
 
@@ -442,7 +519,10 @@ class ChunkStore:
                 str(self.chunk_path(key, idx))
                 for key, idx in self._execute("SELECT key, idx FROM chunks").fetchall()
             }
-            for path in _walk_files(self.directory / "chunks"):
+            known |= {str(self.checkpoints_path(blob))
+                      for (blob,) in self._execute("SELECT blob FROM checkpoints").fetchall()}
+            for path in [*_walk_files(self.directory / "chunks"),
+                         *_walk_files(self.directory / "checkpoints")]:
                 if str(path) not in known:
                     _unlink_quietly(path)
                     removed += 1
@@ -459,13 +539,16 @@ class ChunkStore:
         return removed
 
     def clear(self) -> None:
-        """Drop everything: chunks, verification records, indexes, documents."""
+        """Drop everything: chunks, verification records, tar and checkpoint indexes,
+        documents."""
         with self._lock():
             with self._transaction():
-                for table in ("chunks", "chunk_digests", "blobs", "documents", "layer_indexes"):
+                for table in ("chunks", "chunk_digests", "blobs", "documents", "layer_indexes",
+                              "checkpoints"):
                     self._execute(f"DELETE FROM {table}")
             self._rows.clear()
             shutil.rmtree(self.directory / "chunks", ignore_errors=True)
+            shutil.rmtree(self.directory / "checkpoints", ignore_errors=True)
             (self.directory / "chunks").mkdir(mode=0o700, exist_ok=True)
 
     # --- documents (manifests and configs) ------------------------------------------------
@@ -545,10 +628,53 @@ class _Transaction:
         self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
 
 
-def _log_evicted(victims: list[tuple[str, int, int]], target_bytes: int | None) -> None:
-    if victims:
-        log.info("evicted %d chunks (%d bytes) to stay under %d bytes", len(victims),
-                 sum(length for _, _, length in victims), target_bytes)
+def _log_evicted(victims: list[tuple[str, int, int]], indexes: list[tuple[str, int]],
+                 target_bytes: int | None) -> None:
+    if victims or indexes:
+        log.info("evicted %d chunks and %d checkpoint indexes (%d bytes) to stay under %d bytes",
+                 len(victims), len(indexes),
+                 sum(length for *_, length in victims) + sum(length for _, length in indexes),
+                 target_bytes)
+
+
+class _Damaged(Exception):
+    """A cached file that is short, unreadable, or fails its checksums (the message says how)."""
+
+
+def _read_checked(path: Path, file_length: int, sums: bytes, offset: int, length: int) -> bytes:
+    """Bytes ``[offset, offset+length)`` of a cached file of ``file_length`` bytes, each 64 KiB
+    block they touch checked against ``sums``.
+
+    Raises:
+        FileNotFoundError: the file is not there.
+        _Damaged: it could not be read, is short, or a block fails its checksum.
+    """
+    end = min(offset + length, file_length)
+    if offset >= end:
+        return b""
+    first_block = offset // BLOCK_SIZE_BYTES
+    last_block = (end - 1) // BLOCK_SIZE_BYTES
+    start = first_block * BLOCK_SIZE_BYTES
+    stop = min((last_block + 1) * BLOCK_SIZE_BYTES, file_length)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, stop - start, start)
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _Damaged(f"reading it failed: {exc}") from exc
+    if len(data) != stop - start:
+        raise _Damaged("its file is shorter than recorded")
+    view = memoryview(data)  # slices of a view copy nothing
+    for block in range(first_block, last_block + 1):
+        at = (block - first_block) * BLOCK_SIZE_BYTES
+        piece = view[at : at + BLOCK_SIZE_BYTES]
+        if xxhash.xxh3_64_digest(piece)[::-1] != sums[block * 8 : block * 8 + 8]:
+            raise _Damaged(f"block {block} fails its xxh3 checksum")
+    return data[offset - start : end - start]
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -420,16 +420,28 @@ def _is_refusal(error: KitfsError) -> bool:
 
 @asynccontextmanager
 async def open_session(options: SessionOptions) -> AsyncIterator[KitSession]:
-    """A session with its own nursery (for decompression jobs); closed on exit."""
+    """A session with its own nursery (for decompression jobs); closed on exit.
+
+    The nursery's tasks are cancelled on exit, and the session (its cache, its connections)
+    is closed only once they are all done: a decompression job runs partly in worker threads,
+    which finish what they are doing before they see the cancellation, and may still record
+    chunks meanwhile."""
     store = ChunkStore(options.cache_dir, options.cache_size_bytes)
-    with collapse_groups():
-        async with trio.open_nursery() as nursery:
-            session = KitSession(options, store, nursery)
-            try:
-                yield session
-            finally:
-                # chunks already served are still being hashed and stored: keep them
-                with trio.move_on_after(SETTLE_TIMEOUT_S, shield=True):
-                    await session.reader.settle()
-                nursery.cancel_scope.cancel()
+    session: KitSession | None = None
+    try:
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                session = KitSession(options, store, nursery)
+                try:
+                    yield session
+                finally:
+                    # chunks already served are still being hashed and stored: keep them
+                    with trio.move_on_after(SETTLE_TIMEOUT_S, shield=True):
+                        await session.reader.settle()
+                    nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            if session is not None:
                 await session.aclose()
+            else:
+                store.close()
