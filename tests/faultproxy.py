@@ -16,6 +16,7 @@ requests (``times=None``: all of them); the first rule that matches wins::
     proxy.add(Rule("wrong_range"))    # a 206 whose Content-Range is one byte off
     proxy.add(Rule("redirect"))       # 307 to the "storage" listener, which records Range
     proxy.add(Rule("stall", delay_s=2))  # sleep, then answer normally
+    proxy.add(Rule("trickle", bytes_per_s=1))  # the headers, then the body one byte at a time
     proxy.add(Rule("forward", chunked=True))  # as the registry answers, but chunked
 
 ``chunked=True`` sends a forwarded body with chunked transfer encoding and ``rewrite_status``
@@ -56,7 +57,7 @@ from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 Action = Literal["forward", "status", "reset", "truncate", "ignore_range", "wrong_range", "redirect",
-                 "stall"]
+                 "stall", "trickle"]
 
 IO_TIMEOUT_S = 30.0
 _PIECE_BYTES = 256 * 1024
@@ -75,6 +76,7 @@ class Rule:
     status: int = 503  # for "status"
     retry_after: str | None = None  # for "status": the Retry-After header
     delay_s: float = 0.0  # for "stall"
+    bytes_per_s: float = 1.0  # for "trickle"
     chunked: bool = False  # send the forwarded body with Transfer-Encoding: chunked
     rewrite_status: int | None = None  # answer the forwarded response with this status
     hits: int = 0
@@ -300,6 +302,9 @@ class FaultProxy:
                              for k, v in reply_headers]
         if rule is not None and rule.rewrite_status is not None:
             status = rule.rewrite_status
+        if rule is not None and rule.action == "trickle":
+            self._trickle(h, seen, status, reply_headers, body, rule.bytes_per_s)
+            return
         cut = len(body) // 2 if rule is not None and rule.action == "truncate" else None
         self._send(h, seen, status, reply_headers, body, cut_at=cut,
                    chunked=rule is not None and rule.chunked)
@@ -399,6 +404,25 @@ class FaultProxy:
             seen.body_bytes += len(piece)
         if chunked:
             h.wfile.write(b"0\r\n\r\n")
+
+    def _trickle(self, h: _Handler, seen: Seen, status: int, headers: list[tuple[str, str]],
+                 body: bytes, bytes_per_s: float) -> None:
+        """Answer with the full Content-Length, then the body one byte per ``1/bytes_per_s``
+        seconds, until it is all sent, the client goes away or the proxy stops."""
+        seen.status = status
+        h.send_response_only(status)
+        for name, value in headers:
+            h.send_header(name, value)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.flush()
+        for at in range(len(body)):
+            if self._stopping.wait(1 / bytes_per_s):
+                h.close_connection = True
+                return
+            h.wfile.write(body[at : at + 1])
+            h.wfile.flush()
+            seen.body_bytes += 1
 
     def _reset(self, h: _Handler) -> None:
         """Close the connection with a TCP RST (SO_LINGER on, zero timeout)."""
