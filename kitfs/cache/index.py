@@ -33,9 +33,12 @@ def load_members(store: ChunkStore, key: str) -> list[TarMember] | None:
 
 
 def store_members(store: ChunkStore, key: str, members: list[TarMember]) -> None:
-    conn = store.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    """Persist a layer's index in one transaction; skipped (the caller keeps its index in
+    memory) while another process keeps the database locked or its disk is full."""
+    with store.optional_write(f"the index of {key}") as writable:
+        if not writable:
+            return
+        conn = store.conn
         conn.execute("DELETE FROM members WHERE key = ?", (key,))
         conn.executemany(
             "INSERT INTO members (key, seq, name, typeflag, mode, size, data_offset) "
@@ -47,7 +50,3 @@ def store_members(store: ChunkStore, key: str, members: list[TarMember]) -> None
             "INSERT OR REPLACE INTO layer_indexes (key, member_count, error) VALUES (?, ?, NULL)",
             (key, len(members)),
         )
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")

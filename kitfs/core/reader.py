@@ -632,9 +632,7 @@ class BlobReader:
             if content.diff_id is not None and diff_hasher.hexdigest() != content.diff_id.hex:
                 self._fail(content, f"decompressed content is sha256:{diff_hasher.hexdigest()}, "
                                     f"the config's diffId is {content.diff_id}")
-            self.store.conn.execute(
-                "UPDATE blobs SET size = ?, verified = 1 WHERE key = ?", (produced, key)
-            )
+            self.store.mark_stream_verified(key, produced)
             job.size = produced
         except (KitfsError, zlib.error, zstandard.ZstdError) as exc:
             if isinstance(exc, zlib.error | zstandard.ZstdError):
