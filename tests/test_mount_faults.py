@@ -117,3 +117,35 @@ def test_reads_go_on_while_another_process_holds_the_database_locked(
         assert (mount.path / path).read_bytes() == SHARDS[path], path
     assert layer_states(mounter, kit.reference)["data"] == "verified"  # recorded again
     cache_verify(mounter)
+
+
+def wait_for_line(mount: Mount, text: str, timeout_s: float = 15) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [line for line in mount.log().splitlines() if text in line]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no log line with {text!r} in {mount.log_file}:\n{mount.log()}")
+
+
+def test_the_database_deleted_under_running_mounts(mounter: Mounter, kit: Kit) -> None:
+    """``rm kitfs.db`` under two running mounts: reads go on right; both daemons move to a
+    new database (the first to notice may have to wait for the other to let go of the deleted
+    one), so other processes can use the cache again; a new mount works; gc and verify."""
+    one = mounter.mount(kit.reference, name="one")
+    two = mounter.mount(kit.reference, name="two")
+    assert (one.path / "data/shard-0.bin").read_bytes() == SHARDS["data/shard-0.bin"]
+    assert (two.path / "models/weights.bin").read_bytes() == WEIGHTS
+    (mounter.cache_dir / "kitfs.db").unlink()
+    read_all(one)
+    for mount in (one, two):
+        wait_for_line(mount, "was deleted or replaced under this process")
+        wait_for_line(mount, "now using the database")
+    read_all(two)
+    cache_verify(mounter)  # another process opens the cache again
+    three = mounter.mount(kit.reference, name="three")
+    read_all(three)
+    mounter.kitfs("cache", "gc")
+    cache_verify(mounter)
+    read_all(one)

@@ -31,6 +31,14 @@ Invariants (what a ``kill -9`` at any instant cannot break):
   ``BUSY_BACKOFF_S`` this process records nothing (chunks are served uncached, indexes and
   verification results kept in memory) rather than make every read wait. Reads of the
   database are not blocked by a writer (WAL).
+- ``kitfs.db`` deleted (or replaced) under a running process: SQLite would go on with the
+  deleted file, and its journal files (``-wal``, ``-shm``) would keep every other process
+  out of the directory ("disk I/O error"). ``check_database`` (on every chunk put and every
+  second in a daemon) notices, lets go of the deleted database, removes its journal from the
+  directory (processes still holding it keep their unlinked copies) and opens the directory's
+  database (a new, empty one, or one another process made meanwhile): the chunk files the
+  deleted one listed are orphans for ``gc``. Should that open fail, this process keeps its
+  records in a private in-memory database and tries again at the next check.
 
 The API is synchronous and fast (SQLite and local files); the reader calls it inline from the
 trio thread, as s3ql does. Nothing here knows about registries or trio.
@@ -54,7 +62,13 @@ from pathlib import Path
 
 import xxhash
 
-from kitfs.cache.schema import cache_lock, open_database
+from kitfs.cache.schema import (
+    DATABASE_NAME,
+    cache_lock,
+    discard_stale_journal,
+    open_database,
+    private_database,
+)
 from kitfs.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -68,6 +82,8 @@ _ACCESS_FLUSH_EVERY = 256
 # BUSY_WAIT_S per chunk while another program holds the database).
 BUSY_WAIT_S = 2.0
 BUSY_BACKOFF_S = 5.0
+# How often ``check_database`` looks whether kitfs.db is still the file this process opened.
+DATABASE_CHECK_INTERVAL_S = 1.0
 
 
 class DatabaseLockedError(CacheError):
@@ -138,10 +154,13 @@ class ChunkStore:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             (directory / "chunks").mkdir(mode=0o700, exist_ok=True)
             (directory / "tmp").mkdir(mode=0o700, exist_ok=True)
-            self._conn = open_database(directory)
-            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT_S * 1000)}")
+            self._conn = self._open_shared()
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"cannot open the cache in {directory}: {exc}") from exc
+        self._database_inode: int | None = _inode(directory / DATABASE_NAME)  # None: private
+        self._next_database_check = time.monotonic() + DATABASE_CHECK_INTERVAL_S
+        self._registered: dict[str, tuple[int, int]] = {}  # key -> (size, chunk size) asked
+        self._warned_private = False
         self._pins: Counter[tuple[str, int]] = Counter()
         self._over_quota = False  # the last eviction stopped short because of pins
         self._dropped = 0  # chunks found damaged and dropped (``verify_chunks`` counts them)
@@ -153,11 +172,53 @@ class ChunkStore:
         self._flush_access_times()
         self._conn.close()
 
+    def _open_shared(self) -> sqlite3.Connection:
+        conn = open_database(self.directory)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT_S * 1000)}")
+        return conn
+
+    def check_database(self) -> None:
+        """Move to the directory's database if ``kitfs.db`` was deleted or replaced under this
+        process (see the module docstring); at most once per ``DATABASE_CHECK_INTERVAL_S``."""
+        now = time.monotonic()
+        if now < self._next_database_check:
+            return
+        self._next_database_check = now + DATABASE_CHECK_INTERVAL_S
+        path = self.directory / DATABASE_NAME
+        if self._database_inode is not None:
+            if _inode(path) == self._database_inode:
+                return
+            log.warning("cache: %s was deleted or replaced under this process; moving to the "
+                        "one now in the directory (the chunk files the old one listed are "
+                        "orphans until kitfs cache gc)", path)
+            self._conn.close()  # SQLite leaves the journal of a deleted database alone
+            self._conn = private_database()
+            self._database_inode = None
+        try:
+            discard_stale_journal(self.directory)
+            conn = self._open_shared()
+        except (OSError, sqlite3.Error) as exc:
+            if not self._warned_private:  # once: it is tried again every check
+                self._warned_private = True
+                log.warning("cache: cannot open %s yet (%s): another process may still hold "
+                            "the deleted database; this process keeps its cache records to "
+                            "itself meanwhile", path, exc)
+            return
+        self._warned_private = False
+        self._conn.close()
+        self._conn = conn
+        self._database_inode = _inode(path)
+        self._touched.clear()
+        for key, (size, chunk_size_bytes) in self._registered.items():
+            self.register_blob(key, size, chunk_size_bytes)
+        log.info("cache: now using the database %s", path)
+
     # --- blobs --------------------------------------------------------------------------------
 
     def register_blob(self, key: str, size: int, chunk_size_bytes: int) -> BlobState:
         """Make sure ``key`` has a row; returns its state (an existing chunk size wins).
         While the database cannot be written, a state that is not recorded."""
+        self._registered.setdefault(key, (size, chunk_size_bytes))
         with self.optional_write(f"blob {key}") as writable:
             if writable:
                 self._execute(
@@ -332,6 +393,7 @@ class ChunkStore:
         if prepared.tmp is None:
             self._warn_full(prepared.full_reason)
             return False
+        self.check_database()
         if self._writes_paused():
             self.discard(prepared)
             return False
@@ -646,6 +708,13 @@ def _cache_error(exc: sqlite3.Error) -> CacheError:
     if code == sqlite3.SQLITE_FULL or "full" in str(exc):
         return DatabaseFullError(f"cache database is full: {exc}")
     return CacheError(f"cache database error: {exc}")
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _unlink_quietly(path: Path) -> None:
