@@ -11,6 +11,11 @@ All the policy about talking to a registry lives here:
   registry or its token service, with exponential backoff, all inside one deadline of
   ``timeout_s`` per operation, so a dead registry gives a clear ``RemoteError`` in bounded
   time. An untrusted TLS certificate is not retried: it fails at once, naming the host.
+  A blob range that failed only once that deadline passed is, when asked for again within
+  ``RECENT_TIMEOUT_S``, tried with a deadline of ``PROBE_TIMEOUT_S`` and, failing again,
+  fails with the first error: the kernel asks again, page by page, right after a read
+  fails, and readers that waited for the same chunk ask too; each would otherwise wait a
+  whole ``timeout_s`` more. A registry that is back answers the short try.
 - **TLS**: the system CAs, plus those of ``ca_file`` when given.
 - **Auth**: anonymous first; on 401 the ``WWW-Authenticate`` challenge is answered (Basic, or a
   Bearer token fetched from the realm with the credentials if any); a 401 with a token in hand
@@ -33,7 +38,14 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import trio
 
-from kitfs.errors import AuthError, NotFoundError, RemoteError, RemoteTimeoutError, UsageError
+from kitfs.errors import (
+    AuthError,
+    NotFoundError,
+    RemoteError,
+    RemoteTimeoutError,
+    UsageError,
+    copy_for_waiter,
+)
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import MANIFEST_ACCEPT
 from kitfs.format.oci import MAX_MANIFEST_BYTES
@@ -48,6 +60,8 @@ DEFAULT_TIMEOUT_S = 30.0
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
 MAX_REDIRECTS = 5
+RECENT_TIMEOUT_S = 5.0  # see the module docstring
+PROBE_TIMEOUT_S = 1.0
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _USER_AGENT = "kitfs/0.1"
 
@@ -83,6 +97,7 @@ class RegistryClient:
         self._tokens: dict[str, str] = {}  # scope -> bearer token
         self._challenges: dict[str, str] = {}  # scope -> "basic" or "bearer" once known
         self._warned_full_body = False
+        self._timed_out: dict[tuple[str, int, int], tuple[float, RemoteTimeoutError]] = {}
         self.stats = RegistryStatistics()
 
     async def __aenter__(self) -> RegistryClient:
@@ -128,10 +143,23 @@ class RegistryClient:
             raise ValueError(f"range {offset}+{length} outside blob of {blob_size} bytes")
         url = f"{self._base}/v2/{repository}/blobs/{digest}"
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        response = await self._call(
-            "GET", url, repository, headers, what=f"blob {digest} bytes {offset}-{offset + length - 1}",
-            into=into, skip_on_200=offset,
-        )
+        asked = (str(digest), offset, length)
+        now = trio.current_time()
+        self._timed_out = {k: v for k, v in self._timed_out.items()
+                           if now - v[0] < RECENT_TIMEOUT_S}
+        earlier = self._timed_out.get(asked)
+        try:
+            response = await self._call(
+                "GET", url, repository, headers,
+                what=f"blob {digest} bytes {offset}-{offset + length - 1}", into=into,
+                skip_on_200=offset,
+                timeout_s=min(PROBE_TIMEOUT_S, self.config.timeout_s) if earlier else None,
+            )
+        except RemoteTimeoutError as exc:
+            if earlier is not None:
+                raise copy_for_waiter(earlier[1]) from None
+            self._timed_out[asked] = (trio.current_time(), exc)
+            raise
         if response.status == 206:
             _check_content_range(self.registry, response, offset, length, blob_size, digest)
         elif response.status != 200:  # not a range, and not the blob as it is (203: transformed)
@@ -156,9 +184,13 @@ class RegistryClient:
         into: memoryview | None = None,
         skip_on_200: int = 0,
         max_body_bytes: int = 1 << 20,
+        timeout_s: float | None = None,
     ) -> Response:
+        """One operation, retried until it succeeds or ``timeout_s`` (default: the
+        configured timeout) has passed."""
         scope = f"repository:{repository}:pull"
-        deadline = trio.current_time() + self.config.timeout_s
+        timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
+        deadline = trio.current_time() + timeout_s
         backoff_s = BACKOFF_FIRST_S
         auth_attempts = 0
         last_problem = "still waiting for the first answer"
@@ -214,11 +246,11 @@ class RegistryClient:
         except trio.TooSlowError:
             if answered:
                 raise RemoteTimeoutError(
-                    f"{self.registry}: {what}: still failing after {self.config.timeout_s:g} s "
+                    f"{self.registry}: {what}: still failing after {timeout_s:g} s "
                     f"of retries (last answer: {last_problem})"
                 ) from None
             raise RemoteTimeoutError(
-                f"{self.registry}: {what}: no answer within {self.config.timeout_s:g} s "
+                f"{self.registry}: {what}: no answer within {timeout_s:g} s "
                 f"(last problem: {last_problem})"
             ) from None
 
