@@ -50,7 +50,7 @@ from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import MANIFEST_ACCEPT
 from kitfs.format.oci import MAX_MANIFEST_BYTES
 from kitfs.remote.auth import Credentials, find_credentials, parse_challenge
-from kitfs.remote.http import HttpClient, Response, TransportError
+from kitfs.remote.http import HttpClient, Progress, Response, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -195,21 +195,25 @@ class RegistryClient:
         auth_attempts = 0
         last_problem = "still waiting for the first answer"
         answered = False  # the last problem was an HTTP answer, not a connection failure
+        progress = Progress()  # of the attempt in flight: its answer, if one is arriving
         try:
             with trio.fail_at(deadline):
                 while True:
                     retry_after: float | None = None
+                    progress = Progress()
                     try:
                         response = await self._follow(
                             method, url, self._headers(headers, scope), into, skip_on_200,
-                            max_body_bytes,
+                            max_body_bytes, progress,
                         )
                     except TransportError as exc:
+                        progress = Progress()  # only an answer the deadline cuts short counts
                         if exc.permanent:
                             raise RemoteError(f"{self.registry}: {what}: {exc} (a private CA "
                                               "can be given with --ca-file)") from None
                         last_problem, answered = str(exc), False
                     else:
+                        progress = Progress()
                         status = response.status
                         if 200 <= status < 300:
                             return response
@@ -244,6 +248,12 @@ class RegistryClient:
                     await trio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
         except trio.TooSlowError:
+            if progress.status is not None:
+                raise RemoteTimeoutError(
+                    f"{self.registry}: {what}: answered HTTP {progress.status}, but the answer "
+                    f"was still arriving after {timeout_s:g} s ({progress.bytes_received} bytes "
+                    "received)"
+                ) from None
             if answered:
                 raise RemoteTimeoutError(
                     f"{self.registry}: {what}: still failing after {timeout_s:g} s "
@@ -256,14 +266,16 @@ class RegistryClient:
 
     async def _follow(
         self, method: str, url: str, headers: dict[str, str], into: memoryview | None,
-        skip_on_200: int, max_body_bytes: int,
+        skip_on_200: int, max_body_bytes: int, progress: Progress | None = None,
     ) -> Response:
         origin_host = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
             self.stats.requests += 1
+            if progress is not None:  # a redirect starts the answer over
+                progress.status, progress.bytes_received = None, 0
             response = await self._http.request(
                 method, url, headers, into=into, skip_on_200=skip_on_200,
-                max_body_bytes=max_body_bytes,
+                max_body_bytes=max_body_bytes, progress=progress,
             )
             if response.status not in (301, 302, 303, 307, 308):
                 return response
