@@ -27,7 +27,8 @@ Auth covers the whole ``/v2/`` API: ``require_basic(user, password)``, or
 ``require_bearer(...)`` with a token endpoint the proxy serves itself at ``/token``
 (``WWW-Authenticate: Bearer realm=…,service=…,scope=…``); ``revoke_tokens()``, or
 ``revoke_after`` authorized requests, makes every token issued so far invalid, so the next
-request with one gets a 401. TLS: pass server contexts (``server_context``) made from
+request with one gets a 401; with ``lifetime_s`` each token expires that long after it was
+issued, as real registries' tokens do. TLS: pass server contexts (``server_context``) made from
 certificates that ``make_ca``/``issue`` create with the ``openssl`` command.
 
 Everything listens on 127.0.0.1 on free ports; ``start``/``stop`` run and end the threads.
@@ -109,8 +110,10 @@ class _Bearer:
     user: str | None
     password: str | None
     revoke_after: int | None
+    lifetime_s: float | None = None
     valid: set[str] = field(default_factory=set)
     issued: list[str] = field(default_factory=list)
+    issued_at: dict[str, float] = field(default_factory=dict)  # token -> time.monotonic()
     scopes: list[str] = field(default_factory=list)
     authorized: int = 0
 
@@ -231,10 +234,11 @@ class FaultProxy:
         self._basic = (user, password)
 
     def require_bearer(self, user: str | None = None, password: str | None = None, *,
-                       revoke_after: int | None = None) -> None:
+                       revoke_after: int | None = None, lifetime_s: float | None = None) -> None:
         """Bearer tokens from /token (which wants ``user``/``password`` when given);
-        after ``revoke_after`` authorized requests every token issued so far is revoked once."""
-        self._bearer = _Bearer(user, password, revoke_after)
+        after ``revoke_after`` authorized requests every token issued so far is revoked once;
+        each token expires ``lifetime_s`` after it was issued."""
+        self._bearer = _Bearer(user, password, revoke_after, lifetime_s)
 
     def revoke_tokens(self) -> None:
         assert self._bearer is not None
@@ -330,7 +334,10 @@ class FaultProxy:
         elif self._bearer is not None:
             bearer = self._bearer
             with self._lock:
-                ok = given.startswith("Bearer ") and given[7:] in bearer.valid
+                token = given[7:] if given.startswith("Bearer ") else ""
+                ok = token in bearer.valid and (
+                    bearer.lifetime_s is None
+                    or time.monotonic() - bearer.issued_at[token] < bearer.lifetime_s)
                 if ok:
                     bearer.authorized += 1
                     if bearer.revoke_after is not None and bearer.authorized == bearer.revoke_after:
@@ -365,6 +372,7 @@ class FaultProxy:
         with self._lock:
             bearer.valid.add(token)
             bearer.issued.append(token)
+            bearer.issued_at[token] = time.monotonic()
             bearer.scopes += query.get("scope", [])
         body = json.dumps({"token": token, "access_token": token, "expires_in": 300}).encode()
         self._send(h, seen, 200, [("Content-Type", "application/json")], body)

@@ -10,19 +10,24 @@ and a cache that ``kitfs cache verify`` finds clean afterwards.
 
 from __future__ import annotations
 
+import base64
+import errno
 import json
 import os
+import signal
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kitfs.cache.store import BUSY_BACKOFF_S
 from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
-from tests.faultproxy import FaultProxy, running
+from tests.faultproxy import FaultProxy, Rule, running
 from tests.mounts import Mount, Mounter
 
 MiB = 1 << 20
@@ -80,9 +85,252 @@ def cache_verify(mounter: Mounter) -> str:
     return done.stdout
 
 
+def drop_page_cache(mount: Mount) -> None:
+    """Have the kernel forget the pages of every file of the mount, so reads reach kitfs."""
+    for path in FILES:
+        fd = os.open(mount.path / path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def read_all(mount: Mount) -> None:
     for path, data in FILES.items():
         assert (mount.path / path).read_bytes() == data, path
+
+
+def wait_for_line(mount: Mount, text: str, timeout_s: float = 15) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [line for line in mount.log().splitlines() if text in line]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no log line with {text!r} in {mount.log_file}:\n{mount.log()}")
+
+
+# --- the registry dies, stalls or lies -------------------------------------------------------
+
+
+def pread(path: Path, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+def kill_9(registry: Registry) -> None:
+    assert registry.process is not None
+    os.kill(registry.process.pid, signal.SIGKILL)
+    registry.process.wait()
+    registry.stop()
+
+
+def push_model_kit(pusher: Pusher, reference: str, weights: bytes) -> str:
+    """A kit of one model file (one layer)."""
+    model = tar_layer("model", {"models/weights.bin": weights}, "models/weights.bin")
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/weights.bin"}}
+    with_layer_info(kitfile, [(kitfile["model"], model)])
+    pusher.push_kit(reference, kitfile, [model])
+    return reference
+
+
+def test_registry_killed_mid_read_and_restarted(mounter: Mounter, tmp_path: Path) -> None:
+    """kill -9 of the registry while a file is being read. Back within --timeout: the read
+    waits and gets the right bytes. Gone for longer: EIO within the bound, a log line naming
+    the registry, and once it is back the same open file reads right, without remounting.
+    (Reads far apart in a 40 MiB file: no read-ahead has fetched them before the kill.)"""
+    weights = os.urandom(40 * MiB)
+    own = Registry(tmp_path / "registry").start()
+    try:
+        reference = push_model_kit(Pusher(own.host), f"{own.host}/faults/killed:v1", weights)
+        mount = mounter.mount(reference, "--timeout", "4")
+        mount.expect_error(rf"{own.host}: blob .*no answer within 4 s")
+        fd = os.open(mount.path / "models/weights.bin", os.O_RDONLY)
+        try:
+            assert os.pread(fd, MiB, 10 * MiB) == weights[10 * MiB : 11 * MiB]
+            kill_9(own)
+            results: dict[str, bytes] = {}
+            reader = threading.Thread(target=lambda: results.update(
+                rest=os.pread(fd, 2 * MiB, 20 * MiB)))
+            reader.start()
+            time.sleep(1)
+            assert reader.is_alive()  # waiting for the registry
+            own = Registry(tmp_path / "registry", port=own.port).start()
+            reader.join(30)
+            assert results["rest"] == weights[20 * MiB : 22 * MiB]  # waited, then right
+            kill_9(own)
+            started = time.monotonic()
+            with pytest.raises(OSError, match="Input/output error") as caught:
+                os.pread(fd, MiB, 30 * MiB)
+            assert caught.value.errno == errno.EIO
+            assert time.monotonic() - started < 4 + 10
+            assert f"{own.host}: blob" in wait_for_line(mount, "no answer within 4 s")
+            own = Registry(tmp_path / "registry", port=own.port).start()
+            assert os.pread(fd, MiB, 30 * MiB) == weights[30 * MiB : 31 * MiB]
+        finally:
+            os.close(fd)
+        assert (mount.path / "models/weights.bin").read_bytes() == weights
+    finally:
+        mounter.close()
+        own.stop()
+
+
+# Each fault lasts until the test takes it away: the proxy's rule, what the log line says.
+LASTING_FAULTS: dict[str, tuple[dict[str, Any], str]] = {
+    "503": ({"action": "status", "status": 503}, "HTTP 503"),
+    "reset": ({"action": "reset"}, "connection"),
+    "truncate": ({"action": "truncate"}, "closed"),
+    "wrong Content-Range": ({"action": "wrong_range"}, "Content-Range"),
+    "stall": ({"action": "stall", "delay_s": 60}, "no answer within 2 s"),
+    "1 byte/s": ({"action": "trickle", "bytes_per_s": 1}, "was still arriving after 2 s"),
+}
+
+
+@pytest.mark.parametrize("fault", list(LASTING_FAULTS))
+def test_a_lasting_fault_gives_eio_in_time_and_the_same_file_reads_right_after(
+        mounter: Mounter, kit: Kit, proxy: FaultProxy, registry: Registry, fault: str) -> None:
+    spec, reason = LASTING_FAULTS[fault]
+    mount = mounter.mount(kit.reference.replace(registry.host, proxy.host), "--timeout", "2")
+    digest = kit.digests["models/weights.bin"]
+    mount.expect_error(rf"read: .*{digest}")
+    fd = os.open(mount.path / "models/weights.bin", os.O_RDONLY)  # indexed: chunks 0 and 3
+    try:
+        rule = proxy.add(Rule(path=digest, times=None, **spec))
+        started = time.monotonic()
+        with pytest.raises(OSError, match="Input/output error") as caught:
+            os.pread(fd, MiB, 5 * MiB)
+        assert caught.value.errno == errno.EIO
+        assert time.monotonic() - started < 2 + 10
+        assert rule.hits >= 1
+        line = wait_for_line(mount, f"blob {digest}")
+        assert reason in line and proxy.host in line and "ERROR" in line, line
+        proxy.rules.clear()
+        assert os.pread(fd, MiB, 5 * MiB) == WEIGHTS[5 * MiB : 6 * MiB]
+    finally:
+        os.close(fd)
+    assert (mount.path / "models/weights.bin").read_bytes() == WEIGHTS
+
+
+def test_transient_faults_on_every_fetch_still_give_the_right_bytes(
+        mounter: Mounter, kit: Kit, proxy: FaultProxy, registry: Registry) -> None:
+    """Every blob request, in turn, meets one fault: 500, 502, 503, 429 with Retry-After, a
+    reset, a truncated body, a 200 with the whole blob, a redirect to another host, then
+    again; reading the whole kit through the mount gives the right bytes, no error."""
+    def faults() -> list[Rule]:
+        return [Rule("status", status=500), Rule("status", status=502),
+                Rule("status", status=503), Rule("status", status=429, retry_after="1"),
+                Rule("reset"), Rule("truncate"), Rule("ignore_range"), Rule("redirect")]
+
+    rules = [*faults(), *faults()]
+    for rule in rules:
+        proxy.add(rule)
+    mount = mounter.mount(kit.reference.replace(registry.host, proxy.host))
+    read_all(mount)
+    assert all(rule.hits == 1 for rule in rules), [(r.action, r.status, r.hits) for r in rules]
+    assert proxy.storage_seen  # the redirect was followed
+
+
+def test_bearer_tokens_expiring_mid_read(
+        mounter: Mounter, kit: Kit, proxy: FaultProxy, registry: Registry, tmp_path: Path) -> None:
+    """Every token expires half a second after it is issued, and one is revoked in the middle
+    of a file: reading the whole kit through the mount (index windows and read-ahead fetch
+    in parallel, so several requests meet each expiry at once) gives the right bytes."""
+    proxy.require_bearer("bob", "hunter2", lifetime_s=0.5)
+    docker_config = tmp_path / "docker"
+    docker_config.mkdir()
+    auth = base64.b64encode(b"bob:hunter2").decode()
+    (docker_config / "config.json").write_text(json.dumps({"auths": {proxy.host: {"auth": auth}}}))
+    mounter.extra_env = {"DOCKER_CONFIG": str(docker_config)}
+    mount = mounter.mount(kit.reference.replace(registry.host, proxy.host))
+    with open(mount.path / "models/weights.bin", "rb") as f:
+        assert f.read(MiB) == WEIGHTS[:MiB]
+        proxy.revoke_tokens()  # gone in the middle of this file
+        assert f.read() == WEIGHTS[MiB:]
+    for _ in range(3):
+        time.sleep(0.5)
+        mounter.kitfs("cache", "clear")  # so that everything is fetched again
+        drop_page_cache(mount)
+        read_all(mount)
+    expired = [s for s in proxy.seen if s.status == 401
+               and s.headers.get("authorization", "").startswith("Bearer ")]
+    assert len(expired) >= 4 and len(proxy.tokens_issued) >= 4, (len(expired), proxy.tokens_issued)
+
+
+def flip_byte_in_registry(registry: Registry, digest: str, at: int) -> None:
+    """Flip one byte of a blob in the registry's own storage (it serves it as it is)."""
+    stored = registry.blob_file(digest)
+    data = bytearray(stored.read_bytes())
+    data[at] ^= 0x01
+    stored.write_bytes(bytes(data))
+
+
+def read_every_file(root: Path, paths: list[str]) -> None:
+    for path in paths:
+        (root / path).read_bytes()
+
+
+def test_a_flipped_byte_in_a_small_file_gives_eio(
+        mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
+    """A small file's layer is fetched whole by its first read and checked: EIO, every
+    time, with a log line naming the layer; the other layers still read right."""
+    script = b"print(%r)\n" % os.urandom(8).hex()
+    code = tar_layer("code", {"src/run.py": script}, "src")
+    docs = tar_layer("docs", {"README.md": README}, "README.md")
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}],
+                               "docs": [{"path": "README.md"}]}
+    with_layer_info(kitfile, [(kitfile["code"][0], code), (kitfile["docs"][0], docs)])
+    reference = f"{registry.host}/faults/flipped-small:v1"
+    pusher.push_kit(reference, kitfile, [code, docs])
+    flip_byte_in_registry(registry, code.digest, code.data.index(script) + 3)
+    mount = mounter.mount(reference)
+    mount.expect_error(rf"{code.digest}.*failed verification")
+    for _ in range(2):
+        with pytest.raises(OSError, match="Input/output error") as caught:
+            (mount.path / "src/run.py").read_bytes()
+        assert caught.value.errno == errno.EIO
+    assert f"layer {code.digest} failed verification" in mount.log()
+    assert (mount.path / "README.md").read_bytes() == README
+
+
+def test_a_flipped_byte_in_a_dataset_layer(
+        mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
+    """A dataset layer of three 20 MiB files, one byte flipped in the second one.
+    strict: its first read fails. eventual (the default): bytes are served as they arrive
+    (README, Verification), so the file read alone, with most of its layer not fetched,
+    comes back with the flipped byte; reading the whole dataset fails with EIO once the
+    layer is (nearly) complete and checked, and so does every read of that layer after."""
+    shards = {f"data/big-{i}.bin": os.urandom(20 * MiB) for i in range(3)}
+    dataset = tar_layer("dataset", shards, "data")
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0",
+                               "datasets": [{"name": "big", "path": "data"}]}
+    with_layer_info(kitfile, [(kitfile["datasets"][0], dataset)])
+    reference = f"{registry.host}/faults/flipped-dataset:v1"
+    pusher.push_kit(reference, kitfile, [dataset])
+    victim = "data/big-1.bin"
+    flip_byte_in_registry(registry, dataset.digest, dataset.data.index(shards[victim][:64]) + 7 * MiB)
+
+    strict = mounter.mount(reference, "--verify", "strict", name="strict")
+    strict.expect_error(rf"{dataset.digest}.*failed verification")
+    with pytest.raises(OSError, match="Input/output error"):
+        (strict.path / victim).read_bytes()
+    mounter.kitfs("umount", str(strict.path))
+    mounter.kitfs("cache", "clear")  # forget the failure
+
+    eventual = mounter.mount(reference, name="eventual")
+    eventual.expect_error(rf"{dataset.digest}.*failed verification")
+    served = (eventual.path / victim).read_bytes()
+    assert served != shards[victim]
+    assert sum(a != b for a, b in zip(served, shards[victim], strict=True)) == 1
+    with pytest.raises(OSError, match="Input/output error"):
+        read_every_file(eventual.path, sorted(shards))  # like cp -r data
+    wait_for_line(eventual, "the kernel's cached pages of its")
+    for path in shards:
+        with pytest.raises(OSError, match="Input/output error"):
+            (eventual.path / path).read_bytes()
+    assert f"layer {dataset.digest} failed verification" in eventual.log()
 
 
 # --- the cache database ---------------------------------------------------------------------
@@ -117,16 +365,6 @@ def test_reads_go_on_while_another_process_holds_the_database_locked(
         assert (mount.path / path).read_bytes() == SHARDS[path], path
     assert layer_states(mounter, kit.reference)["data"] == "verified"  # recorded again
     cache_verify(mounter)
-
-
-def wait_for_line(mount: Mount, text: str, timeout_s: float = 15) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = [line for line in mount.log().splitlines() if text in line]
-        if found:
-            return found[0]
-        time.sleep(0.1)
-    raise AssertionError(f"no log line with {text!r} in {mount.log_file}:\n{mount.log()}")
 
 
 def test_the_database_deleted_under_running_mounts(mounter: Mounter, kit: Kit) -> None:
