@@ -51,6 +51,7 @@ class Response:
 class Progress:
     """How far one request got, for the caller's message when its deadline cuts it short."""
 
+    stage: str = ""  # what the request is doing, until its answer's head has arrived
     status: int | None = None  # the response's status, once its head has arrived
     bytes_received: int = 0  # on the connection, head and body
 
@@ -140,8 +141,12 @@ class HttpClient:
         lines += [f"{k}: {v}" for k, v in headers.items()]
         request_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
+        if progress is not None:
+            progress.stage = "waiting for a free connection"
         async with self._limiter:
             for attempt in range(2):
+                if progress is not None:
+                    progress.stage = "connecting"
                 conn, fresh = await self._checkout(origin)
                 conn.progress = progress
                 try:
@@ -217,8 +222,12 @@ class HttpClient:
         max_body_bytes: int,
     ) -> Response:
         try:
+            if conn.progress is not None:
+                conn.progress.stage = "sending the request"
             with trio.fail_after(self._io_timeout_s):
                 await conn.stream.send_all(request_bytes)
+            if conn.progress is not None:
+                conn.progress.stage = "waiting for the answer"
             response = await self._read_head(conn)
             await self._read_body(conn, response, method, into, skip_on_200, max_body_bytes)
             return response

@@ -259,6 +259,8 @@ class RegistryClient:
                     f"{self.registry}: {what}: still failing after {timeout_s:g} s "
                     f"of retries (last answer: {last_problem})"
                 ) from None
+            if progress.stage:  # the deadline cut an attempt short: say where it was
+                last_problem += f"; the last attempt was {progress.stage}"
             raise RemoteTimeoutError(
                 f"{self.registry}: {what}: no answer within {timeout_s:g} s "
                 f"(last problem: {last_problem})"
