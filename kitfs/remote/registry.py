@@ -160,6 +160,7 @@ class RegistryClient:
                 raise copy_for_waiter(earlier[1]) from None
             self._timed_out[asked] = (trio.current_time(), exc)
             raise
+        self._timed_out.pop(asked, None)  # answered: the next ask gets the whole timeout
         if response.status == 206:
             _check_content_range(self.registry, response, offset, length, blob_size, digest)
         elif response.status != 200:  # not a range, and not the blob as it is (203: transformed)
