@@ -16,6 +16,7 @@ requests (``times=None``: all of them); the first rule that matches wins::
     proxy.add(Rule("wrong_range"))    # a 206 whose Content-Range is one byte off
     proxy.add(Rule("redirect"))       # 307 to the "storage" listener, which records Range
     proxy.add(Rule("stall", delay_s=2))  # sleep, then answer normally
+    proxy.add(Rule("trickle", bytes_per_s=1))  # the headers, then the body one byte at a time
     proxy.add(Rule("forward", chunked=True))  # as the registry answers, but chunked
 
 ``chunked=True`` sends a forwarded body with chunked transfer encoding and ``rewrite_status``
@@ -26,7 +27,8 @@ Auth covers the whole ``/v2/`` API: ``require_basic(user, password)``, or
 ``require_bearer(...)`` with a token endpoint the proxy serves itself at ``/token``
 (``WWW-Authenticate: Bearer realm=…,service=…,scope=…``); ``revoke_tokens()``, or
 ``revoke_after`` authorized requests, makes every token issued so far invalid, so the next
-request with one gets a 401. TLS: pass server contexts (``server_context``) made from
+request with one gets a 401; with ``lifetime_s`` each token expires that long after it was
+issued, as real registries' tokens do. TLS: pass server contexts (``server_context``) made from
 certificates that ``make_ca``/``issue`` create with the ``openssl`` command.
 
 Everything listens on 127.0.0.1 on free ports; ``start``/``stop`` run and end the threads.
@@ -56,7 +58,7 @@ from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 Action = Literal["forward", "status", "reset", "truncate", "ignore_range", "wrong_range", "redirect",
-                 "stall"]
+                 "stall", "trickle"]
 
 IO_TIMEOUT_S = 30.0
 _PIECE_BYTES = 256 * 1024
@@ -75,6 +77,7 @@ class Rule:
     status: int = 503  # for "status"
     retry_after: str | None = None  # for "status": the Retry-After header
     delay_s: float = 0.0  # for "stall"
+    bytes_per_s: float = 1.0  # for "trickle"
     chunked: bool = False  # send the forwarded body with Transfer-Encoding: chunked
     rewrite_status: int | None = None  # answer the forwarded response with this status
     hits: int = 0
@@ -107,8 +110,10 @@ class _Bearer:
     user: str | None
     password: str | None
     revoke_after: int | None
+    lifetime_s: float | None = None
     valid: set[str] = field(default_factory=set)
     issued: list[str] = field(default_factory=list)
+    issued_at: dict[str, float] = field(default_factory=dict)  # token -> time.monotonic()
     scopes: list[str] = field(default_factory=list)
     authorized: int = 0
 
@@ -229,10 +234,11 @@ class FaultProxy:
         self._basic = (user, password)
 
     def require_bearer(self, user: str | None = None, password: str | None = None, *,
-                       revoke_after: int | None = None) -> None:
+                       revoke_after: int | None = None, lifetime_s: float | None = None) -> None:
         """Bearer tokens from /token (which wants ``user``/``password`` when given);
-        after ``revoke_after`` authorized requests every token issued so far is revoked once."""
-        self._bearer = _Bearer(user, password, revoke_after)
+        after ``revoke_after`` authorized requests every token issued so far is revoked once;
+        each token expires ``lifetime_s`` after it was issued."""
+        self._bearer = _Bearer(user, password, revoke_after, lifetime_s)
 
     def revoke_tokens(self) -> None:
         assert self._bearer is not None
@@ -300,6 +306,9 @@ class FaultProxy:
                              for k, v in reply_headers]
         if rule is not None and rule.rewrite_status is not None:
             status = rule.rewrite_status
+        if rule is not None and rule.action == "trickle":
+            self._trickle(h, seen, status, reply_headers, body, rule.bytes_per_s)
+            return
         cut = len(body) // 2 if rule is not None and rule.action == "truncate" else None
         self._send(h, seen, status, reply_headers, body, cut_at=cut,
                    chunked=rule is not None and rule.chunked)
@@ -325,7 +334,10 @@ class FaultProxy:
         elif self._bearer is not None:
             bearer = self._bearer
             with self._lock:
-                ok = given.startswith("Bearer ") and given[7:] in bearer.valid
+                token = given[7:] if given.startswith("Bearer ") else ""
+                ok = token in bearer.valid and (
+                    bearer.lifetime_s is None
+                    or time.monotonic() - bearer.issued_at[token] < bearer.lifetime_s)
                 if ok:
                     bearer.authorized += 1
                     if bearer.revoke_after is not None and bearer.authorized == bearer.revoke_after:
@@ -360,6 +372,7 @@ class FaultProxy:
         with self._lock:
             bearer.valid.add(token)
             bearer.issued.append(token)
+            bearer.issued_at[token] = time.monotonic()
             bearer.scopes += query.get("scope", [])
         body = json.dumps({"token": token, "access_token": token, "expires_in": 300}).encode()
         self._send(h, seen, 200, [("Content-Type", "application/json")], body)
@@ -399,6 +412,25 @@ class FaultProxy:
             seen.body_bytes += len(piece)
         if chunked:
             h.wfile.write(b"0\r\n\r\n")
+
+    def _trickle(self, h: _Handler, seen: Seen, status: int, headers: list[tuple[str, str]],
+                 body: bytes, bytes_per_s: float) -> None:
+        """Answer with the full Content-Length, then the body one byte per ``1/bytes_per_s``
+        seconds, until it is all sent, the client goes away or the proxy stops."""
+        seen.status = status
+        h.send_response_only(status)
+        for name, value in headers:
+            h.send_header(name, value)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.flush()
+        for at in range(len(body)):
+            if self._stopping.wait(1 / bytes_per_s):
+                h.close_connection = True
+                return
+            h.wfile.write(body[at : at + 1])
+            h.wfile.flush()
+            seen.body_bytes += 1
 
     def _reset(self, h: _Handler) -> None:
         """Close the connection with a TCP RST (SO_LINGER on, zero timeout)."""

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -26,6 +27,7 @@ from typing import IO, Any
 
 import pytest
 
+import kitfs.cache.schema as schema_module
 import kitfs.cache.store as store_module
 from kitfs.cache.store import ChunkStore
 from kitfs.sample import Pusher, Registry, sample_kit
@@ -375,3 +377,38 @@ def test_creating_a_cache_does_not_import_pandas_or_numpy(tmp_path: Path) -> Non
             "'pandas' in sys.modules, 'numpy' in sys.modules); import pandas")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["0", "False", "False"]  # migrated; and pandas still importable
+
+
+def test_a_process_whose_database_was_deleted_keeps_working_until_it_can_open_a_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rm kitfs.db`` under a running process, and the new database cannot be opened at the
+    first try (as while another process held the deleted one): the store keeps its records
+    in memory meanwhile, then moves to the directory's database and records there."""
+    key = "sha256:" + "12" * 32
+    store = ChunkStore(tmp_path / "cache")
+    try:
+        store.register_blob(key, 300_000, 100_000)
+        store.put(key, 0, b"a" * 100_000)
+        (tmp_path / "cache" / "kitfs.db").unlink()
+        real_open = schema_module.open_database
+
+        def refused(directory: Path) -> Any:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(store_module, "open_database", refused)
+        store._next_database_check = 0
+        assert store.put(key, 1, b"b" * 100_000)  # recorded in memory only
+        assert store.read(key, 1, 0, 3) == b"bbb"
+        monkeypatch.setattr(store_module, "open_database", real_open)
+        store._next_database_check = 0
+        assert store.put(key, 2, b"c" * 100_000)
+        other = ChunkStore(tmp_path / "cache")  # another process sees the new database
+        try:
+            assert other.cached_chunks(key) == {2}
+            assert other.blob_state(key) == store.blob_state(key)  # registered again
+            assert other.verify_chunks() == (1, 0)
+        finally:
+            other.close()
+    finally:
+        store.close()

@@ -73,7 +73,12 @@ def load_members(store: ChunkStore, key: str) -> list[TarMember] | None:
 
 
 def store_members(store: ChunkStore, key: str, members: list[TarMember]) -> None:
-    store.conn.execute(
-        "INSERT OR REPLACE INTO layer_indexes (key, member_count, packed) VALUES (?, ?, ?)",
-        (key, len(members), pack_members(members)),
-    )
+    """Persist a layer's index as one row; skipped (the caller keeps its index in memory)
+    while another process keeps the database locked or its disk is full."""
+    with store.optional_write(f"the index of {key}") as writable:
+        if not writable:
+            return
+        store.conn.execute(
+            "INSERT OR REPLACE INTO layer_indexes (key, member_count, packed) VALUES (?, ?, ?)",
+            (key, len(members), pack_members(members)),
+        )

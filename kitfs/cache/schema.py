@@ -171,10 +171,43 @@ def open_database(cache_dir: Path) -> sqlite3.Connection:
     with cache_lock(cache_dir):
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        if _pending(conn):
-            _migrate(conn)
-        path.chmod(0o600)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            if _pending(conn):
+                _migrate(conn)
+            path.chmod(0o600)
+        except BaseException:
+            conn.close()
+            raise
+    return conn
+
+
+def discard_stale_journal(cache_dir: Path) -> None:
+    """Remove the ``-wal`` and ``-shm`` files left by a database that was deleted (or by a
+    failed attempt to create one: an empty file), so that the next open starts a new journal
+    instead of joining the one that processes still holding the deleted database share.
+    Those keep their own (now unlinked) files. Under the cache lock, which every kitfs
+    process holds while it creates a database."""
+    path = cache_dir / DATABASE_NAME
+    with cache_lock(cache_dir):
+        try:
+            if path.stat().st_size > 0:
+                return  # a live database: its journal is its own
+        except FileNotFoundError:
+            pass
+        for suffix in ("-wal", "-shm"):
+            try:
+                (cache_dir / (DATABASE_NAME + suffix)).unlink()
+            except FileNotFoundError:
+                pass
+
+
+def private_database() -> sqlite3.Connection:
+    """An in-memory database with the cache's tables, for a process that cannot open the
+    directory's database for a while (``ChunkStore.check_database``)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    for migration in MIGRATIONS:
+        migration(conn)
     return conn

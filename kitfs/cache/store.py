@@ -33,6 +33,19 @@ Invariants (what a ``kill -9`` at any instant cannot break):
   every evicted chunk of it cheap to rebuild).
 - A full disk is not an error: ``put`` returns False and logs a warning, and the caller serves
   the bytes it already holds without caching them.
+- Neither is a database another program keeps locked: a write waits at most ``BUSY_WAIT_S``
+  for the lock (kitfs's own transactions take milliseconds), then is abandoned, and for
+  ``BUSY_BACKOFF_S`` this process records nothing (chunks are served uncached, indexes and
+  verification results kept in memory) rather than make every read wait. Reads of the
+  database are not blocked by a writer (WAL).
+- ``kitfs.db`` deleted (or replaced) under a running process: SQLite would go on with the
+  deleted file, and its journal files (``-wal``, ``-shm``) would keep every other process
+  out of the directory ("disk I/O error"). ``check_database`` (on every chunk put and every
+  second in a daemon) notices, lets go of the deleted database, removes its journal from the
+  directory (processes still holding it keep their unlinked copies) and opens the directory's
+  database (a new, empty one, or one another process made meanwhile): the chunk files the
+  deleted one listed are orphans for ``gc``. Should that open fail, this process keeps its
+  records in a private in-memory database and tries again at the next check.
 
 The API is synchronous and fast (SQLite and local files); the reader calls it inline from the
 trio thread, as s3ql does. Nothing here knows about registries or trio.
@@ -49,14 +62,20 @@ import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
-from kitfs.cache.schema import cache_lock, open_database
+from kitfs.cache.schema import (
+    DATABASE_NAME,
+    cache_lock,
+    discard_stale_journal,
+    open_database,
+    private_database,
+)
 from kitfs.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -66,6 +85,21 @@ _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How many chunk reads to remember before writing their access times to the database.
 _ACCESS_FLUSH_EVERY = 256
 _ROWS_KEPT = 4096  # chunk rows remembered by read(): 16 GiB of 4 MiB chunks, ~2.5 MiB
+# How long a write waits for another process's write lock on the database, and how long
+# writes are then skipped (a daemon answers every request on one thread: it must not wait
+# BUSY_WAIT_S per chunk while another program holds the database).
+BUSY_WAIT_S = 2.0
+BUSY_BACKOFF_S = 5.0
+# How often ``check_database`` looks whether kitfs.db is still the file this process opened.
+DATABASE_CHECK_INTERVAL_S = 1.0
+
+
+class DatabaseLockedError(CacheError):
+    """Another process held the cache database's write lock for longer than ``BUSY_WAIT_S``."""
+
+
+class DatabaseFullError(CacheError):
+    """The cache database could not grow: its file system is full."""
 
 
 @dataclass(frozen=True)
@@ -129,9 +163,13 @@ class ChunkStore:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             (directory / "chunks").mkdir(mode=0o700, exist_ok=True)
             (directory / "tmp").mkdir(mode=0o700, exist_ok=True)
-            self._conn = open_database(directory)
+            self._conn = self._open_shared()
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"cannot open the cache in {directory}: {exc}") from exc
+        self._database_inode: int | None = _inode(directory / DATABASE_NAME)  # None: private
+        self._next_database_check = time.monotonic() + DATABASE_CHECK_INTERVAL_S
+        self._registered: dict[str, tuple[int, int]] = {}  # key -> (size, chunk size) asked
+        self._warned_private = False
         self._pins: Counter[tuple[str, int]] = Counter()
         self._over_quota = False  # the last eviction stopped short because of pins
         self._dropped = 0  # chunks found damaged and dropped (``verify_chunks`` counts them)
@@ -141,22 +179,67 @@ class ChunkStore:
         # cached (content-addressed), so a FUSE read of a cached chunk costs no query. A chunk
         # another process removed meanwhile shows up as a missing file, as before.
         self._rows: OrderedDict[tuple[str, int], tuple[int, bytes]] = OrderedDict()
+        self._writes_paused_until = 0.0  # time.monotonic(): see _pause_writes
 
     def close(self) -> None:
         self._flush_access_times()
         self._conn.close()
 
+    def _open_shared(self) -> sqlite3.Connection:
+        conn = open_database(self.directory)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT_S * 1000)}")
+        return conn
+
+    def check_database(self) -> None:
+        """Move to the directory's database if ``kitfs.db`` was deleted or replaced under this
+        process (see the module docstring); at most once per ``DATABASE_CHECK_INTERVAL_S``."""
+        now = time.monotonic()
+        if now < self._next_database_check:
+            return
+        self._next_database_check = now + DATABASE_CHECK_INTERVAL_S
+        path = self.directory / DATABASE_NAME
+        if self._database_inode is not None:
+            if _inode(path) == self._database_inode:
+                return
+            log.warning("cache: %s was deleted or replaced under this process; moving to the "
+                        "one now in the directory (the chunk files the old one listed are "
+                        "orphans until kitfs cache gc)", path)
+            self._conn.close()  # SQLite leaves the journal of a deleted database alone
+            self._conn = private_database()
+            self._database_inode = None
+        try:
+            discard_stale_journal(self.directory)
+            conn = self._open_shared()
+        except (OSError, sqlite3.Error) as exc:
+            if not self._warned_private:  # once: it is tried again every check
+                self._warned_private = True
+                log.warning("cache: cannot open %s yet (%s): another process may still hold "
+                            "the deleted database; this process keeps its cache records to "
+                            "itself meanwhile", path, exc)
+            return
+        self._warned_private = False
+        self._conn.close()
+        self._conn = conn
+        self._database_inode = _inode(path)
+        self._touched.clear()
+        for key, (size, chunk_size_bytes) in self._registered.items():
+            self.register_blob(key, size, chunk_size_bytes)
+        log.info("cache: now using the database %s", path)
+
     # --- blobs --------------------------------------------------------------------------------
 
     def register_blob(self, key: str, size: int, chunk_size_bytes: int) -> BlobState:
-        """Make sure ``key`` has a row; returns its state (an existing chunk size wins)."""
-        self._execute(
-            "INSERT OR IGNORE INTO blobs (key, size, chunk_size) VALUES (?, ?, ?)",
-            (key, size, chunk_size_bytes),
-        )
+        """Make sure ``key`` has a row; returns its state (an existing chunk size wins).
+        While the database cannot be written, a state that is not recorded."""
+        self._registered.setdefault(key, (size, chunk_size_bytes))
+        with self.optional_write(f"blob {key}") as writable:
+            if writable:
+                self._execute(
+                    "INSERT OR IGNORE INTO blobs (key, size, chunk_size) VALUES (?, ?, ?)",
+                    (key, size, chunk_size_bytes),
+                )
         state = self.blob_state(key)
-        assert state is not None
-        return state
+        return state if state is not None else BlobState(size, chunk_size_bytes, 0, None)
 
     def blob_state(self, key: str) -> BlobState | None:
         row = self._execute(
@@ -166,17 +249,34 @@ class ChunkStore:
 
     def mark_verified(self, key: str, chunk_sha256: Iterable[tuple[int, str]]) -> None:
         """Record that ``key``'s content matched its digest, with each chunk's sha256."""
-        with self._transaction():
-            self._execute("UPDATE blobs SET verified = 1, failure = NULL WHERE key = ?", (key,))
-            self._conn.executemany(
-                "INSERT OR REPLACE INTO chunk_digests (key, idx, sha256) VALUES (?, ?, ?)",
-                [(key, idx, digest) for idx, digest in chunk_sha256],
-            )
+        with self.optional_write(f"the verification of {key}") as writable:
+            if writable:
+                self._execute("UPDATE blobs SET verified = 1, failure = NULL WHERE key = ?",
+                              (key,))
+                self._executemany(
+                    "INSERT OR REPLACE INTO chunk_digests (key, idx, sha256) VALUES (?, ?, ?)",
+                    [(key, idx, digest) for idx, digest in chunk_sha256],
+                )
+
+    def mark_stream_verified(self, key: str, size: int) -> None:
+        """Record a decompressed stream's size once it and its blob matched their digests."""
+        with self.optional_write(f"the verification of {key}") as writable:
+            if writable:
+                self._execute("UPDATE blobs SET size = ?, verified = 1 WHERE key = ?",
+                              (size, key))
 
     def mark_failed(self, key: str, reason: str) -> None:
-        """Record a digest mismatch and drop every cached chunk of ``key``."""
-        self.purge_chunks(key)
-        self._execute("UPDATE blobs SET verified = -1, failure = ? WHERE key = ?", (reason, key))
+        """Record a digest mismatch and drop every cached chunk of ``key`` (while the
+        database is locked, only logged: the caller's process remembers the failure)."""
+        if self._writes_paused():
+            log.warning("cache: the failure of %s is not recorded: the database is locked", key)
+            return
+        try:
+            self.purge_chunks(key)
+            self._execute("UPDATE blobs SET verified = -1, failure = ? WHERE key = ?",
+                          (reason, key))
+        except DatabaseLockedError as exc:
+            self._pause_writes(f"the failure of {key}", exc)
 
     def chunk_sha256(self, key: str, idx: int) -> str | None:
         row = self._execute(
@@ -293,6 +393,10 @@ class ChunkStore:
         if prepared.tmp is None:
             self._warn_full(prepared.full_reason)
             return False
+        self.check_database()
+        if self._writes_paused():
+            self.discard(prepared)
+            return False
         path = self.chunk_path(key, idx)
         victims: list[tuple[str, int, int]] = []
         indexes: list[tuple[str, int]] = []
@@ -305,23 +409,33 @@ class ChunkStore:
                 path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 self._rows.pop((key, idx), None)
                 os.replace(prepared.tmp, path)
-                self._execute(
-                    "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (key, idx, prepared.length, prepared.sums, time.time()),
-                )
+                try:
+                    self._execute(
+                        "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (key, idx, prepared.length, prepared.sums, time.time()),
+                    )
+                except CacheError:
+                    # Not recorded: the file is an orphan unless a row already lists it (then
+                    # it holds the same bytes: the key names the content). No other process
+                    # can record it meanwhile: we hold the lock.
+                    if not self._execute("SELECT 1 FROM chunks WHERE key = ? AND idx = ?",
+                                         (key, idx)).fetchone():
+                        _unlink_quietly(path)
+                    raise
         except OSError as exc:
             _unlink_quietly(prepared.tmp)
             if exc.errno in _FULL_ERRNOS:
                 self._warn_full(str(exc))
                 return False
             raise CacheError(f"cannot write chunk {idx} of {key}: {exc}") from exc
-        except CacheError as exc:
+        except DatabaseFullError as exc:
             _unlink_quietly(prepared.tmp)
-            if "full" in str(exc):
-                self._warn_full(str(exc))
-                return False
-            raise
+            self._warn_full(str(exc))
+            return False
+        except DatabaseLockedError as exc:
+            self._pause_writes(f"chunk {idx} of {key}", exc)
+            return False
         finally:
             _log_evicted(victims, indexes, self.quota_bytes)
         return True
@@ -350,8 +464,16 @@ class ChunkStore:
         then, if that is not enough, checkpoint indexes. Returns the bytes freed.
         """
         self._flush_access_times()
-        with self._lock():
-            victims, indexes = self._evict_locked(target_bytes)
+        if self._writes_paused():
+            self._over_quota = True  # evict once writes resume
+            return 0
+        try:
+            with self._lock():
+                victims, indexes = self._evict_locked(target_bytes)
+        except DatabaseLockedError as exc:
+            self._over_quota = True
+            self._pause_writes("eviction", exc)
+            return 0
         _log_evicted(victims, indexes, target_bytes)
         return sum(length for *_, length in victims) + sum(length for _, length in indexes)
 
@@ -388,10 +510,10 @@ class ChunkStore:
                 freed += length
         self._over_quota = used - freed > target_bytes
         with self._transaction():
-            self._conn.executemany("DELETE FROM chunks WHERE key = ? AND idx = ?",
-                                   [(key, idx) for key, idx, _ in victims])
-            self._conn.executemany("DELETE FROM checkpoints WHERE blob = ?",
-                                   [(blob,) for blob, _ in indexes])
+            self._executemany("DELETE FROM chunks WHERE key = ? AND idx = ?",
+                              [(key, idx) for key, idx, _ in victims])
+            self._executemany("DELETE FROM checkpoints WHERE blob = ?",
+                              [(blob,) for blob, _ in indexes])
         for key, idx, _ in victims:
             self._unlink(key, idx)
         for blob, _ in indexes:
@@ -559,11 +681,42 @@ class ChunkStore:
 
     def put_document(self, digest: str, data: bytes) -> None:
         """Store a manifest or config the caller has checked against ``digest``."""
+        with self.optional_write(f"document {digest}") as writable:
+            if writable:
+                self._execute("INSERT OR IGNORE INTO documents (digest, data) VALUES (?, ?)",
+                              (digest, data))
+
+    @contextmanager
+    def optional_write(self, what: str) -> Iterator[bool]:
+        """One transaction for a record the cache can do without (an index, a document, a
+        verification result, access times): ``with store.optional_write("x") as writable:``
+        and write only if ``writable``. A locked database or a full disk rolls it back and
+        is logged, never raised (a read must not fail for the cache alone); other database
+        errors are raised as ``CacheError``."""
+        writable = False
+        if not self._writes_paused():
+            try:
+                self._execute("BEGIN IMMEDIATE")
+                writable = True
+            except CacheError as exc:
+                if not self._absorb(what, exc):
+                    raise
+        if not writable:
+            yield False
+            return
         try:
-            self._execute("INSERT OR IGNORE INTO documents (digest, data) VALUES (?, ?)",
-                          (digest, data))
-        except CacheError as exc:
-            self._warn_full(str(exc))
+            yield True
+            self._execute("COMMIT")
+        except (sqlite3.Error, CacheError) as exc:
+            self._rollback()
+            if self._absorb(what, exc):
+                return
+            if isinstance(exc, sqlite3.Error):
+                raise _cache_error(exc) from exc
+            raise
+        except BaseException:
+            self._rollback()
+            raise
 
     # --- internals ------------------------------------------------------------------------
 
@@ -571,12 +724,51 @@ class ChunkStore:
         try:
             return self._conn.execute(sql, params)
         except sqlite3.Error as exc:
-            if "full" in str(exc):
-                raise CacheError(f"cache database is full: {exc}") from exc
-            raise CacheError(f"cache database error: {exc}") from exc
+            raise _cache_error(exc) from exc
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn)
+    def _executemany(self, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
+        try:
+            self._conn.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise _cache_error(exc) from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._rollback()
+            raise
+        self._execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.warning("cache: rolling back failed: %s", exc)
+
+    def _writes_paused(self) -> bool:
+        return time.monotonic() < self._writes_paused_until
+
+    def _pause_writes(self, what: str, exc: Exception) -> None:
+        """Another process holds the database: record nothing for ``BUSY_BACKOFF_S``."""
+        self._writes_paused_until = time.monotonic() + BUSY_BACKOFF_S
+        log.warning("cache: %s not recorded (%s); for %g s this process records nothing in "
+                    "the cache and serves reads from the registry and memory", what, exc,
+                    BUSY_BACKOFF_S)
+
+    def _absorb(self, what: str, exc: sqlite3.Error | CacheError) -> bool:
+        """Log a locked database or a full disk met by an optional write; False otherwise."""
+        error = _cache_error(exc) if isinstance(exc, sqlite3.Error) else exc
+        if isinstance(error, DatabaseLockedError):
+            self._pause_writes(what, error)
+            return True
+        if isinstance(error, DatabaseFullError):
+            self._warn_full(str(error))
+            return True
+        return False
 
     def _lock(self) -> AbstractContextManager[None]:
         return cache_lock(self.directory)
@@ -592,19 +784,25 @@ class ChunkStore:
         rows = [(t, key, idx) for (key, idx), t in self._touched.items()]
         self._touched.clear()
         try:
-            with self._transaction():
-                self._conn.executemany(
-                    "UPDATE chunks SET last_access = ? WHERE key = ? AND idx = ?", rows
-                )
-        except sqlite3.Error as exc:  # access times are a hint; never fail a read for them
+            with self.optional_write("chunk access times") as writable:
+                if writable:
+                    self._executemany(
+                        "UPDATE chunks SET last_access = ? WHERE key = ? AND idx = ?", rows
+                    )
+        except CacheError as exc:  # access times are a hint; never fail a read for them
             log.warning("could not record chunk access times: %s", exc)
 
     def _drop_bad_chunk(self, key: str, idx: int, why: str) -> None:
         log.warning("cache: dropping chunk %d of %s: %s", idx, key, why)
         self._dropped += 1
-        with self._lock():
-            self._execute("DELETE FROM chunks WHERE key = ? AND idx = ?", (key, idx))
-            self._unlink(key, idx)
+        if self._writes_paused():
+            return  # its row stays until writes resume; every read checks it again
+        try:
+            with self._lock():
+                self._execute("DELETE FROM chunks WHERE key = ? AND idx = ?", (key, idx))
+                self._unlink(key, idx)
+        except DatabaseLockedError as exc:
+            self._pause_writes(f"dropping chunk {idx} of {key}", exc)
 
     def _unlink(self, key: str, idx: int) -> None:
         self._rows.pop((key, idx), None)
@@ -617,15 +815,20 @@ class ChunkStore:
                         self.directory, detail)
 
 
-class _Transaction:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
+def _cache_error(exc: sqlite3.Error) -> CacheError:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(exc):
+        return DatabaseLockedError(f"cache database is locked by another process: {exc}")
+    if code == sqlite3.SQLITE_FULL or "full" in str(exc):
+        return DatabaseFullError(f"cache database is full: {exc}")
+    return CacheError(f"cache database error: {exc}")
 
-    def __enter__(self) -> None:
-        self._conn.execute("BEGIN IMMEDIATE")
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _log_evicted(victims: list[tuple[str, int, int]], indexes: list[tuple[str, int]],

@@ -762,8 +762,7 @@ class BlobReader:
                 self._fail(content, f"decompressed content is sha256:{diff_hasher.hexdigest()}, "
                                     f"the config's diffId is {content.diff_id}")
             self.store.mark_verified(key, chunk_sha256)
-            self.store.conn.execute("UPDATE blobs SET size = ? WHERE key = ?",
-                                    (result.size_bytes, key))
+            self.store.mark_stream_verified(key, result.size_bytes)
             job.size = result.size_bytes
             self._keep_checkpoints(content, result)
         except KitfsError as exc:
@@ -1003,9 +1002,7 @@ class BlobReader:
             if content.diff_id is not None and diff_hasher.hexdigest() != content.diff_id.hex:
                 self._fail(content, f"decompressed content is sha256:{diff_hasher.hexdigest()}, "
                                     f"the config's diffId is {content.diff_id}")
-            self.store.conn.execute(
-                "UPDATE blobs SET size = ?, verified = 1 WHERE key = ?", (produced, key)
-            )
+            self.store.mark_stream_verified(key, produced)
             job.size = produced
         except (KitfsError, zstandard.ZstdError) as exc:
             if isinstance(exc, zstandard.ZstdError):

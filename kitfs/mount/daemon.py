@@ -208,6 +208,7 @@ async def serve(options: MountOptions, readiness: Readiness) -> int:
         try:
 
             def publish() -> None:
+                session.store.check_database()  # kitfs.db deleted under us: see the store
                 status.write_status(os.getpid(), status_record(options, kit, session, fs, started))
 
             async def become_ready() -> None:

@@ -12,7 +12,10 @@ only what is FUSE-specific:
   ``FUSEError``, so every handler is wrapped. A ``KitfsError`` becomes its class's errno
   (``kitfs.errors``), an ``OSError`` its own errno, and anything else is logged with its
   traceback and answered EIO; the mount stays up in every case.
-- counters for ``kitfs status``.
+- counters for ``kitfs status``;
+- the kernel's page cache: files keep their pages between opens (``keep_cache``, content never
+  changes), so when a layer fails verification the pages of its files are dropped
+  (``invalidate_inode``), and every later read of the layer reaches kitfs and fails too.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import functools
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -30,7 +34,7 @@ import pyfuse3
 import xxhash
 
 from kitfs.core.modelkit import KitSession, ModelKit
-from kitfs.errors import KitfsError, NotFoundError
+from kitfs.errors import IntegrityError, KitfsError, NotFoundError
 from kitfs.format.tree import Node
 
 log = logging.getLogger(__name__)
@@ -82,6 +86,16 @@ def _boundary(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corout
     return handler
 
 
+def _invalidate_pages(inodes: list[int], digest: str) -> None:
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError as exc:  # ENOENT: the kernel holds nothing of it
+            log.debug("invalidate inode %d: %s", ino, exc)
+    log.info("layer %s failed verification: the kernel's cached pages of its %d files are "
+             "dropped", digest, len(inodes))
+
+
 def _count_error(args: Any) -> None:
     if args and isinstance(args[0], KitFilesystem):
         args[0].counters.errors += 1
@@ -104,6 +118,7 @@ class KitFilesystem(pyfuse3.Operations):
         self.counters = MountCounters()
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: kit.tree.root}
         self._inodes: dict[int, int] = {id(kit.tree.root): pyfuse3.ROOT_INODE}  # id(node) -> ino
+        self._pages_dropped: set[int] = set()  # layers whose files' cached pages were dropped
 
     # --- inodes and attributes ------------------------------------------------------------
 
@@ -196,7 +211,12 @@ class KitFilesystem(pyfuse3.Operations):
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._node(fh)
-        data = await self.session.read_file(self.kit, node, off, size)
+        try:
+            data = await self.session.read_file(self.kit, node, off, size)
+        except IntegrityError:
+            if node.source is not None:
+                self._drop_cached_pages(node.source.layer_index)
+            raise
         self.counters.reads += 1
         self.counters.bytes_served += len(data)
         return data
@@ -233,6 +253,20 @@ class KitFilesystem(pyfuse3.Operations):
     @_boundary
     async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
         return list(self._xattrs(self._node(inode)))
+
+    def _drop_cached_pages(self, layer_index: int) -> None:
+        """Have the kernel forget the cached pages of every file of a layer that failed
+        verification (pages read before the failure would otherwise still be served). In a
+        thread, after this request is answered: invalidating pages that the failing read
+        still holds locked would deadlock (libfuse: never in the path of a request)."""
+        if layer_index < 0 or layer_index in self._pages_dropped:
+            return
+        self._pages_dropped.add(layer_index)
+        inodes = [ino for ino, node in self._nodes.items()
+                  if node.source is not None and node.source.layer_index == layer_index]
+        digest = self.kit.layers[layer_index].placement.descriptor.digest
+        threading.Thread(target=_invalidate_pages, args=(inodes, str(digest)),
+                         name="invalidate-pages", daemon=True).start()
 
     def _xattrs(self, node: Node) -> dict[bytes, bytes]:
         if node is self.kit.tree.root:

@@ -48,16 +48,28 @@ class Response:
 
 
 @dataclass
+class Progress:
+    """How far one request got, for the caller's message when its deadline cuts it short."""
+
+    stage: str = ""  # what the request is doing, until its answer's head has arrived
+    status: int | None = None  # the response's status, once its head has arrived
+    bytes_received: int = 0  # on the connection, head and body
+
+
+@dataclass
 class _Connection:
     stream: trio.abc.Stream
     sock: trio.socket.SocketType | None  # set for plain TCP: used for recv_into
     buffer: bytearray = field(default_factory=bytearray)
     reusable: bool = True
+    progress: Progress | None = None  # of the request using the connection
 
     async def recv_some(self) -> bytes:
         data = await self.stream.receive_some(RECV_SIZE_BYTES)
         if not data:
             raise TransportError("connection closed by the server")
+        if self.progress is not None:
+            self.progress.bytes_received += len(data)
         return bytes(data)
 
     async def recv_into(self, view: memoryview) -> int:
@@ -69,6 +81,8 @@ class _Connection:
             view[:count] = data
         if count == 0:
             raise TransportError("connection closed by the server in the middle of a body")
+        if self.progress is not None:
+            self.progress.bytes_received += count
         return count
 
 
@@ -103,8 +117,9 @@ class HttpClient:
         into: memoryview | None = None,
         skip_on_200: int = 0,
         max_body_bytes: int = 64 * 1024 * 1024,
+        progress: Progress | None = None,
     ) -> Response:
-        """Send one request and read the response.
+        """Send one request and read the response (``progress``, if given, follows it).
 
         With ``into``, a successful (2xx) body of exactly ``len(into)`` bytes is read into it
         (a longer body is cut there and the connection is dropped, a shorter one is an error);
@@ -126,9 +141,14 @@ class HttpClient:
         lines += [f"{k}: {v}" for k, v in headers.items()]
         request_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
+        if progress is not None:
+            progress.stage = "waiting for a free connection"
         async with self._limiter:
             for attempt in range(2):
+                if progress is not None:
+                    progress.stage = "connecting"
                 conn, fresh = await self._checkout(origin)
+                conn.progress = progress
                 try:
                     response = await self._exchange(
                         conn, request_bytes, method, into, skip_on_200, max_body_bytes
@@ -143,6 +163,7 @@ class HttpClient:
                 except BaseException:
                     await _close_quietly(conn)
                     raise
+                conn.progress = None
                 if conn.reusable:
                     self._checkin(origin, conn)
                 else:
@@ -201,8 +222,12 @@ class HttpClient:
         max_body_bytes: int,
     ) -> Response:
         try:
+            if conn.progress is not None:
+                conn.progress.stage = "sending the request"
             with trio.fail_after(self._io_timeout_s):
                 await conn.stream.send_all(request_bytes)
+            if conn.progress is not None:
+                conn.progress.stage = "waiting for the answer"
             response = await self._read_head(conn)
             await self._read_body(conn, response, method, into, skip_on_200, max_body_bytes)
             return response
@@ -240,6 +265,8 @@ class HttpClient:
             headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
         if version == "HTTP/1.0" or "close" in headers.get("connection", "").lower():
             conn.reusable = False
+        if conn.progress is not None:
+            conn.progress.status = status
         return Response(status, reason[0] if reason else "", headers)
 
     async def _read_body(
@@ -377,6 +404,8 @@ class HttpClient:
                 data = bytes(await conn.stream.receive_some(RECV_SIZE_BYTES))
             if not data:
                 return bytes(body)
+            if conn.progress is not None:
+                conn.progress.bytes_received += len(data)
 
 
 class _Sink:

@@ -11,6 +11,11 @@ All the policy about talking to a registry lives here:
   registry or its token service, with exponential backoff, all inside one deadline of
   ``timeout_s`` per operation, so a dead registry gives a clear ``RemoteError`` in bounded
   time. An untrusted TLS certificate is not retried: it fails at once, naming the host.
+  A blob range that failed only once that deadline passed is, when asked for again within
+  ``RECENT_TIMEOUT_S``, tried with a deadline of ``PROBE_TIMEOUT_S`` and, failing again,
+  fails with the first error: the kernel asks again, page by page, right after a read
+  fails, and readers that waited for the same chunk ask too; each would otherwise wait a
+  whole ``timeout_s`` more. A registry that is back answers the short try.
 - **TLS**: the system CAs, plus those of ``ca_file`` when given.
 - **Auth**: anonymous first; on 401 the ``WWW-Authenticate`` challenge is answered (Basic, or a
   Bearer token fetched from the realm with the credentials if any); a 401 with a token in hand
@@ -33,12 +38,19 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import trio
 
-from kitfs.errors import AuthError, NotFoundError, RemoteError, RemoteTimeoutError, UsageError
+from kitfs.errors import (
+    AuthError,
+    NotFoundError,
+    RemoteError,
+    RemoteTimeoutError,
+    UsageError,
+    copy_for_waiter,
+)
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import MANIFEST_ACCEPT
 from kitfs.format.oci import MAX_MANIFEST_BYTES
 from kitfs.remote.auth import Credentials, find_credentials, parse_challenge
-from kitfs.remote.http import HttpClient, Response, TransportError
+from kitfs.remote.http import HttpClient, Progress, Response, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +60,8 @@ DEFAULT_TIMEOUT_S = 30.0
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
 MAX_REDIRECTS = 5
+RECENT_TIMEOUT_S = 5.0  # see the module docstring
+PROBE_TIMEOUT_S = 1.0
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _USER_AGENT = "kitfs/0.1"
 
@@ -83,6 +97,7 @@ class RegistryClient:
         self._tokens: dict[str, str] = {}  # scope -> bearer token
         self._challenges: dict[str, str] = {}  # scope -> "basic" or "bearer" once known
         self._warned_full_body = False
+        self._timed_out: dict[tuple[str, int, int], tuple[float, RemoteTimeoutError]] = {}
         self.stats = RegistryStatistics()
 
     async def __aenter__(self) -> RegistryClient:
@@ -128,10 +143,24 @@ class RegistryClient:
             raise ValueError(f"range {offset}+{length} outside blob of {blob_size} bytes")
         url = f"{self._base}/v2/{repository}/blobs/{digest}"
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        response = await self._call(
-            "GET", url, repository, headers, what=f"blob {digest} bytes {offset}-{offset + length - 1}",
-            into=into, skip_on_200=offset,
-        )
+        asked = (str(digest), offset, length)
+        now = trio.current_time()
+        self._timed_out = {k: v for k, v in self._timed_out.items()
+                           if now - v[0] < RECENT_TIMEOUT_S}
+        earlier = self._timed_out.get(asked)
+        try:
+            response = await self._call(
+                "GET", url, repository, headers,
+                what=f"blob {digest} bytes {offset}-{offset + length - 1}", into=into,
+                skip_on_200=offset,
+                timeout_s=min(PROBE_TIMEOUT_S, self.config.timeout_s) if earlier else None,
+            )
+        except RemoteTimeoutError as exc:
+            if earlier is not None:
+                raise copy_for_waiter(earlier[1]) from None
+            self._timed_out[asked] = (trio.current_time(), exc)
+            raise
+        self._timed_out.pop(asked, None)  # answered: the next ask gets the whole timeout
         if response.status == 206:
             _check_content_range(self.registry, response, offset, length, blob_size, digest)
         elif response.status != 200:  # not a range, and not the blob as it is (203: transformed)
@@ -156,28 +185,36 @@ class RegistryClient:
         into: memoryview | None = None,
         skip_on_200: int = 0,
         max_body_bytes: int = 1 << 20,
+        timeout_s: float | None = None,
     ) -> Response:
+        """One operation, retried until it succeeds or ``timeout_s`` (default: the
+        configured timeout) has passed."""
         scope = f"repository:{repository}:pull"
-        deadline = trio.current_time() + self.config.timeout_s
+        timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
+        deadline = trio.current_time() + timeout_s
         backoff_s = BACKOFF_FIRST_S
         auth_attempts = 0
         last_problem = "still waiting for the first answer"
         answered = False  # the last problem was an HTTP answer, not a connection failure
+        progress = Progress()  # of the attempt in flight: its answer, if one is arriving
         try:
             with trio.fail_at(deadline):
                 while True:
                     retry_after: float | None = None
+                    progress = Progress()
                     try:
                         response = await self._follow(
                             method, url, self._headers(headers, scope), into, skip_on_200,
-                            max_body_bytes,
+                            max_body_bytes, progress,
                         )
                     except TransportError as exc:
+                        progress = Progress()  # only an answer the deadline cuts short counts
                         if exc.permanent:
                             raise RemoteError(f"{self.registry}: {what}: {exc} (a private CA "
                                               "can be given with --ca-file)") from None
                         last_problem, answered = str(exc), False
                     else:
+                        progress = Progress()
                         status = response.status
                         if 200 <= status < 300:
                             return response
@@ -212,26 +249,36 @@ class RegistryClient:
                     await trio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
         except trio.TooSlowError:
+            if progress.status is not None:
+                raise RemoteTimeoutError(
+                    f"{self.registry}: {what}: answered HTTP {progress.status}, but the answer "
+                    f"was still arriving after {timeout_s:g} s ({progress.bytes_received} bytes "
+                    "received)"
+                ) from None
             if answered:
                 raise RemoteTimeoutError(
-                    f"{self.registry}: {what}: still failing after {self.config.timeout_s:g} s "
+                    f"{self.registry}: {what}: still failing after {timeout_s:g} s "
                     f"of retries (last answer: {last_problem})"
                 ) from None
+            if progress.stage:  # the deadline cut an attempt short: say where it was
+                last_problem += f"; the last attempt was {progress.stage}"
             raise RemoteTimeoutError(
-                f"{self.registry}: {what}: no answer within {self.config.timeout_s:g} s "
+                f"{self.registry}: {what}: no answer within {timeout_s:g} s "
                 f"(last problem: {last_problem})"
             ) from None
 
     async def _follow(
         self, method: str, url: str, headers: dict[str, str], into: memoryview | None,
-        skip_on_200: int, max_body_bytes: int,
+        skip_on_200: int, max_body_bytes: int, progress: Progress | None = None,
     ) -> Response:
         origin_host = urlsplit(url).netloc
         for _ in range(MAX_REDIRECTS + 1):
             self.stats.requests += 1
+            if progress is not None:  # a redirect starts the answer over
+                progress.status, progress.bytes_received = None, 0
             response = await self._http.request(
                 method, url, headers, into=into, skip_on_200=skip_on_200,
-                max_body_bytes=max_body_bytes,
+                max_body_bytes=max_body_bytes, progress=progress,
             )
             if response.status not in (301, 302, 303, 307, 308):
                 return response
