@@ -416,6 +416,13 @@ def test_pax_path_and_mtime_override_header() -> None:
     assert member.mtime == 1700000000
 
 
+@pytest.mark.parametrize("mtime", ["1e400", "-1e400", "inf", "nan", "9" * 5000, "soon"])
+def test_a_pax_mtime_that_is_no_finite_number_reads_as_zero(mtime: str) -> None:
+    """Found by tests/test_fuzz_parsers.py: "1e400" raised OverflowError, not FormatError."""
+    (member,) = scan_all(_pax_member({"mtime": mtime}))
+    assert member.mtime == 0
+
+
 @pytest.mark.parametrize(
     "body",
     [

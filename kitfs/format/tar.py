@@ -266,7 +266,7 @@ class TarScanner:
         if "mtime" in pax:
             try:
                 mtime = int(float(pax["mtime"]))
-            except ValueError:
+            except (ValueError, OverflowError):  # not a number, NaN, or infinite ("1e400")
                 mtime = 0
         if typeflag not in REGULAR_TYPES:
             # Only regular files carry data the reader may need; links, dirs and devices are
