@@ -627,6 +627,38 @@ def test_modelpack_with_filepaths_is_planned() -> None:
     assert str(second.diff_id) == sha("du")
 
 
+# Found by tests/test_fuzz_parsers.py: each raised something other than FormatError.
+
+
+def test_json_with_an_integer_of_5000_digits_is_a_format_error() -> None:
+    """Python refuses to convert it (ValueError, not a JSONDecodeError)."""
+    body = b'{"schemaVersion": 2, "layers": [], "x": ' + b"7" * 5000 + b"}"
+    with pytest.raises(FormatError, match="manifest is not valid JSON"):
+        parse_document(body, None)
+
+
+@pytest.mark.parametrize("where", ["model.parameters", "index modelMetadata"])
+def test_json_nested_more_than_100_levels_is_a_format_error(where: str) -> None:
+    """Python's JSON parser takes ~990 levels, but the Kitfile renderer and the index labels
+    recurse once per level: from a deep enough stack (a FUSE handler's) they failed."""
+    deep = "[" * 300 + "]" * 300
+    if where == "model.parameters":
+        manifest = _manifest([_descriptor(KIT_MODEL_TAR, sha("m"))])
+        config = f'{{"model": {{"path": "m", "digest": "{sha("m")}", "parameters": {deep}}}}}'
+        with pytest.raises(FormatError, match="config is nested more than 100 levels deep"):
+            plan_layout(manifest, config.encode())
+    else:
+        entry = _descriptor(OCI_MANIFEST, sha("m"))
+        body = json.dumps({"schemaVersion": 2, "manifests": [entry]}).encode()
+        body = body.replace(b'"size": 10', b'"size": 10, "modelMetadata": {"a": ' + deep.encode() + b"}")
+        with pytest.raises(FormatError, match="manifest is nested more than 100 levels deep"):
+            parse_document(body, None)
+    shallow = "[" * 98 + "]" * 98  # inside {"model": {"parameters": ...}}: 100 levels
+    manifest = _manifest([_descriptor(KIT_MODEL_TAR, sha("m"))])
+    config = f'{{"model": {{"path": "m", "digest": "{sha("m")}", "parameters": {shallow}}}}}'
+    assert plan_layout(manifest, config.encode()).kitfile is not None
+
+
 def test_plan_layout_legacy_maps_by_type_order_with_parent_prefix() -> None:
     layers = [
         _descriptor(KIT_MODEL_TAR, sha("model")),
