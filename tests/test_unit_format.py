@@ -659,6 +659,28 @@ def test_json_nested_more_than_100_levels_is_a_format_error(where: str) -> None:
     assert plan_layout(manifest, config.encode()).kitfile is not None
 
 
+def test_modelpack_config_with_odd_modelfs_or_diff_ids() -> None:
+    """modelfs that is no object raised AttributeError, a diffId that is no string TypeError."""
+    layers = [_descriptor("application/vnd.cncf.model.weight.v1.raw", sha("w"),
+                          annotations={FILEPATH: "w.bin"})]
+    manifest = _manifest(layers, MODELPACK_CONFIG, MODELPACK_ARTIFACT)
+    with pytest.raises(FormatError, match="modelfs is not an object"):
+        plan_layout(manifest, json.dumps({"modelfs": 7}).encode())
+    (placement,) = plan_layout(manifest, json.dumps({"modelfs": {"diffIds": [7]}}).encode()).placements
+    assert placement.raw_path == "w.bin" and placement.diff_id is None  # a diffId is optional
+
+
+@pytest.mark.parametrize("metadata", ['{"mode": 1e400}', '{"mode": "rwx"}', "[1]", "[" * 5000])
+def test_raw_layer_metadata_that_is_no_mode_names_the_layer(metadata: str) -> None:
+    """A mode of 1e400 raised OverflowError."""
+    meta = "org.cncf.model.file.metadata+json"
+    manifest = _manifest([_descriptor(KIT_CODE_RAW, sha("x"),
+                                      annotations={FILEPATH: "run.sh", meta: metadata})])
+    config = json.dumps({"code": [{"path": "run.sh", "digest": sha("x")}]}).encode()
+    with pytest.raises(FormatError, match=re.escape(f"layer {sha('x')}: annotation {meta}")):
+        plan_layout(manifest, config)
+
+
 def test_plan_layout_legacy_maps_by_type_order_with_parent_prefix() -> None:
     layers = [
         _descriptor(KIT_MODEL_TAR, sha("model")),

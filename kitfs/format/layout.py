@@ -107,7 +107,7 @@ def _raw_mode(descriptor: Descriptor) -> int:
             try:
                 meta = json.loads(descriptor.annotations[key])
                 mode = int(meta.get("mode", 0o644))
-            except (ValueError, TypeError, AttributeError):
+            except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
                 raise FormatError(
                     f"layer {descriptor.digest}: annotation {key} is not valid file metadata"
                 ) from None
@@ -115,8 +115,9 @@ def _raw_mode(descriptor: Descriptor) -> int:
     return 0o644
 
 
-def _digest_or_none(text: str | None) -> Digest | None:
-    if not text:
+def _digest_or_none(text: object) -> Digest | None:
+    """A recorded diffId, or None when there is none or it is no digest (it is optional)."""
+    if not text or not isinstance(text, str):
         return None
     try:
         return Digest.parse(text)
@@ -251,6 +252,8 @@ def _plan_modelpack(
     manifest: Manifest, types: list[LayerType], config_obj: dict[str, Any]
 ) -> tuple[Placement, ...]:
     modelfs = config_obj.get("modelfs") or {}
+    if not isinstance(modelfs, dict):
+        raise FormatError("ModelPack config: modelfs is not an object")
     diff_ids = modelfs.get("diffIds") or modelfs.get("diff_ids") or []
     if not isinstance(diff_ids, list):
         raise FormatError("ModelPack config: modelfs.diffIds is not a list")
