@@ -390,6 +390,20 @@ def test_render_kitfile_mapping_inside_parameters_list() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"package": {"authors": 5}}, "authors is not a list"),  # was TypeError
+        ({"package": {"authors": "ann"}}, "authors is not a list"),  # was rendered a, n, n
+        ({"model": {"parameters": {"big": 10**400}}}, "beyond the range of a float64"),  # Overflow
+    ],
+)
+def test_render_kitfile_refuses_what_kit_cannot_decode(config: dict[str, Any], message: str) -> None:
+    """Found by tests/test_fuzz_parsers.py; kit's Go structs refuse these configs too."""
+    with pytest.raises(FormatError, match=message):
+        render_kitfile(config)
+
+
 def test_render_kitfile_list_of_empty_struct_and_docs_path_not_omitted() -> None:
     obj = {"manifestVersion": "1.0", "code": [{}], "docs": [{"path": ""}]}
     assert render_kitfile(obj).decode() == (
