@@ -448,6 +448,29 @@ def test_parse_number_octal_and_padding() -> None:
         parse_number(b"00000009\0", "size")
 
 
+@pytest.mark.parametrize("field", [b"-0000001000", b"+0000001000", b"0o000001000", b"1_000",
+                                   b"0000644\0junk", b"00 644"])
+def test_parse_number_takes_octal_digits_only(field: bytes) -> None:
+    """As Go's archive/tar; Python's int(text, 8) takes a sign, 0o and _ too."""
+    with pytest.raises(FormatError, match="size field .* is not octal"):
+        parse_number(field, "size")
+
+
+@pytest.mark.timeout(10)
+def test_a_negative_octal_size_is_refused_not_scanned_for_ever() -> None:
+    """Found by tests/test_fuzz_parsers.py: a size field of "-0000001000" (-512) sent the scan
+    back to the same header, and feed() never returned."""
+    archive = bytearray(build([Spec("file", n, 0o644, 0, b"xyz") for n in ("a", "b")],
+                              tarfile.USTAR_FORMAT))
+    header = bytearray(archive[2 * BLOCK : 3 * BLOCK])  # b's header
+    header[124:136] = b"-0000001000\0"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    archive[2 * BLOCK : 3 * BLOCK] = header
+    with pytest.raises(FormatError, match=rf"size field b'-0000001000\\x00' is not octal"):
+        scan_all(bytes(archive))
+
+
 def test_parse_number_gnu_base256() -> None:
     value = 8 * 1024**3 + 7
     assert parse_number(b"\x80" + value.to_bytes(11, "big"), "size") == value

@@ -60,21 +60,27 @@ def _cstr(field: bytes) -> bytes:
     return field.split(b"\0", 1)[0]
 
 
+_OCTAL_DIGITS = frozenset(b"01234567")
+
+
 def parse_number(field: bytes, what: str) -> int:
-    """Parse an octal (NUL/space padded) or GNU base-256 numeric field."""
+    """Parse an octal (NUL/space padded) or GNU base-256 numeric field.
+
+    Octal is octal digits only, as Go's ``archive/tar`` reads it: ``int(text, 8)`` would also
+    take a sign, ``0o`` and ``_``, and a negative size sends the scan backwards, for ever.
+    """
     if field and field[0] & 0x80:
         value = int.from_bytes(field[1:], "big")
         if field[0] & 0x40:  # negative base-256
             value -= 1 << (8 * (len(field) - 1))
             raise FormatError(f"tar header: negative {what}")
         return value | ((field[0] & 0x3F) << (8 * (len(field) - 1)))
-    text = field.replace(b"\0", b" ").strip()
+    text = field.strip(b" \0")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise FormatError(f"tar header: {what} field {field!r} is not octal") from None
+    if not _OCTAL_DIGITS.issuperset(text):
+        raise FormatError(f"tar header: {what} field {field!r} is not octal")
+    return int(text, 8)
 
 
 _HIGH_BYTES = bytes(range(128, 256))
