@@ -410,6 +410,21 @@ def test_non_numeric_pax_size_raises() -> None:
         scan_all(_pax_member({"size": "12abc"}))
 
 
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("typeflag", [b"x", b"g", b"L", b"K"])
+def test_an_empty_extended_header_is_read_not_looped_on(typeflag: bytes) -> None:
+    """Found by tests/test_fuzz_parsers.py: an extended header with a body of 0 bytes was
+    parsed again and again as its own next header, and feed() never returned."""
+    empty = bytearray(tarfile.TarInfo("././@LongLink").tobuf(tarfile.USTAR_FORMAT))
+    empty[156:157] = typeflag
+    empty[148:156] = b" " * 8
+    empty[148:156] = b"%06o\0 " % sum(empty)
+    (member,) = scan_all(bytes(empty) + build([Spec("file", "a", 0o644, 0, b"xyz")],
+                                             tarfile.USTAR_FORMAT))
+    assert member.name == ("" if typeflag == b"L" else "a")  # an empty long name is empty
+    assert member.size == 3 and member.data_offset == 2 * BLOCK
+
+
 def test_pax_path_and_mtime_override_header() -> None:
     (member,) = scan_all(_pax_member({"path": "dir/über.bin", "mtime": "1700000000.5"}))
     assert member.name == "dir/über.bin"

@@ -155,7 +155,7 @@ class TarScanner:
         self._long_name: str | None = None
         self._long_link: str | None = None
         self._ext_header_offset: int | None = None
-        self._ext_type = b""
+        self._ext_type = b""  # set while an extended header's body is awaited (b"" otherwise)
         self._ext_size = 0
         self._done = False
         self.members_seen = 0
@@ -205,7 +205,7 @@ class TarScanner:
         self._offset += count
 
     def _step(self) -> TarMember | None:
-        if self._pending_length > BLOCK:  # body of an extended header is buffered
+        if self._ext_type:  # an extended header and its body (which may be empty) are buffered
             self._finish_extended()
             return None
         block = self._buffer[self._start : self._start + BLOCK]
@@ -242,6 +242,7 @@ class TarScanner:
             self._long_link = _decode(_cstr(body))
         self._advance(self._pending_length)
         self._pending_length = BLOCK
+        self._ext_type = b""
 
     def _finish_member(self, block: bytes, typeflag: bytes, size: int) -> TarMember:
         header_offset = self._ext_header_offset if self._ext_header_offset is not None else self._offset
