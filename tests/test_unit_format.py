@@ -570,6 +570,17 @@ def test_plan_layout_dup_digest_raw_layers_map_to_both_paths(order: list[str]) -
     assert b"digest" not in plan.kitfile
 
 
+def test_plan_layout_pairs_10000_layers_of_one_digest_by_path() -> None:
+    """Pairing was quadratic (38 s for this kit); each entry still gets the layer of its path."""
+    layers = [_descriptor(KIT_CODE_RAW, sha("x"), annotations={FILEPATH: f"layers/f{i:05d}.bin"})
+              for i in range(10_000)]
+    config = {"code": [{"path": f"layers/f{i:05d}.bin", "digest": sha("x")}
+                       for i in reversed(range(10_000))]}
+    plan = plan_layout(_manifest(layers), json.dumps(config).encode())
+    assert len(plan.placements) == 10_000 and plan.unplaced == ()
+    assert all(p.raw_path == f"layers/f{p.index:05d}.bin" for p in plan.placements)
+
+
 def test_plan_layout_entry_naming_missing_layer_is_format_error() -> None:
     manifest = _dup_digest_manifest()
     config = {"model": {"path": "model", "digest": sha("other")}}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,25 +203,37 @@ def _claim(path: str | None, where: str) -> str:
 def _plan_by_digest(
     manifest: Manifest, types: list[LayerType], info: KitfileInfo
 ) -> tuple[Placement, ...]:
+    # Each entry takes the first unused layer of its digest whose path annotation is the
+    # entry's path, else the first unused layer of its digest. Queues in manifest order, with
+    # used layers skipped as they come up: linear even for 10,000 layers of one digest.
+    by_digest: dict[str, deque[int]] = {}
+    by_path: dict[tuple[str, str | None], deque[int]] = {}
+    for i, d in enumerate(manifest.layers):
+        by_digest.setdefault(str(d.digest), deque()).append(i)
+        by_path.setdefault((str(d.digest), _filepath_annotation(d)), deque()).append(i)
     used: set[int] = set()
     placements = []
     for entry in info.entries:
         if entry.remote:
             continue
-        candidates = [
-            i for i, d in enumerate(manifest.layers) if str(d.digest) == entry.digest and i not in used
-        ]
-        if not candidates:
+        wanted = posixpath.normpath(entry.path) if entry.path else "."
+        index = _first_unused(by_path.get((entry.digest or "", wanted)), used)
+        if index is None:
+            index = _first_unused(by_digest.get(entry.digest or ""), used)
+        if index is None:
             raise FormatError(
                 f"Kitfile {entry.section} entry {entry.path!r} names layer {entry.digest}, "
                 "which is not in the manifest"
             )
-        wanted = posixpath.normpath(entry.path) if entry.path else "."
-        by_path = [i for i in candidates if _filepath_annotation(manifest.layers[i]) == wanted]
-        index = (by_path or candidates)[0]
         used.add(index)
         placements.append(_make_placement(index, manifest.layers[index], types[index], entry, False))
     return tuple(placements)
+
+
+def _first_unused(queue: deque[int] | None, used: set[int]) -> int | None:
+    while queue and queue[0] in used:
+        queue.popleft()
+    return queue[0] if queue else None
 
 
 def _plan_legacy(
