@@ -1,0 +1,145 @@
+"""Hostile kits through the real registry: what ``kitfs ls``/``cat`` and a mount do with them.
+
+Every kit here is pushed to the real distribution registry on loopback. Where the registry
+itself refuses to store something (a manifest over 4 MiB, a manifest whose bytes do not match
+the digest it is fetched by), the fault proxy in front of it plays the hostile registry and
+answers those bytes instead. Expected every time: a clear error naming the problem (exit 65
+for bad content), bounded memory and requests, no traceback, and nothing else disturbed:
+another mount keeps working and the cache keeps what it had.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kitfs.sample import (
+    KIT,
+    Layer,
+    Pusher,
+    Registry,
+    kit_tar,
+    tar_layer,
+    with_layer_info,
+)
+from tests.mounts import Mounter
+
+MiB = 1 << 20
+MANIFEST_LIMIT_BYTES = 4 * MiB
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: bytes
+    stderr: str
+    peak_rss_bytes: int  # the process's high-water mark of resident memory
+
+
+def run_kitfs(cache_dir: Path, *args: str) -> Run:
+    """``kitfs ARGS`` in a subprocess, with its peak resident memory (from wait4)."""
+    env = {**os.environ, "KITFS_CACHE_DIR": str(cache_dir)}
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen([sys.executable, "-m", "kitfs", *args], env=env,
+                                   stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        out.seek(0)
+        err.seek(0)
+        return Run(process.returncode, out.read(), err.read().decode(errors="replace"),
+                   usage.ru_maxrss * 1024)
+
+
+def push_one_layer_kit(pusher: Pusher, reference: str, layer: Layer, section: str = "code",
+                       path: str = "src", **kwargs: Any) -> None:
+    entry: dict[str, Any] = {"path": path}
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "package": {"name": "hostile"}}
+    if section == "model":
+        kitfile["model"] = entry
+    else:
+        kitfile[section] = [entry]
+    with_layer_info(kitfile, [(entry, layer)])
+    pusher.push_kit(reference, kitfile, [layer], **kwargs)
+
+
+def refused(result: Any, *fragments: str) -> None:
+    """Exit 65 (malformed or unverifiable content) with every fragment in the message."""
+    assert result.returncode == 65, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+
+
+# --- names ------------------------------------------------------------------------------------
+
+# Names kit packs and unpacks byte for byte on Linux (Go strings are bytes): a newline, a tab,
+# and bytes that are not UTF-8. Python shows an undecodable byte as a surrogate escape.
+ODD_FILES = {
+    "data/new\nline.txt": b"newline\n",
+    "data/tab\there.txt": b"tab\n",
+    "data/latin-1 \udce9t\udce9.bin": b"latin-1\n",
+    "data/ok.txt": b"ok\n",
+}
+
+
+def raw(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+@pytest.fixture(scope="module")
+def odd_names(registry: Registry, pusher: Pusher) -> str:
+    reference = f"{registry.host}/hostile/names:v1"
+    push_one_layer_kit(pusher, reference, tar_layer("dataset", ODD_FILES, "data"), "datasets",
+                       "data")
+    return reference
+
+
+def test_names_with_newline_and_invalid_utf8_are_listed_one_per_line(
+        kitfs: Any, odd_names: str) -> None:
+    """``kitfs ls`` prints such a name in bash's $'…' quoting; bash reads back the exact bytes."""
+    lines = kitfs("ls", odd_names).stdout.decode().splitlines()
+    assert len(lines) == 1 + 1 + len(ODD_FILES)  # Kitfile, data/, the files
+    shown = [line.split(None, 2)[2] for line in lines]
+    assert "$'data/new\\nline.txt'" in shown and "$'data/latin-1 \\xe9t\\xe9.bin'" in shown
+    assert "data/ok.txt" in shown  # a printable name is shown as it is
+    for name in ODD_FILES:
+        quoted = next(s for s in shown if s != "data/" and s.strip("$'").startswith(name[:7]))
+        as_bash_reads_it = subprocess.run(["bash", "-c", f"printf %s {quoted}"],
+                                          capture_output=True, check=True).stdout
+        assert as_bash_reads_it == raw(name), quoted
+
+
+def test_names_with_newline_and_invalid_utf8_round_trip_through_json_cat_and_a_mount(
+        kitfs: Any, odd_names: str, mounter: Mounter) -> None:
+    """JSON paths are what Python's os functions give for the same names (undecodable bytes as
+    surrogate escapes); ``kitfs cat`` takes them back; the mount shows the exact bytes."""
+    listed = {e["path"] for e in json.loads(kitfs("ls", "--json", odd_names).stdout)}
+    assert listed == {"Kitfile", "data", *ODD_FILES}
+    for name, content in ODD_FILES.items():
+        assert kitfs("cat", odd_names, name).stdout == content
+    mount = mounter.mount(odd_names)
+    assert sorted(os.listdir(os.fsencode(mount.path / "data"))) == sorted(
+        raw(n).removeprefix(b"data/") for n in ODD_FILES)
+    for name, content in ODD_FILES.items():
+        assert Path(mount.path / name).read_bytes() == content
+    walked = {str(p.relative_to(mount.path)) for p in mount.path.rglob("*")}
+    assert walked == listed
+
+
+def test_a_name_with_a_nul_byte_is_refused(kitfs: Any, registry: Registry, pusher: Pusher) -> None:
+    """A NUL can only come in a PAX path record; kit (Go's os) cannot create it: refused."""
+    info = tarfile.TarInfo("src/placeholder")
+    info.pax_headers = {"path": "src/nul\0byte.py"}
+    layer = Layer(f"{KIT}.code.v1.tar", kit_tar({"src/a.py": b"x"}, "src", extra=[info]))
+    reference = f"{registry.host}/hostile/nul:v1"
+    push_one_layer_kit(pusher, reference, layer)
+    refused(kitfs("ls", reference, check=False), "contains a NUL byte", layer.digest)
