@@ -17,10 +17,11 @@ requests (``times=None``: all of them); the first rule that matches wins::
     proxy.add(Rule("redirect"))       # 307 to the "storage" listener, which records Range
     proxy.add(Rule("stall", delay_s=2))  # sleep, then answer normally
     proxy.add(Rule("forward", chunked=True))  # as the registry answers, but chunked
+    proxy.add(Rule("forward", path="/manifests/", body=huge))  # a hostile registry's answer
 
-``chunked=True`` sends a forwarded body with chunked transfer encoding and ``rewrite_status``
-replaces the forwarded status (e.g. a 203 from a transforming proxy), with any action that
-forwards.
+``chunked=True`` sends a forwarded body with chunked transfer encoding, ``rewrite_status``
+replaces the forwarded status (e.g. a 203 from a transforming proxy) and ``body`` the forwarded
+body (the registry's headers kept, Content-Length fitted), with any action that forwards.
 
 Auth covers the whole ``/v2/`` API: ``require_basic(user, password)``, or
 ``require_bearer(...)`` with a token endpoint the proxy serves itself at ``/token``
@@ -77,6 +78,7 @@ class Rule:
     delay_s: float = 0.0  # for "stall"
     chunked: bool = False  # send the forwarded body with Transfer-Encoding: chunked
     rewrite_status: int | None = None  # answer the forwarded response with this status
+    body: bytes | None = None  # answer these bytes instead of the forwarded body
     hits: int = 0
 
     def take(self, method: str, path: str) -> bool:
@@ -300,6 +302,8 @@ class FaultProxy:
                              for k, v in reply_headers]
         if rule is not None and rule.rewrite_status is not None:
             status = rule.rewrite_status
+        if rule is not None and rule.body is not None:
+            body = rule.body
         cut = len(body) // 2 if rule is not None and rule.action == "truncate" else None
         self._send(h, seen, status, reply_headers, body, cut_at=cut,
                    chunked=rule is not None and rule.chunked)

@@ -31,6 +31,7 @@ from kitfs.sample import (
     tar_layer,
     with_layer_info,
 )
+from tests.faultproxy import FaultProxy, Rule, running
 from tests.mounts import Mounter
 
 MiB = 1 << 20
@@ -42,21 +43,28 @@ class Run:
     returncode: int
     stdout: bytes
     stderr: str
-    peak_rss_bytes: int  # the process's high-water mark of resident memory
+    peak_rss_bytes: int  # the kitfs process's high-water mark of resident memory (VmHWM)
+
+
+# ``python -m kitfs`` that writes its VmHWM to a file as it exits. (wait4's ru_maxrss would
+# count the pages of the forking test process too: it survives exec.)
+_MEASURED_MAIN = """import atexit, sys
+from pathlib import Path
+atexit.register(lambda: Path(sys.argv[1]).write_text(Path("/proc/self/status").read_text()))
+from kitfs.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 def run_kitfs(cache_dir: Path, *args: str) -> Run:
-    """``kitfs ARGS`` in a subprocess, with its peak resident memory (from wait4)."""
+    """``kitfs ARGS`` in a subprocess, with its peak resident memory."""
     env = {**os.environ, "KITFS_CACHE_DIR": str(cache_dir)}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen([sys.executable, "-m", "kitfs", *args], env=env,
-                                   stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        out.seek(0)
-        err.seek(0)
-        return Run(process.returncode, out.read(), err.read().decode(errors="replace"),
-                   usage.ru_maxrss * 1024)
+    with tempfile.NamedTemporaryFile() as status:
+        done = subprocess.run([sys.executable, "-c", _MEASURED_MAIN, status.name, *args],
+                              env=env, capture_output=True, timeout=120)
+        peak_kib = next(int(line.split()[1]) for line in Path(status.name).read_text().splitlines()
+                        if line.startswith("VmHWM:"))
+    return Run(done.returncode, done.stdout, done.stderr.decode(errors="replace"), peak_kib * 1024)
 
 
 def push_one_layer_kit(pusher: Pusher, reference: str, layer: Layer, section: str = "code",
@@ -143,3 +151,60 @@ def test_a_name_with_a_nul_byte_is_refused(kitfs: Any, registry: Registry, pushe
     reference = f"{registry.host}/hostile/nul:v1"
     push_one_layer_kit(pusher, reference, layer)
     refused(kitfs("ls", reference, check=False), "contains a NUL byte", layer.digest)
+
+
+# --- manifests --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_kit(registry: Registry, pusher: Pusher) -> str:
+    reference = f"{registry.host}/hostile/small:v1"
+    push_one_layer_kit(pusher, reference, tar_layer("code", {"src/a.py": b"print(1)\n"}, "src"))
+    return reference
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_100_mb_manifest_is_refused_before_it_is_read(
+        registry: Registry, small_kit: str, cache_dir: Path, chunked: bool) -> None:
+    """The registry itself refuses to store a manifest over 4 MiB, so the proxy plays one that
+    serves 100 MB: refused at once (no retry), without reading it, in bounded memory."""
+    pad = b"x" * (100 * MiB)
+    huge = b'{"schemaVersion":2,"layers":[],"annotations":{"pad":"' + pad + b'"}}'
+    # Create the cache first: its creation imports sqlite-utils, whose memory is not the point.
+    assert run_kitfs(cache_dir, "cache", "stats").returncode == 0
+    with running(FaultProxy(registry.host)) as proxy:
+        proxy.add(Rule("forward", path="/manifests/", body=huge, chunked=chunked, times=None))
+        result = run_kitfs(cache_dir, "ls", small_kit.replace(registry.host, proxy.host))
+        (request,) = proxy.requests("/manifests/")
+    refused(result, "manifest hostile/small:v1", f"over the {MANIFEST_LIMIT_BYTES} allowed")
+    if not chunked:
+        assert f"a body of {len(huge)} bytes" in result.stderr
+    assert request.body_bytes < len(huge) // 4  # written before kitfs hung up: the rest never
+    assert result.peak_rss_bytes < 100 * MiB, result.peak_rss_bytes
+
+
+def test_a_manifest_just_under_4_mib_is_read(
+        registry: Registry, small_kit: str, cache_dir: Path, pusher: Pusher) -> None:
+    """The limit is the registry's and kit's: a manifest it stores, kitfs reads."""
+    manifest = json.loads(run_kitfs(cache_dir, "inspect", "--json", small_kit).stdout)
+    assert manifest["format"] == "kitops"
+    body = registry_manifest(registry, small_kit)
+    padded = json.loads(body)
+    padded["annotations"] = {"pad": "x" * (MANIFEST_LIMIT_BYTES - len(body) - 100)}
+    data = json.dumps(padded, separators=(",", ":")).encode()
+    assert MANIFEST_LIMIT_BYTES - 200 < len(data) <= MANIFEST_LIMIT_BYTES
+    pusher.put_manifest("hostile/small", "padded", data, "application/vnd.oci.image.manifest.v1+json")
+    result = run_kitfs(cache_dir, "cat", f"{registry.host}/hostile/small:padded", "src/a.py")
+    assert result.returncode == 0 and result.stdout == b"print(1)\n", result.stderr
+
+
+def registry_manifest(registry: Registry, reference: str) -> bytes:
+    repository, tag = reference.split("/", 1)[1].rsplit(":", 1)
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://{registry.host}/v2/{repository}/manifests/{tag}",
+        headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        body: bytes = answer.read()
+    return body

@@ -16,9 +16,12 @@ from kitfs.errors import FormatError, NotFoundError, UsageError
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
 
-# A manifest larger than this is refused before parsing (the distribution registry itself caps
-# manifests at 4 MiB; we allow more for other registries but not unbounded).
-MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# A manifest or index larger than this is refused before it is read whole: the distribution
+# registry refuses to store bigger ones, and kit (oras-go's defaultMaxMetadataBytes) refuses to
+# fetch them. 4 MiB holds some 20,000 layer descriptors.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# A config (the Kitfile as JSON) larger than its descriptor says is never fetched; one whose
+# descriptor says more than this is refused before the fetch.
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 # JSON nested deeper than this is refused: no manifest, index or Kitfile needs it, and the
 # renderers that walk ``parameters`` and index labels recurse once per level.

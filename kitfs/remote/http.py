@@ -15,6 +15,7 @@ auth and no idea what a registry is: ``kitfs.remote.registry`` decides what to d
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -33,6 +34,19 @@ class TransportError(Exception):
         super().__init__(message)
         self.timed_out = timed_out
         self.permanent = permanent
+
+
+class BodyTooLargeError(Exception):
+    """A successful answer's body is larger than the caller accepts (``max_body_bytes``): the
+    registry sent it on purpose, so asking again cannot help. Raised once the size is known
+    (Content-Length) or the limit is passed, before the rest is read; the connection is
+    dropped. ``size_bytes`` is None for a chunked or unsized body."""
+
+    def __init__(self, size_bytes: int | None, limit_bytes: int) -> None:
+        size = f"{size_bytes} bytes" if size_bytes is not None else f"more than {limit_bytes} bytes"
+        super().__init__(f"a body of {size}, over the {limit_bytes} allowed")
+        self.size_bytes = size_bytes
+        self.limit_bytes = limit_bytes
 
 
 @dataclass
@@ -114,6 +128,7 @@ class HttpClient:
 
         Raises:
             TransportError: connect, send or receive failed or timed out; malformed response.
+            BodyTooLargeError: a 2xx body (not read into ``into``) over ``max_body_bytes``.
         """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -269,12 +284,14 @@ class HttpClient:
                                      f"{len(into)} expected")
             response.body_length = len(into)
             return
+        # An oversized error page is a transport problem (retried); an oversized answer is not.
+        too_large = _too_large if 200 <= response.status < 300 else _too_large_transport
         if chunked:
-            response.body = await self._read_chunked(conn, max_body_bytes)
+            response.body = await self._read_chunked(conn, max_body_bytes, too_large=too_large)
             return
         if length_text is None:
             conn.reusable = False
-            response.body = await self._read_to_eof(conn, max_body_bytes)
+            response.body = await self._read_to_eof(conn, max_body_bytes, too_large=too_large)
             return
         try:
             length = int(length_text)
@@ -298,7 +315,7 @@ class HttpClient:
             return
         if length > max_body_bytes:
             conn.reusable = False
-            raise TransportError(f"response body of {length} bytes exceeds {max_body_bytes}")
+            raise too_large(length, max_body_bytes)
         body = bytearray(length)
         await self._fill(conn, memoryview(body))
         response.body = bytes(body)
@@ -313,7 +330,8 @@ class HttpClient:
                 filled += await conn.recv_into(view[filled:])
 
     async def _read_chunked(self, conn: _Connection, max_body_bytes: int,
-                            sink: _Sink | None = None) -> bytes:
+                            sink: _Sink | None = None, *,
+                            too_large: _TooLarge | None = None) -> bytes:
         """The decoded body; with ``sink``, fed to it (no size limit) and b"" returned.
         Stops reading (and drops the connection) once the sink is full."""
         body = bytearray()
@@ -332,7 +350,7 @@ class HttpClient:
                 return bytes(body)
             if sink is None and len(body) + size > max_body_bytes:
                 conn.reusable = False
-                raise TransportError(f"chunked body exceeds {max_body_bytes} bytes")
+                raise (too_large or _too_large_transport)(None, max_body_bytes)
             while size > 0:  # in pieces: a chunk may be a whole blob
                 if sink is not None and sink.full:
                     conn.reusable = False
@@ -358,7 +376,8 @@ class HttpClient:
         return line
 
     async def _read_to_eof(self, conn: _Connection, max_body_bytes: int,
-                           sink: _Sink | None = None) -> bytes:
+                           sink: _Sink | None = None, *,
+                           too_large: _TooLarge | None = None) -> bytes:
         """The body up to the end of the connection; with ``sink``, fed to it (no size
         limit, stopping once it is full) and b"" returned."""
         body = bytearray()
@@ -372,11 +391,22 @@ class HttpClient:
             else:
                 body += data
                 if len(body) > max_body_bytes:
-                    raise TransportError(f"response body exceeds {max_body_bytes} bytes")
+                    raise (too_large or _too_large_transport)(None, max_body_bytes)
             with trio.fail_after(self._io_timeout_s):
                 data = bytes(await conn.stream.receive_some(RECV_SIZE_BYTES))
             if not data:
                 return bytes(body)
+
+
+_TooLarge = Callable[[int | None, int], Exception]
+
+
+def _too_large(size_bytes: int | None, limit_bytes: int) -> Exception:
+    return BodyTooLargeError(size_bytes, limit_bytes)
+
+
+def _too_large_transport(size_bytes: int | None, limit_bytes: int) -> Exception:
+    return TransportError(str(BodyTooLargeError(size_bytes, limit_bytes)))
 
 
 class _Sink:

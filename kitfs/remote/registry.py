@@ -33,12 +33,19 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import trio
 
-from kitfs.errors import AuthError, NotFoundError, RemoteError, RemoteTimeoutError, UsageError
+from kitfs.errors import (
+    AuthError,
+    FormatError,
+    NotFoundError,
+    RemoteError,
+    RemoteTimeoutError,
+    UsageError,
+)
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import MANIFEST_ACCEPT
 from kitfs.format.oci import MAX_MANIFEST_BYTES
 from kitfs.remote.auth import Credentials, find_credentials, parse_challenge
-from kitfs.remote.http import HttpClient, Response, TransportError
+from kitfs.remote.http import BodyTooLargeError, HttpClient, Response, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +105,8 @@ class RegistryClient:
 
         Raises:
             NotFoundError: unknown repository, tag or digest.
+            FormatError: the manifest is larger than ``MAX_MANIFEST_BYTES`` (refused as soon as
+                its Content-Length says so, or once that many bytes have arrived).
         """
         url = f"{self._base}/v2/{repository}/manifests/{reference}"
         response = await self._call(
@@ -172,6 +181,9 @@ class RegistryClient:
                             method, url, self._headers(headers, scope), into, skip_on_200,
                             max_body_bytes,
                         )
+                    except BodyTooLargeError as exc:  # what it sends on purpose: not retried
+                        raise FormatError(f"{self.registry}: {what}: {exc}; kitfs refuses it "
+                                          "unread") from None
                     except TransportError as exc:
                         if exc.permanent:
                             raise RemoteError(f"{self.registry}: {what}: {exc} (a private CA "
@@ -277,6 +289,8 @@ class RegistryClient:
         service = urlsplit(token_url).netloc
         try:
             token_response = await self._follow("GET", token_url, headers, None, 0, 1 << 20)
+        except BodyTooLargeError as exc:
+            raise RemoteError(f"token service {service}: {exc}") from None
         except TransportError as exc:
             if exc.permanent:
                 raise RemoteError(f"token service {service}: {exc}") from None
