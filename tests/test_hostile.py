@@ -10,6 +10,7 @@ another mount keeps working and the cache keeps what it had.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ from kitfs.sample import (
     Pusher,
     Registry,
     kit_tar,
+    sha256,
     tar_layer,
     with_layer_info,
 )
@@ -208,3 +210,94 @@ def registry_manifest(registry: Registry, reference: str) -> bytes:
     with urllib.request.urlopen(request, timeout=10) as answer:
         body: bytes = answer.read()
     return body
+
+
+# --- model references -------------------------------------------------------------------------
+
+
+def push_referencing_kit(pusher: Pusher, reference: str, model_path: str) -> None:
+    """A kit whose model is another kit (``model.path`` is a reference), with docs of its own."""
+    docs = tar_layer("docs", {"README.md": reference.encode()}, "README.md")
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": model_path},
+                               "docs": [{"path": "README.md"}]}
+    with_layer_info(kitfile, [(kitfile["docs"][0], docs)])
+    pusher.push_kit(reference, kitfile, [docs])
+
+
+def manifest_requests(registry: Registry, since: int) -> int:
+    return sum(1 for method, uri, _ in registry.requests(since)
+               if method == "GET" and "/manifests/" in uri)
+
+
+def test_model_reference_cycles_are_refused_naming_the_cycle(
+        kitfs: Any, registry: Registry, pusher: Pusher) -> None:
+    """A kit whose model.path names itself, and two that name each other: a clear error after
+    one manifest request per kit of the cycle, nothing else fetched."""
+    itself = f"{registry.host}/cycle/self:v1"
+    push_referencing_kit(pusher, itself, itself)
+    a, b = f"{registry.host}/cycle/a:v1", f"{registry.host}/cycle/b:v1"
+    push_referencing_kit(pusher, a, b)
+    push_referencing_kit(pusher, b, a)
+    for reference, kits in ((itself, [itself]), (a, [a, b])):
+        mark = registry.log_mark()
+        result = kitfs("ls", reference, check=False)
+        refused(result, "model reference cycle: ")
+        cycle = result.stderr.split("model reference cycle: ", 1)[1].strip().split(" -> ")
+        assert [c.split("@")[0] for c in cycle] == [*kits, kits[0]], result.stderr
+        assert manifest_requests(registry, mark) == len(kits) + 1  # the first kit twice
+        assert registry.blob_requests(mark) == len(kits)  # each kit's config, no layer
+
+
+def test_a_model_reference_chain_longer_than_10_is_refused(
+        kitfs: Any, registry: Registry, pusher: Pusher) -> None:
+    chain = [f"{registry.host}/chain/k{i}:v1" for i in range(12)]
+    for here, there in itertools.pairwise(chain):
+        push_referencing_kit(pusher, here, there)
+    refused(kitfs("ls", chain[0], check=False), "model reference chain is longer than 10")
+
+
+def test_a_model_reference_that_is_no_reference_is_a_format_error(
+        kitfs: Any, registry: Registry, pusher: Pusher) -> None:
+    """kit treats host/Repo:tag as a reference; kitfs parses it, and it is not a valid one."""
+    reference = f"{registry.host}/hostile/badref:v1"
+    push_referencing_kit(pusher, reference, f"{registry.host}/Upper/Case:v1")
+    refused(kitfs("ls", reference, check=False), "Kitfile model.path", "bad repository")
+
+
+# --- manifests and configs that disagree with the blobs ----------------------------------------
+
+
+def test_config_entries_naming_missing_layers(kitfs: Any, registry: Registry,
+                                              pusher: Pusher) -> None:
+    layer = tar_layer("code", {"src/a.py": b"x"}, "src")
+    missing = sha256(b"a layer that is not in the manifest")
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}],
+                               "datasets": [{"path": "data", "digest": missing, "diffId": missing}]}
+    with_layer_info(kitfile, [(kitfile["code"][0], layer)])
+    reference = f"{registry.host}/hostile/missing:v1"
+    pusher.push_kit(reference, kitfile, [layer])
+    refused(kitfs("ls", reference, check=False),
+            f"Kitfile datasets entry 'data' names layer {missing}, which is not in the manifest")
+
+
+@pytest.mark.parametrize(
+    ("where", "media_type", "message"),
+    [
+        ("layer", "application/vnd.example.weights.v1.tar", "unsupported layer media type "
+         "'application/vnd.example.weights.v1.tar'"),
+        ("layer", f"{KIT}.weights.v1.tar", "unknown KitOps layer type 'weights'"),
+        ("config", "application/vnd.example.config.v1+json", "not a ModelKit or ModelPack: "
+         "artifactType None, config mediaType 'application/vnd.example.config.v1+json'"),
+    ],
+)
+def test_unknown_media_types_are_named(kitfs: Any, registry: Registry, pusher: Pusher,
+                                       where: str, media_type: str, message: str) -> None:
+    layer = tar_layer("code", {"src/a.py": b"x"}, "src")
+    kwargs: dict[str, Any] = {}
+    if where == "layer":
+        layer = Layer(media_type, layer.data, diff_id=layer.diff_id)
+    else:
+        kwargs["config_media_type"] = media_type
+    reference = f"{registry.host}/hostile/media:{abs(hash(media_type)) % 10**8}"
+    push_one_layer_kit(pusher, reference, layer, **kwargs)
+    refused(kitfs("ls", reference, check=False), message)

@@ -158,10 +158,15 @@ class KitSession:
         """Resolve ``reference`` and prepare its layout (no layer data is fetched)."""
         return await self._open(reference, chain=[])
 
-    async def _open(self, reference: Reference, chain: list[str]) -> ModelKit:
+    async def _open(self, reference: Reference, chain: list[Reference]) -> ModelKit:
+        """Open one kit; ``chain`` holds the kits (pinned) whose ``model.path`` led here."""
         client = self.registry(reference.registry, reference.is_loopback)
         manifest, digest = await self._resolve_manifest(client, reference)
         pinned = reference.pinned(digest)
+        seen = [kit.digest for kit in chain]
+        if digest in seen:  # checked before its config is fetched or its model.path followed
+            cycle = [*chain[seen.index(digest):], pinned]
+            raise FormatError("model reference cycle: " + " -> ".join(map(str, cycle)))
         config = await self._document(client, reference.repository, manifest.config.digest,
                                       manifest.config.size, "config")
         plan = plan_layout(manifest, config)
@@ -184,14 +189,16 @@ class KitSession:
                         manifest.annotations.get(CREATED_ANNOTATION), manifest.config.digest,
                         builder.build(), states)
 
-    async def _parent_layers(self, text: str, child: Reference, chain: list[str]) -> list[LayerSource]:
-        chain = [*chain, str(child.digest)]
+    async def _parent_layers(self, text: str, child: Reference,
+                             chain: list[Reference]) -> list[LayerSource]:
+        chain = [*chain, child]
         if len(chain) > MAX_MODEL_REFERENCE_CHAIN:
             raise FormatError(f"model reference chain is longer than {MAX_MODEL_REFERENCE_CHAIN}")
-        parent_ref = Reference.parse(text)
+        try:
+            parent_ref = Reference.parse(text)
+        except UsageError as exc:  # a property of the kit, not of the command line
+            raise FormatError(f"{child}: Kitfile model.path: {exc}") from None
         parent = await self._open(parent_ref, chain)
-        if str(parent.reference.digest) in chain:
-            raise FormatError(f"model reference cycle through {parent.reference}")
         return [s for s in parent.layers
                 if s.placement.layer_type.kind in (Kind.MODEL, Kind.MODELPART)]
 
