@@ -301,3 +301,52 @@ def test_unknown_media_types_are_named(kitfs: Any, registry: Registry, pusher: P
     reference = f"{registry.host}/hostile/media:{abs(hash(media_type)) % 10**8}"
     push_one_layer_kit(pusher, reference, layer, **kwargs)
     refused(kitfs("ls", reference, check=False), message)
+
+
+def push_with_sizes(pusher: Pusher, reference: str, layer: Layer, *, layer_size: int | None = None,
+                    config_size: int | None = None) -> Any:
+    """A one-layer kit whose manifest states other sizes than its blobs have."""
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}]}
+    with_layer_info(kitfile, [(kitfile["code"][0], layer)])
+    push = pusher.push_kit(reference, kitfile, [layer])
+    manifest = dict(push.manifest)
+    if layer_size is not None:
+        manifest["layers"] = [{**manifest["layers"][0], "size": layer_size}]
+    if config_size is not None:
+        manifest["config"] = {**manifest["config"], "size": config_size}
+    repository, tag = reference.split("/", 1)[1].rsplit(":", 1)
+    pusher.put_manifest(repository, tag, json.dumps(manifest).encode(),
+                        "application/vnd.oci.image.manifest.v1+json")
+    return push
+
+
+@pytest.mark.parametrize(
+    ("what", "delta", "message"),
+    [
+        ("layer", -512, "the registry has 10240 bytes, the manifest says 9728"),
+        ("layer", +512, "the registry has 10240 bytes, the manifest says 10752"),
+        ("config", -1, "the manifest says"),
+        ("config", +1, "the manifest says"),
+    ],
+)
+def test_descriptor_sizes_that_disagree_with_the_blob(
+        kitfs: Any, registry: Registry, pusher: Pusher, what: str, delta: int, message: str) -> None:
+    layer = tar_layer("code", {f"src/f{i}.py": os.urandom(900) for i in range(4)}, "src")
+    reference = f"{registry.host}/hostile/sizes:{what}-{'less' if delta < 0 else 'more'}"
+    config_size = None
+    if what == "config":
+        config = run_config_size(pusher, reference, layer)
+        config_size = config + delta
+    push = push_with_sizes(pusher, reference, layer, config_size=config_size,
+                           layer_size=len(layer.data) + delta if what == "layer" else None)
+    if what == "config":
+        refused(kitfs("ls", reference, check=False), message, push.manifest["config"]["digest"])
+        return
+    assert len(layer.data) == 10240  # four 1024-byte members and the end-of-archive blocks
+    refused(kitfs("cat", reference, "src/f3.py", check=False), f"blob {layer.digest}", message)
+
+
+def run_config_size(pusher: Pusher, reference: str, layer: Layer) -> int:
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}]}
+    with_layer_info(kitfile, [(kitfile["code"][0], layer)])
+    return len(json.dumps(kitfile, separators=(",", ":")).encode())

@@ -28,12 +28,15 @@ IDLE_CONNECTIONS_PER_ORIGIN = 8
 
 class TransportError(Exception):
     """The request failed on the wire. ``timed_out`` says whether it was a timeout;
-    ``permanent`` that trying again cannot help (the server's TLS certificate is not trusted)."""
+    ``permanent`` that trying again cannot help (the server's TLS certificate is not trusted);
+    ``response`` is the answer's head when the failure came after it (a short body)."""
 
-    def __init__(self, message: str, timed_out: bool = False, permanent: bool = False) -> None:
+    def __init__(self, message: str, timed_out: bool = False, permanent: bool = False,
+                 response: Response | None = None) -> None:
         super().__init__(message)
         self.timed_out = timed_out
         self.permanent = permanent
+        self.response = response
 
 
 class BodyTooLargeError(Exception):
@@ -268,6 +271,9 @@ class HttpClient:
     ) -> None:
         if method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
             return
+        if response.status == 416:  # distribution gives it the blob's length and no body
+            conn.reusable = False
+            return
         chunked = "chunked" in response.headers.get("transfer-encoding", "").lower()
         length_text = response.headers.get("content-length")
         if (chunked or length_text is None) and into is not None and 200 <= response.status < 300:
@@ -300,7 +306,8 @@ class HttpClient:
         if into is not None and 200 <= response.status < 300:
             skip = skip_on_200 if response.status == 200 else 0
             if length < skip + len(into):
-                raise TransportError(f"body of {length} bytes is shorter than the {len(into)} expected")
+                raise TransportError(f"body of {length} bytes is shorter than the {len(into)} "
+                                     "expected", response=response)
             conn.reusable = conn.reusable and skip == 0
             scratch = memoryview(bytearray(min(skip, RECV_SIZE_BYTES * 16) or 1))
             while skip > 0:

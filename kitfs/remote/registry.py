@@ -36,6 +36,7 @@ import trio
 from kitfs.errors import (
     AuthError,
     FormatError,
+    IntegrityError,
     NotFoundError,
     RemoteError,
     RemoteTimeoutError,
@@ -139,13 +140,14 @@ class RegistryClient:
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         response = await self._call(
             "GET", url, repository, headers, what=f"blob {digest} bytes {offset}-{offset + length - 1}",
-            into=into, skip_on_200=offset,
+            into=into, skip_on_200=offset, blob_size=blob_size,
         )
-        if response.status == 206:
-            _check_content_range(self.registry, response, offset, length, blob_size, digest)
-        elif response.status != 200:  # not a range, and not the blob as it is (203: transformed)
+        if response.status not in (200, 206):  # not a range, nor the blob as it is (203)
             raise RemoteError(f"{self.registry}: blob {digest}: answered a Range request with HTTP "
                               f"{response.status} {response.reason}, neither 206 nor 200")
+        _check_blob_size(self.registry, response, blob_size, f"blob {digest}")
+        if response.status == 206:
+            _check_content_range(self.registry, response, offset, length, digest)
         elif not self._warned_full_body:
             self._warned_full_body = True
             log.warning("registry %s ignored a Range request (answered %d); reading whole bodies",
@@ -165,7 +167,10 @@ class RegistryClient:
         into: memoryview | None = None,
         skip_on_200: int = 0,
         max_body_bytes: int = 1 << 20,
+        blob_size: int | None = None,
     ) -> Response:
+        """One operation, with auth, redirects and retries inside the deadline. ``blob_size``
+        (blob reads): an answer saying the blob has another size ends it with IntegrityError."""
         scope = f"repository:{repository}:pull"
         deadline = trio.current_time() + self.config.timeout_s
         backoff_s = BACKOFF_FIRST_S
@@ -185,6 +190,8 @@ class RegistryClient:
                         raise FormatError(f"{self.registry}: {what}: {exc}; kitfs refuses it "
                                           "unread") from None
                     except TransportError as exc:
+                        if blob_size is not None and exc.response is not None:  # a short body
+                            _check_blob_size(self.registry, exc.response, blob_size, what)
                         if exc.permanent:
                             raise RemoteError(f"{self.registry}: {what}: {exc} (a private CA "
                                               "can be given with --ca-file)") from None
@@ -209,6 +216,10 @@ class RegistryClient:
                             )
                         elif status == 404:
                             raise NotFoundError(f"{self.registry}: {what} not found")
+                        elif status == 416 and blob_size is not None:  # past the blob's end
+                            _check_blob_size(self.registry, response, blob_size, what)
+                            raise RemoteError(f"{self.registry}: {what}: HTTP 416, the range is "
+                                              f"not satisfiable ({response.header('content-range')})")
                         elif status != 429 and status < 500:
                             raise RemoteError(
                                 f"{self.registry}: {what}: unexpected HTTP {status} "
@@ -357,8 +368,24 @@ def _retry_after_s(response: Response) -> float | None:
         return None
 
 
+_TOTAL_RE = re.compile(r"^bytes (?:\d+-\d+|\*)/(\d+)$")
+
+
+def _check_blob_size(registry: str, response: Response, blob_size: int, what: str) -> None:
+    """IntegrityError when the answer says the blob has another size than the manifest says:
+    the Content-Range total of a 206 or 416, the Content-Length of a whole-blob 200."""
+    match = _TOTAL_RE.match((response.header("content-range") or "").strip())
+    total = int(match[1]) if match else None
+    length = response.header("content-length")
+    if total is None and response.status == 200 and length is not None and length.isdigit():
+        total = int(length)
+    if total is not None and total != blob_size:
+        raise IntegrityError(f"{registry}: {what}: the registry has {total} bytes, the manifest "
+                             f"says {blob_size}")
+
+
 def _check_content_range(
-    registry: str, response: Response, offset: int, length: int, blob_size: int, digest: Digest
+    registry: str, response: Response, offset: int, length: int, digest: Digest
 ) -> None:
     header = response.header("content-range") or ""
     match = _CONTENT_RANGE_RE.match(header.strip())
@@ -367,9 +394,4 @@ def _check_content_range(
         raise RemoteError(
             f"{registry}: blob {digest}: asked for bytes {expected[0]}-{expected[1]}, got "
             f"Content-Range {header!r}"
-        )
-    if match[3] != "*" and int(match[3]) != blob_size:
-        raise RemoteError(
-            f"{registry}: blob {digest}: registry says it is {match[3]} bytes, the manifest "
-            f"says {blob_size}"
         )
