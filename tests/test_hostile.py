@@ -350,3 +350,48 @@ def run_config_size(pusher: Pusher, reference: str, layer: Layer) -> int:
     kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}]}
     with_layer_info(kitfile, [(kitfile["code"][0], layer)])
     return len(json.dumps(kitfile, separators=(",", ":")).encode())
+
+
+@pytest.mark.parametrize("what", ["manifest", "config", "layer"])
+def test_bytes_that_do_not_match_their_digest_are_refused(
+        registry: Registry, pusher: Pusher, cache_dir: Path, what: str) -> None:
+    """A hostile registry answers other bytes for a digest: the manifest (fetched by digest),
+    the config, or a layer. Each is checked against its digest and refused, naming it."""
+    files = {"src/a.py": b"print('genuine')\n"}
+    layer = tar_layer("code", files, "src")
+    reference = f"{registry.host}/hostile/digests:{what}"
+    push_one_layer_kit(pusher, reference, layer)
+    manifest = registry_manifest(registry, reference)
+    manifest_digest = sha256(manifest)
+    pinned = f"{registry.host}/hostile/digests@{manifest_digest}"
+    config_digest = json.loads(manifest)["config"]["digest"]
+    forged = {
+        "manifest": ("/manifests/", manifest + b"\n"),  # the same document, other bytes
+        "config": (f"/blobs/{config_digest}", None),
+        "layer": (f"/blobs/{layer.digest}", None),
+    }
+    path, body = forged[what]
+    with running(FaultProxy(registry.host)) as proxy:
+        if body is None:  # the same length, other bytes: only the digest can tell
+            original = (registry.blob_file(config_digest) if what == "config"
+                        else registry.blob_file(layer.digest)).read_bytes()
+            body = original.replace(b"genuine", b"forgery") if what == "layer" else (
+                original.replace(b'"manifestVersion"', b'"manifestversion"'))
+            assert body != original and len(body) == len(original)
+        proxy.add(Rule("forward", path=path, body=body, times=None))
+        result = run_kitfs(cache_dir, "cat", pinned.replace(registry.host, proxy.host), "src/a.py")
+    expected = {"manifest": manifest_digest, "config": config_digest, "layer": layer.digest}[what]
+    refused(result, f"expected {expected}")
+    assert b"forgery" not in result.stdout  # a full read never passes forged bytes on
+
+
+def test_a_diff_id_that_does_not_match_the_decompressed_layer(
+        kitfs: Any, registry: Registry, pusher: Pusher) -> None:
+    files = {"src/a.py": b"print('a')\n"}
+    layer = tar_layer("code", files, "src", compression="gzip")
+    wrong = sha256(b"not the tar")
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0",
+                               "code": [{"path": "src", "digest": layer.digest, "diffId": wrong}]}
+    reference = f"{registry.host}/hostile/diffid:v1"
+    pusher.push_kit(reference, kitfile, [layer])
+    refused(kitfs("cat", reference, "src/a.py", check=False), f"the config's diffId is {wrong}")
