@@ -395,3 +395,44 @@ def test_a_diff_id_that_does_not_match_the_decompressed_layer(
     reference = f"{registry.host}/hostile/diffid:v1"
     pusher.push_kit(reference, kitfile, [layer])
     refused(kitfs("cat", reference, "src/a.py", check=False), f"the config's diffId is {wrong}")
+
+
+# --- scale: 10,000 layers, 100,000 entries in one directory -------------------------------------
+
+LAYER_COUNT = 10_000
+
+
+@pytest.fixture(scope="module")
+def ten_thousand_layers(registry: Registry, pusher: Pusher) -> str:
+    """10,000 raw layers, one file each, all of one small blob (two layers may share a digest):
+    a 2.3 MB manifest, under the registry's 4 MiB."""
+    blob = b"one small file\n"
+    layers = [Layer(f"{KIT}.code.v1.raw", blob,
+                    {"org.cncf.model.filepath": f"layers/f{i:05d}.txt"}) for i in range(LAYER_COUNT)]
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0",
+                               "code": [{"path": f"layers/f{i:05d}.txt"} for i in range(LAYER_COUNT)]}
+    with_layer_info(kitfile, list(zip(kitfile["code"], layers, strict=True)))
+    reference = f"{registry.host}/hostile/layers:v1"
+    pusher.push_kit(reference, kitfile, layers)
+    return reference
+
+
+def test_a_kit_of_10000_layers_lists_and_reads(kitfs: Any, ten_thousand_layers: str) -> None:
+    entries = json.loads(kitfs("ls", "--json", ten_thousand_layers, "layers").stdout)
+    assert len(entries) == 1 + LAYER_COUNT
+    assert entries[-1]["path"] == f"layers/f{LAYER_COUNT - 1:05d}.txt"
+    assert kitfs("cat", ten_thousand_layers, "layers/f04321.txt").stdout == b"one small file\n"
+    inspected = json.loads(kitfs("inspect", "--json", ten_thousand_layers).stdout)
+    assert len(inspected["layers"]) == LAYER_COUNT
+
+
+def test_a_kit_of_10000_layers_mounts(mounter: Mounter, ten_thousand_layers: str) -> None:
+    """Every file looked up by name (each lookup indexes its own layer), then listed."""
+    mount = mounter.mount(ten_thousand_layers)
+    sizes = {(mount.path / f"layers/f{i:05d}.txt").stat().st_size for i in range(LAYER_COUNT)}
+    assert sizes == {15}
+    names = os.listdir(mount.path / "layers")
+    assert len(names) == LAYER_COUNT
+    assert (mount.path / "layers/f09999.txt").read_bytes() == b"one small file\n"
+    status = mount.status()
+    assert len(status["blobs"]) == LAYER_COUNT
