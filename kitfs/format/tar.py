@@ -30,7 +30,7 @@ REGULAR_TYPES = (b"0", b"\0", b"7")  # '7' is contiguous file, read as regular (
 DIRECTORY_TYPE = b"5"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TarMember:
     """One tar entry. ``data_offset`` is where its data starts in the uncompressed stream."""
 

@@ -29,7 +29,7 @@ _TYPE_NAMES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileSource:
     """Where a file's bytes are: ``size`` bytes at ``offset`` of layer ``layer_index``'s content.
 
@@ -41,7 +41,7 @@ class FileSource:
     inline: bytes = b""
 
 
-@dataclass
+@dataclass(slots=True)
 class Node:
     path: str  # "" for the root
     is_dir: bool
