@@ -10,6 +10,8 @@ another mount keeps working and the cache keeps what it had.
 
 from __future__ import annotations
 
+import errno
+import gzip
 import io
 import itertools
 import json
@@ -493,3 +495,37 @@ def test_100000_entries_through_the_command_line(kitfs: Any, big_directory: str)
     listed = json.loads(kitfs("ls", "--json", big_directory, "data/big").stdout)
     assert len(listed) == 1 + ENTRY_COUNT
     assert kitfs("cat", big_directory, "data/big/f090000.txt").stdout == b"90000\n"
+
+
+# --- one hostile kit leaves the others alone -----------------------------------------------------
+
+
+def test_a_diff_id_naming_another_kits_layer_cannot_touch_that_layer(
+        mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
+    """A hostile kit's config claims, as the diffId of its gzip layer, the digest of another
+    kit's (uncompressed) layer, which is public. Its decompressed stream and its index must not
+    land where the other kit's content and index are kept, nor mark that content failed."""
+    good_files = {"data/genuine.txt": b"genuine bytes\n" * 100}
+    good = tar_layer("dataset", good_files, "data")
+    good_reference = f"{registry.host}/victim/kit:v1"
+    push_one_layer_kit(pusher, good_reference, good, "datasets", "data")
+    hostile_tar = kit_tar({"data/genuine.txt": b"HOSTILE BYTES\n" * 100,
+                           "data/planted.txt": b"planted\n"}, "data")
+    hostile = Layer(f"{KIT}.dataset.v1.tar+gzip", gzip.compress(hostile_tar, mtime=0))
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "datasets": [
+        {"path": "data", "digest": hostile.digest, "diffId": good.digest}]}  # the lie
+    hostile_reference = f"{registry.host}/attacker/kit:v1"
+    pusher.push_kit(hostile_reference, kitfile, [hostile])
+
+    victim = mounter.mount(good_reference, name="victim")
+    attacker = mounter.mount(hostile_reference, name="attacker")
+    attacker.expect_error("failed verification")
+    with pytest.raises(OSError, match="Input/output error") as caught:  # its diffId check
+        (attacker.path / "data/planted.txt").read_bytes()
+    assert caught.value.errno == errno.EIO
+    # the victim, mounted before and after, sees its own tree and bytes
+    assert sorted(os.listdir(victim.path / "data")) == ["genuine.txt"]
+    assert (victim.path / "data/genuine.txt").read_bytes() == good_files["data/genuine.txt"]
+    again = mounter.mount(good_reference, name="again")
+    assert sorted(os.listdir(again.path / "data")) == ["genuine.txt"]
+    assert (again.path / "data/genuine.txt").read_bytes() == good_files["data/genuine.txt"]
