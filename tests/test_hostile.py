@@ -188,6 +188,17 @@ def test_a_100_mb_manifest_is_refused_before_it_is_read(
     assert result.peak_rss_bytes < 100 * MiB, result.peak_rss_bytes
 
 
+def test_a_huge_error_page_is_not_read_and_its_status_is_the_answer(
+        registry: Registry, cache_dir: Path) -> None:
+    """A 404 with a 100 MB body: 'not found' at once, from one request, the body left unread."""
+    with running(FaultProxy(registry.host)) as proxy:
+        proxy.add(Rule("forward", path="/manifests/", body=b"x" * (100 * MiB), times=None))
+        result = run_kitfs(cache_dir, "ls", f"{proxy.host}/hostile/nowhere:v1")
+        (request,) = proxy.requests("/manifests/")
+    assert result.returncode == 66 and "manifest hostile/nowhere:v1 not found" in result.stderr
+    assert request.status == 404 and request.body_bytes < 25 * MiB
+
+
 def test_a_manifest_just_under_4_mib_is_read(
         registry: Registry, small_kit: str, cache_dir: Path, pusher: Pusher) -> None:
     """The limit is the registry's and kit's: a manifest it stores, kitfs reads."""
@@ -529,3 +540,62 @@ def test_a_diff_id_naming_another_kits_layer_cannot_touch_that_layer(
     again = mounter.mount(good_reference, name="again")
     assert sorted(os.listdir(again.path / "data")) == ["genuine.txt"]
     assert (again.path / "data/genuine.txt").read_bytes() == good_files["data/genuine.txt"]
+
+
+def cache_files(cache_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every chunk file: its size and mtime (a rewrite would change the mtime)."""
+    return {str(p.relative_to(cache_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in (cache_dir / "chunks").rglob("*") if p.is_file()}
+
+
+def test_hostile_kits_leave_another_mount_and_the_cache_untouched(
+        mounter: Mounter, registry: Registry, pusher: Pusher, cache_dir: Path) -> None:
+    """A mounted kit, fully read and verified; then, on the same cache, one hostile kit after
+    another. The mount keeps serving the same bytes, and its cache entries are as they were."""
+    weights = os.urandom(9 * MiB)
+    good = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
+    victim_reference = f"{registry.host}/victim/weights:v1"
+    push_one_layer_kit(pusher, victim_reference, good, "model", "models/w.bin")
+    victim = mounter.mount(victim_reference, name="victim")
+    assert (victim.path / "models/w.bin").read_bytes() == weights
+    before = cache_files(cache_dir)
+    assert len(before) == 3  # the layer's three 4 MiB chunks
+
+    itself = f"{registry.host}/isolation/cycle:v1"
+    push_referencing_kit(pusher, itself, itself)
+    symlink = tarfile.TarInfo("src/evil")
+    symlink.type, symlink.linkname = tarfile.SYMTYPE, "/etc/shadow"
+    hostile_tar = Layer(f"{KIT}.code.v1.tar", kit_tar({"src/a.py": b"x"}, "src", extra=[symlink]))
+    tar_reference = f"{registry.host}/isolation/tar:v1"
+    push_one_layer_kit(pusher, tar_reference, hostile_tar)
+    lying_reference = f"{registry.host}/isolation/sizes:v1"
+    push_with_sizes(pusher, lying_reference, tar_layer("code", {"src/b.py": b"y" * 5000}, "src"),
+                    layer_size=20_000)
+    push_one_layer_kit(pusher, f"{registry.host}/isolation/big:v1",
+                       tar_layer("code", {"src/c.py": b"z"}, "src"))  # the proxy swells it
+    with running(FaultProxy(registry.host)) as proxy:
+        proxy.add(Rule("forward", path="/isolation/big/manifests/", times=None,
+                       body=b'{"schemaVersion":2,"pad":"' + b"x" * (8 * MiB) + b'"}'))
+        forged = weights[:MiB] + b"\0" + weights[MiB + 1 :]  # the victim's layer, one byte off
+        proxy.add(Rule("forward", path=f"/blobs/{good.digest}", times=None,
+                       body=good.data.replace(weights, forged)))
+        via_proxy = victim_reference.replace(registry.host, proxy.host)
+        outcomes = [
+            run_kitfs(cache_dir, "ls", itself),
+            run_kitfs(cache_dir, "ls", tar_reference),
+            run_kitfs(cache_dir, "cat", lying_reference, "src/b.py"),
+            run_kitfs(cache_dir, "ls", f"{proxy.host}/isolation/big:v1"),
+            # the same digest through a registry that forges it: served from the cache
+            run_kitfs(cache_dir, "cat", via_proxy, "models/w.bin"),
+        ]
+        forged_fetches = len(proxy.requests(f"/blobs/{good.digest}"))
+    assert [o.returncode for o in outcomes] == [65, 65, 65, 65, 0], [o.stderr for o in outcomes]
+    assert outcomes[-1].stdout == weights and forged_fetches == 0
+    assert (victim.path / "models/w.bin").read_bytes() == weights
+    assert cache_files(cache_dir) == {**before, **{k: v for k, v in cache_files(cache_dir).items()
+                                                   if k not in before}}  # kept, not rewritten
+    assert all(cache_files(cache_dir)[name] == before[name] for name in before)
+    state = json.loads(run_kitfs(cache_dir, "inspect", "--json", victim_reference).stdout)
+    assert [layer["verification"] for layer in state["layers"]] == ["verified"]
+    verify = run_kitfs(cache_dir, "cache", "verify")
+    assert verify.returncode == 0 and b", 0 dropped" in verify.stdout, verify.stdout

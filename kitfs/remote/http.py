@@ -15,13 +15,13 @@ auth and no idea what a registry is: ``kitfs.remote.registry`` decides what to d
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import trio
 
 MAX_HEADER_BYTES = 64 * 1024
+ERROR_BODY_BYTES = 64 * 1024  # of an error answer's body, what is read (the rest is dropped)
 RECV_SIZE_BYTES = 256 * 1024
 IDLE_CONNECTIONS_PER_ORIGIN = 8
 
@@ -290,20 +290,11 @@ class HttpClient:
                                      f"{len(into)} expected")
             response.body_length = len(into)
             return
-        # An oversized error page is a transport problem (retried); an oversized answer is not.
-        too_large = _too_large if 200 <= response.status < 300 else _too_large_transport
-        if chunked:
-            response.body = await self._read_chunked(conn, max_body_bytes, too_large=too_large)
-            return
-        if length_text is None:
-            conn.reusable = False
-            response.body = await self._read_to_eof(conn, max_body_bytes, too_large=too_large)
-            return
         try:
-            length = int(length_text)
+            length = int(length_text) if length_text is not None and not chunked else None
         except ValueError:
             raise TransportError(f"bad Content-Length {length_text!r}") from None
-        if into is not None and 200 <= response.status < 300:
+        if into is not None and length is not None and 200 <= response.status < 300:
             skip = skip_on_200 if response.status == 200 else 0
             if length < skip + len(into):
                 raise TransportError(f"body of {length} bytes is shorter than the {len(into)} "
@@ -320,12 +311,25 @@ class HttpClient:
             if length > len(into):
                 conn.reusable = False  # the rest is not wanted: drop the connection
             return
-        if length > max_body_bytes:
-            conn.reusable = False
-            raise too_large(length, max_body_bytes)
-        body = bytearray(length)
-        await self._fill(conn, memoryview(body))
-        response.body = bytes(body)
+        answered = 200 <= response.status < 300
+        limit = max_body_bytes if answered else ERROR_BODY_BYTES
+        try:
+            if chunked:
+                response.body = await self._read_chunked(conn, limit)
+            elif length is None:
+                conn.reusable = False
+                response.body = await self._read_to_eof(conn, limit)
+            elif length > limit:
+                raise BodyTooLargeError(length, limit)
+            else:
+                body = bytearray(length)
+                await self._fill(conn, memoryview(body))
+                response.body = bytes(body)
+        except BodyTooLargeError:
+            conn.reusable = False  # the rest stays unread
+            if answered:
+                raise
+            response.body = b""  # an error page too big to matter: its status is the answer
 
     async def _fill(self, conn: _Connection, view: memoryview) -> None:
         taken = min(len(conn.buffer), len(view))
@@ -337,8 +341,7 @@ class HttpClient:
                 filled += await conn.recv_into(view[filled:])
 
     async def _read_chunked(self, conn: _Connection, max_body_bytes: int,
-                            sink: _Sink | None = None, *,
-                            too_large: _TooLarge | None = None) -> bytes:
+                            sink: _Sink | None = None) -> bytes:
         """The decoded body; with ``sink``, fed to it (no size limit) and b"" returned.
         Stops reading (and drops the connection) once the sink is full."""
         body = bytearray()
@@ -357,7 +360,7 @@ class HttpClient:
                 return bytes(body)
             if sink is None and len(body) + size > max_body_bytes:
                 conn.reusable = False
-                raise (too_large or _too_large_transport)(None, max_body_bytes)
+                raise BodyTooLargeError(None, max_body_bytes)
             while size > 0:  # in pieces: a chunk may be a whole blob
                 if sink is not None and sink.full:
                     conn.reusable = False
@@ -383,8 +386,7 @@ class HttpClient:
         return line
 
     async def _read_to_eof(self, conn: _Connection, max_body_bytes: int,
-                           sink: _Sink | None = None, *,
-                           too_large: _TooLarge | None = None) -> bytes:
+                           sink: _Sink | None = None) -> bytes:
         """The body up to the end of the connection; with ``sink``, fed to it (no size
         limit, stopping once it is full) and b"" returned."""
         body = bytearray()
@@ -398,22 +400,11 @@ class HttpClient:
             else:
                 body += data
                 if len(body) > max_body_bytes:
-                    raise (too_large or _too_large_transport)(None, max_body_bytes)
+                    raise BodyTooLargeError(None, max_body_bytes)
             with trio.fail_after(self._io_timeout_s):
                 data = bytes(await conn.stream.receive_some(RECV_SIZE_BYTES))
             if not data:
                 return bytes(body)
-
-
-_TooLarge = Callable[[int | None, int], Exception]
-
-
-def _too_large(size_bytes: int | None, limit_bytes: int) -> Exception:
-    return BodyTooLargeError(size_bytes, limit_bytes)
-
-
-def _too_large_transport(size_bytes: int | None, limit_bytes: int) -> Exception:
-    return TransportError(str(BodyTooLargeError(size_bytes, limit_bytes)))
 
 
 class _Sink:
