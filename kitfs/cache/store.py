@@ -118,6 +118,7 @@ class ChunkStore:
         self.quota_bytes = quota_bytes
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_private(directory)
             (directory / "chunks").mkdir(mode=0o700, exist_ok=True)
             (directory / "tmp").mkdir(mode=0o700, exist_ok=True)
             self._conn = open_database(directory)
@@ -296,7 +297,7 @@ class ChunkStore:
         path = self.chunk_path(key, idx)
         try:
             with self._lock():
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _make_dirs_0700(path.parent, self.directory)
                 os.replace(prepared.tmp, path)
                 self._execute(
                     "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access) "
@@ -512,6 +513,37 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
         self._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _make_private(directory: Path) -> None:
+    """Make an existing cache directory 0700 (it holds what the user's credentials fetched).
+
+    A looser one (made by hand, or by an older kitfs) is tightened, with a warning; one this
+    user cannot chmod (another user's) is refused: kitfs would share it with its owner.
+    """
+    mode = directory.stat().st_mode & 0o777
+    if mode & 0o077 == 0:
+        return
+    try:
+        directory.chmod(0o700)
+    except PermissionError:
+        raise CacheError(f"the cache directory {directory} is {mode:04o} and not yours to make "
+                         "0700; use your own (--cache-dir)") from None
+    log.warning("cache directory %s was %04o, now 0700", directory, mode)
+
+
+def _make_dirs_0700(path: Path, root: Path) -> None:
+    """``mkdir -p`` under ``root`` with every new directory 0700 (``Path.mkdir(parents=True)``
+    gives the parents the default mode)."""
+    missing = []
+    while not path.exists() and path != root:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:  # another process made it meanwhile
+            pass
 
 
 def _unlink_quietly(path: Path) -> None:
