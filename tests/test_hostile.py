@@ -366,6 +366,17 @@ def run_config_size(pusher: Pusher, reference: str, layer: Layer) -> int:
     return len(json.dumps(kitfile, separators=(",", ":")).encode())
 
 
+def test_a_config_over_16_mib_by_its_descriptor_is_refused_unfetched(
+        kitfs: Any, registry: Registry, pusher: Pusher) -> None:
+    reference = f"{registry.host}/hostile/sizes:config-huge"
+    push = push_with_sizes(pusher, reference, tar_layer("code", {"src/a.py": b"x"}, "src"),
+                           config_size=16 * MiB + 1)
+    mark = registry.log_mark()
+    refused(kitfs("ls", reference, check=False), push.manifest["config"]["digest"],
+            f"is {16 * MiB + 1} bytes by its descriptor, more than the {16 * MiB} allowed")
+    assert registry.blob_requests(mark) == 0
+
+
 @pytest.mark.parametrize("what", ["manifest", "config", "layer"])
 def test_bytes_that_do_not_match_their_digest_are_refused(
         registry: Registry, pusher: Pusher, cache_dir: Path, what: str) -> None:
@@ -599,3 +610,42 @@ def test_hostile_kits_leave_another_mount_and_the_cache_untouched(
     assert [layer["verification"] for layer in state["layers"]] == ["verified"]
     verify = run_kitfs(cache_dir, "cache", "verify")
     assert verify.returncode == 0 and b", 0 dropped" in verify.stdout, verify.stdout
+
+
+def test_a_verified_layer_refetched_from_a_forging_registry_is_refused_chunk_by_chunk(
+        registry: Registry, pusher: Pusher, cache_dir: Path) -> None:
+    """Once a layer is verified, the sha256 of each of its chunks is kept: a chunk fetched again
+    (its file gone from the cache) from a registry that forges it is refused, and the layer is
+    not marked failed: the genuine registry still serves it."""
+    weights = os.urandom(9 * MiB)
+    layer = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
+    reference = f"{registry.host}/hostile/verified:v1"
+    push_one_layer_kit(pusher, reference, layer, "model", "models/w.bin")
+    assert run_kitfs(cache_dir, "cat", reference, "models/w.bin").stdout == weights
+    chunk_files = sorted(p for p in (cache_dir / "chunks").rglob("*") if p.is_file())
+    assert len(chunk_files) == 3
+    chunk_files[1].unlink()  # chunk 1 (bytes 4-8 MiB) must come from the registry again
+    forged = layer.data.replace(weights, weights[: 5 * MiB] + b"\0" + weights[5 * MiB + 1 :])
+    with running(FaultProxy(registry.host)) as proxy:
+        proxy.add(Rule("forward", path=f"/blobs/{layer.digest}", body=forged, times=None))
+        result = run_kitfs(cache_dir, "cat", reference.replace(registry.host, proxy.host),
+                           "models/w.bin")
+    refused(result, f"layer {layer.digest}: chunk 1 from the registry has sha256 ",
+            ", the verified blob had ")
+    assert run_kitfs(cache_dir, "cat", reference, "models/w.bin").stdout == weights
+
+
+def test_verify_off_serves_forged_bytes(registry: Registry, pusher: Pusher,
+                                        cache_dir: Path) -> None:
+    """--verify off checks no layer digest (benchmarks only): what the registry sends is served."""
+    layer = tar_layer("code", {"src/a.py": b"print('genuine')\n"}, "src")
+    reference = f"{registry.host}/hostile/off:v1"
+    push_one_layer_kit(pusher, reference, layer)
+    with running(FaultProxy(registry.host)) as proxy:
+        proxy.add(Rule("forward", path=f"/blobs/{layer.digest}", times=None,
+                       body=layer.data.replace(b"genuine", b"forgery")))
+        via_proxy = reference.replace(registry.host, proxy.host)
+        off = run_kitfs(cache_dir, "cat", via_proxy, "src/a.py", "--verify", "off")
+        eventual = run_kitfs(cache_dir / "other", "cat", via_proxy, "src/a.py")
+    assert off.returncode == 0 and off.stdout == b"print('forgery')\n"
+    refused(eventual, f"expected {layer.digest}")

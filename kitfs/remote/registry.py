@@ -118,8 +118,9 @@ class RegistryClient:
 
     async def get_blob(self, repository: str, digest: Digest, size: int, max_bytes: int) -> bytes:
         """Fetch a small blob (a config) whole. Refuses blobs larger than ``max_bytes``."""
-        if size > max_bytes:
-            raise RemoteError(f"blob {digest} is {size} bytes, more than {max_bytes} allowed here")
+        if size > max_bytes:  # what the manifest says: refused before anything is fetched
+            raise FormatError(f"blob {digest} is {size} bytes by its descriptor, more than the "
+                              f"{max_bytes} allowed here")
         buffer = bytearray(size)
         await self.fetch_range(repository, digest, size, 0, memoryview(buffer))
         return bytes(buffer)
