@@ -467,7 +467,7 @@ def test_parse_number_octal_and_padding() -> None:
                                    b"0000644\0junk", b"00 644"])
 def test_parse_number_takes_octal_digits_only(field: bytes) -> None:
     """As Go's archive/tar; Python's int(text, 8) takes a sign, 0o and _ too."""
-    with pytest.raises(FormatError, match="size field .* is not octal"):
+    with pytest.raises(FormatError, match=r"size field .* is not octal"):
         parse_number(field, "size")
 
 
@@ -482,7 +482,7 @@ def test_a_negative_octal_size_is_refused_not_scanned_for_ever() -> None:
     header[148:156] = b" " * 8
     header[148:156] = b"%06o\0 " % sum(header)
     archive[2 * BLOCK : 3 * BLOCK] = header
-    with pytest.raises(FormatError, match=rf"size field b'-0000001000\\x00' is not octal"):
+    with pytest.raises(FormatError, match=r"size field b'-0000001000\\x00' is not octal"):
         scan_all(bytes(archive))
 
 
