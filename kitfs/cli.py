@@ -192,6 +192,26 @@ def _mode_string(is_dir: bool, mode: int) -> str:
     return stat.filemode((stat.S_IFDIR if is_dir else stat.S_IFREG) | mode)
 
 
+_SHELL_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "'": "\\'", "\\": "\\\\"}
+
+
+def shell_quoted(path: str) -> str:
+    """A tar name as ``kitfs ls`` prints it: as it is when it is printable UTF-8, else in
+    bash's ``$'…'`` quoting (``\\n``, ``\\xff`` for a byte that is not UTF-8), so that every
+    entry is one line and can be pasted into a shell as an argument of ``kitfs cat``."""
+    if path.isprintable():  # lone surrogates (undecodable bytes) are not printable
+        return path
+    out = []
+    for char in path:
+        if char in _SHELL_ESCAPES:
+            out.append(_SHELL_ESCAPES[char])
+        elif char.isprintable():
+            out.append(char)
+        else:  # a control character, or a byte that was not UTF-8 (a surrogate escape)
+            out.extend(f"\\x{byte:02x}" for byte in char.encode("utf-8", "surrogateescape"))
+    return "$'" + "".join(out) + "'"
+
+
 async def _ls(session: KitSession, args: argparse.Namespace) -> int:
     kit = await session.open(Reference.parse(args.reference))
     top = await session.resolve(kit, args.path)
@@ -202,8 +222,8 @@ async def _ls(session: KitSession, args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=1))
     else:
         for node in nodes:
-            print(f"{_mode_string(node.is_dir, node.mode)} {node.size:>14} {node.path}"
-                  f"{'/' if node.is_dir else ''}")
+            print(f"{_mode_string(node.is_dir, node.mode)} {node.size:>14} "
+                  f"{shell_quoted(node.path)}{'/' if node.is_dir else ''}")
     if kit.refused_layers:  # listed what we could; the refusal is the answer's other half
         raise next(iter(kit.refused_layers.values()))
     return 0
@@ -261,7 +281,7 @@ async def _inspect(session: KitSession, args: argparse.Namespace) -> int:
     for layer in layers:
         print(f"layer      {layer['digest']}  {layer['kind']:<9} {layer['layout']}"
               f"+{layer['compression']:<4} {layer['size']:>12}  {layer['verification']:<11} "
-              f"{layer['path']}")
+              f"{shell_quoted(str(layer['path']))}")
     return 0
 
 
@@ -300,7 +320,7 @@ def _status(args: argparse.Namespace) -> int:
               f"{served} bytes in {record['reads']} reads, {record['errors']} errors, cache hits "
               f"{'-' if ratio is None else f'{100 * ratio:.0f} %'}")
         for blob in record["blobs"]:
-            print(f"    {blob['digest']}  {blob['state']:<11} {blob['path']}")
+            print(f"    {blob['digest']}  {blob['state']:<11} {shell_quoted(blob['path'])}")
     return 0
 
 

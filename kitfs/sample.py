@@ -71,7 +71,8 @@ _AUTH_CONFIG = """auth:
     path: {path}
 """
 _WRITTEN_RE = re.compile(r'http\.response\.written=(\d+)')
-_URI_RE = re.compile(r'http\.request\.uri="([^"]+)"')
+# logfmt quotes a value only when it must (a blob URI holds ':'); a manifest by tag is bare.
+_URI_RE = re.compile(r'http\.request\.uri=(?:"([^"]+)"|([^\s"]+))')
 _METHOD_RE = re.compile(r'http\.request\.method=(\w+)')
 
 
@@ -170,7 +171,8 @@ class Registry:
                 continue
             uri, method, written = _URI_RE.search(line), _METHOD_RE.search(line), _WRITTEN_RE.search(line)
             if uri and method:
-                out.append((method.group(1), uri.group(1), int(written.group(1)) if written else 0))
+                out.append((method.group(1), uri.group(1) or uri.group(2),
+                            int(written.group(1)) if written else 0))
         return out
 
     def blob_bytes_served(self, since: int = 0) -> int:

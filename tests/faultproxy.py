@@ -18,10 +18,11 @@ requests (``times=None``: all of them); the first rule that matches wins::
     proxy.add(Rule("stall", delay_s=2))  # sleep, then answer normally
     proxy.add(Rule("trickle", bytes_per_s=1))  # the headers, then the body one byte at a time
     proxy.add(Rule("forward", chunked=True))  # as the registry answers, but chunked
+    proxy.add(Rule("forward", path="/manifests/", body=huge))  # a hostile registry's answer
 
-``chunked=True`` sends a forwarded body with chunked transfer encoding and ``rewrite_status``
-replaces the forwarded status (e.g. a 203 from a transforming proxy), with any action that
-forwards.
+``chunked=True`` sends a forwarded body with chunked transfer encoding, ``rewrite_status``
+replaces the forwarded status (e.g. a 203 from a transforming proxy) and ``body`` the forwarded
+body (the registry's headers kept, Content-Length fitted), with any action that forwards.
 
 Auth covers the whole ``/v2/`` API: ``require_basic(user, password)``, or
 ``require_bearer(...)`` with a token endpoint the proxy serves itself at ``/token``
@@ -80,6 +81,7 @@ class Rule:
     bytes_per_s: float = 1.0  # for "trickle"
     chunked: bool = False  # send the forwarded body with Transfer-Encoding: chunked
     rewrite_status: int | None = None  # answer the forwarded response with this status
+    body: bytes | None = None  # answer these bytes instead of the forwarded body
     hits: int = 0
 
     def take(self, method: str, path: str) -> bool:
@@ -306,6 +308,8 @@ class FaultProxy:
                              for k, v in reply_headers]
         if rule is not None and rule.rewrite_status is not None:
             status = rule.rewrite_status
+        if rule is not None and rule.body is not None:
+            body = rule.body
         if rule is not None and rule.action == "trickle":
             self._trickle(h, seen, status, reply_headers, body, rule.bytes_per_s)
             return

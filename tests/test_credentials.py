@@ -285,6 +285,12 @@ def test_no_secret_in_debug_output_of_a_successful_read(sandbox: Sandbox, auth_k
     outcome = sandbox.kitfs("inspect", auth_kit.reference, "--debug")
     assert outcome.returncode == 0, outcome.stderr
     assert_no_secret(outcome.stderr + outcome.stdout.decode())
+    # nor anywhere in the cache the reads filled (database, its -wal, chunks)
+    cache = sandbox.root / "cache"
+    stored = b"".join(p.read_bytes() for p in cache.rglob("*") if p.is_file())
+    assert WEIGHTS in stored  # the cache does hold what was read
+    for secret in (PASSWORD, basic(USER, PASSWORD)):
+        assert secret.encode() not in stored and secret.encode().hex().encode() not in stored
 
 
 def test_failing_or_missing_helper_is_reported_not_a_traceback(sandbox: Sandbox,

@@ -56,6 +56,11 @@ class GzipKit:
         assert self.layer.diff_id is not None
         return self.layer.diff_id
 
+    @property
+    def content_key(self) -> str:
+        """Where the cache keeps the decompressed stream: by the compressed blob's digest."""
+        return f"gunzip:{self.layer.digest}"
+
 
 def push_gzip_kit(registry: Registry, pusher: Pusher, name: str, files: dict[str, bytes]) -> GzipKit:
     layer = tar_layer("dataset", files, "data", "gzip")
@@ -84,8 +89,8 @@ def evict_decompressed_chunks(cache_dir: Path, kit: GzipKit) -> None:
     """Drop every cached chunk of the layer's decompressed stream (what a quota does over time)."""
     store = ChunkStore(cache_dir)
     try:
-        store.purge_chunks(kit.diff_id)
-        assert store.cached_chunks(kit.diff_id) == set()
+        store.purge_chunks(kit.content_key)
+        assert store.cached_chunks(kit.content_key) == set()
     finally:
         store.close()
 
@@ -235,7 +240,7 @@ async def test_concurrent_reads_of_one_evicted_chunk_share_one_fetch(
         try:
             async with trio.open_nursery() as nursery:
                 raw_size = await BlobReader(store, nursery, VerifyMode.EVENTUAL).size(content)
-            store.purge_chunks(kit.diff_id)
+            store.purge_chunks(kit.content_key)
 
             mark = registry.log_mark()
             results: dict[int, bytes] = {}

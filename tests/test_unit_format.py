@@ -391,6 +391,20 @@ def test_render_kitfile_mapping_inside_parameters_list() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"package": {"authors": 5}}, "authors is not a list"),  # was TypeError
+        ({"package": {"authors": "ann"}}, "authors is not a list"),  # was rendered a, n, n
+        ({"model": {"parameters": {"big": 10**400}}}, "beyond the range of a float64"),  # Overflow
+    ],
+)
+def test_render_kitfile_refuses_what_kit_cannot_decode(config: dict[str, Any], message: str) -> None:
+    """Found by tests/test_fuzz_parsers.py; kit's Go structs refuse these configs too."""
+    with pytest.raises(FormatError, match=message):
+        render_kitfile(config)
+
+
 def test_render_kitfile_list_of_empty_struct_and_docs_path_not_omitted() -> None:
     obj = {"manifestVersion": "1.0", "code": [{}], "docs": [{"path": ""}]}
     assert render_kitfile(obj).decode() == (
@@ -557,6 +571,17 @@ def test_plan_layout_dup_digest_raw_layers_map_to_both_paths(order: list[str]) -
     assert b"digest" not in plan.kitfile
 
 
+def test_plan_layout_pairs_10000_layers_of_one_digest_by_path() -> None:
+    """Pairing was quadratic (38 s for this kit); each entry still gets the layer of its path."""
+    layers = [_descriptor(KIT_CODE_RAW, sha("x"), annotations={FILEPATH: f"layers/f{i:05d}.bin"})
+              for i in range(10_000)]
+    config = {"code": [{"path": f"layers/f{i:05d}.bin", "digest": sha("x")}
+                       for i in reversed(range(10_000))]}
+    plan = plan_layout(_manifest(layers), json.dumps(config).encode())
+    assert len(plan.placements) == 10_000 and plan.unplaced == ()
+    assert all(p.raw_path == f"layers/f{p.index:05d}.bin" for p in plan.placements)
+
+
 def test_plan_layout_entry_naming_missing_layer_is_format_error() -> None:
     manifest = _dup_digest_manifest()
     config = {"model": {"path": "model", "digest": sha("other")}}
@@ -626,6 +651,60 @@ def test_modelpack_with_filepaths_is_planned() -> None:
     assert (first.raw_path, first.layer_type.kind) == ("w.bin", Kind.MODEL)
     assert second.layer_type.compression is Compression.ZSTD
     assert str(second.diff_id) == sha("du")
+
+
+# Found by tests/test_fuzz_parsers.py: each raised something other than FormatError.
+
+
+def test_json_with_an_integer_of_5000_digits_is_a_format_error() -> None:
+    """Python refuses to convert it (ValueError, not a JSONDecodeError)."""
+    body = b'{"schemaVersion": 2, "layers": [], "x": ' + b"7" * 5000 + b"}"
+    with pytest.raises(FormatError, match="manifest is not valid JSON"):
+        parse_document(body, None)
+
+
+@pytest.mark.parametrize("where", ["model.parameters", "index modelMetadata"])
+def test_json_nested_more_than_100_levels_is_a_format_error(where: str) -> None:
+    """Python's JSON parser takes ~990 levels, but the Kitfile renderer and the index labels
+    recurse once per level: from a deep enough stack (a FUSE handler's) they failed."""
+    deep = "[" * 300 + "]" * 300
+    if where == "model.parameters":
+        manifest = _manifest([_descriptor(KIT_MODEL_TAR, sha("m"))])
+        config = f'{{"model": {{"path": "m", "digest": "{sha("m")}", "parameters": {deep}}}}}'
+        with pytest.raises(FormatError, match="config is nested more than 100 levels deep"):
+            plan_layout(manifest, config.encode())
+    else:
+        entry = _descriptor(OCI_MANIFEST, sha("m"))
+        body = json.dumps({"schemaVersion": 2, "manifests": [entry]}).encode()
+        body = body.replace(b'"size": 10', b'"size": 10, "modelMetadata": {"a": ' + deep.encode() + b"}")
+        with pytest.raises(FormatError, match="manifest is nested more than 100 levels deep"):
+            parse_document(body, None)
+    shallow = "[" * 98 + "]" * 98  # inside {"model": {"parameters": ...}}: 100 levels
+    manifest = _manifest([_descriptor(KIT_MODEL_TAR, sha("m"))])
+    config = f'{{"model": {{"path": "m", "digest": "{sha("m")}", "parameters": {shallow}}}}}'
+    assert plan_layout(manifest, config.encode()).kitfile is not None
+
+
+def test_modelpack_config_with_odd_modelfs_or_diff_ids() -> None:
+    """modelfs that is no object raised AttributeError, a diffId that is no string TypeError."""
+    layers = [_descriptor("application/vnd.cncf.model.weight.v1.raw", sha("w"),
+                          annotations={FILEPATH: "w.bin"})]
+    manifest = _manifest(layers, MODELPACK_CONFIG, MODELPACK_ARTIFACT)
+    with pytest.raises(FormatError, match="modelfs is not an object"):
+        plan_layout(manifest, json.dumps({"modelfs": 7}).encode())
+    (placement,) = plan_layout(manifest, json.dumps({"modelfs": {"diffIds": [7]}}).encode()).placements
+    assert placement.raw_path == "w.bin" and placement.diff_id is None  # a diffId is optional
+
+
+@pytest.mark.parametrize("metadata", ['{"mode": 1e400}', '{"mode": "rwx"}', "[1]", "[" * 5000])
+def test_raw_layer_metadata_that_is_no_mode_names_the_layer(metadata: str) -> None:
+    """A mode of 1e400 raised OverflowError."""
+    meta = "org.cncf.model.file.metadata+json"
+    manifest = _manifest([_descriptor(KIT_CODE_RAW, sha("x"),
+                                      annotations={FILEPATH: "run.sh", meta: metadata})])
+    config = json.dumps({"code": [{"path": "run.sh", "digest": sha("x")}]}).encode()
+    with pytest.raises(FormatError, match=re.escape(f"layer {sha('x')}: annotation {meta}")):
+        plan_layout(manifest, config)
 
 
 def test_plan_layout_legacy_maps_by_type_order_with_parent_prefix() -> None:

@@ -411,10 +411,32 @@ def test_non_numeric_pax_size_raises() -> None:
         scan_all(_pax_member({"size": "12abc"}))
 
 
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("typeflag", [b"x", b"g", b"L", b"K"])
+def test_an_empty_extended_header_is_read_not_looped_on(typeflag: bytes) -> None:
+    """Found by tests/test_fuzz_parsers.py: an extended header with a body of 0 bytes was
+    parsed again and again as its own next header, and feed() never returned."""
+    empty = bytearray(tarfile.TarInfo("././@LongLink").tobuf(tarfile.USTAR_FORMAT))
+    empty[156:157] = typeflag
+    empty[148:156] = b" " * 8
+    empty[148:156] = b"%06o\0 " % sum(empty)
+    (member,) = scan_all(bytes(empty) + build([Spec("file", "a", 0o644, 0, b"xyz")],
+                                             tarfile.USTAR_FORMAT))
+    assert member.name == ("" if typeflag == b"L" else "a")  # an empty long name is empty
+    assert member.size == 3 and member.data_offset == 2 * BLOCK
+
+
 def test_pax_path_and_mtime_override_header() -> None:
     (member,) = scan_all(_pax_member({"path": "dir/über.bin", "mtime": "1700000000.5"}))
     assert member.name == "dir/über.bin"
     assert member.mtime == 1700000000
+
+
+@pytest.mark.parametrize("mtime", ["1e400", "-1e400", "inf", "nan", "9" * 5000, "soon"])
+def test_a_pax_mtime_that_is_no_finite_number_reads_as_zero(mtime: str) -> None:
+    """Found by tests/test_fuzz_parsers.py: "1e400" raised OverflowError, not FormatError."""
+    (member,) = scan_all(_pax_member({"mtime": mtime}))
+    assert member.mtime == 0
 
 
 @pytest.mark.parametrize(
@@ -440,6 +462,29 @@ def test_parse_number_octal_and_padding() -> None:
     assert parse_number(b"00000000013\0", "size") == 11
     with pytest.raises(FormatError, match="size field"):
         parse_number(b"00000009\0", "size")
+
+
+@pytest.mark.parametrize("field", [b"-0000001000", b"+0000001000", b"0o000001000", b"1_000",
+                                   b"0000644\0junk", b"00 644"])
+def test_parse_number_takes_octal_digits_only(field: bytes) -> None:
+    """As Go's archive/tar; Python's int(text, 8) takes a sign, 0o and _ too."""
+    with pytest.raises(FormatError, match=r"size field .* is not octal"):
+        parse_number(field, "size")
+
+
+@pytest.mark.timeout(10)
+def test_a_negative_octal_size_is_refused_not_scanned_for_ever() -> None:
+    """Found by tests/test_fuzz_parsers.py: a size field of "-0000001000" (-512) sent the scan
+    back to the same header, and feed() never returned."""
+    archive = bytearray(build([Spec("file", n, 0o644, 0, b"xyz") for n in ("a", "b")],
+                              tarfile.USTAR_FORMAT))
+    header = bytearray(archive[2 * BLOCK : 3 * BLOCK])  # b's header
+    header[124:136] = b"-0000001000\0"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    archive[2 * BLOCK : 3 * BLOCK] = header
+    with pytest.raises(FormatError, match=r"size field b'-0000001000\\x00' is not octal"):
+        scan_all(bytes(archive))
 
 
 def test_parse_number_gnu_base256() -> None:

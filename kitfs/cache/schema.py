@@ -169,6 +169,12 @@ def open_database(cache_dir: Path) -> sqlite3.Connection:
     """
     path = cache_dir / DATABASE_NAME
     with cache_lock(cache_dir):
+        # Created 0600 before SQLite opens it: SQLite gives the -wal and -shm files the mode of
+        # the database file (it would create that 0644).
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if companion.exists() and companion.stat().st_mode & 0o077:
+                companion.chmod(0o600)  # an older kitfs made them 0644
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                check_same_thread=False)
         try:
@@ -177,7 +183,6 @@ def open_database(cache_dir: Path) -> sqlite3.Connection:
             conn.execute("PRAGMA synchronous = NORMAL")
             if _pending(conn):
                 _migrate(conn)
-            path.chmod(0o600)
         except BaseException:
             conn.close()
             raise

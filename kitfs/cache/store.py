@@ -161,6 +161,7 @@ class ChunkStore:
         self.quota_bytes = quota_bytes
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _make_private(directory)
             (directory / "chunks").mkdir(mode=0o700, exist_ok=True)
             (directory / "tmp").mkdir(mode=0o700, exist_ok=True)
             self._conn = self._open_shared()
@@ -406,7 +407,7 @@ class ChunkStore:
                     self._flush_access_times()
                     victims, indexes = self._evict_locked(self.quota_bytes - prepared.length,
                                                           keep=(key, idx))
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _make_dirs_0700(path.parent, self.directory)
                 self._rows.pop((key, idx), None)
                 os.replace(prepared.tmp, path)
                 try:
@@ -537,7 +538,7 @@ class ChunkStore:
         path = self.checkpoints_path(blob)
         try:
             with self._lock():
-                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _make_dirs_0700(path.parent, self.directory)
                 os.replace(prepared.tmp, path)
                 self._execute(
                     "INSERT OR REPLACE INTO checkpoints (blob, content_key, length, xxh3, "
@@ -878,6 +879,37 @@ def _read_checked(path: Path, file_length: int, sums: bytes, offset: int, length
         if xxhash.xxh3_64_digest(piece)[::-1] != sums[block * 8 : block * 8 + 8]:
             raise _Damaged(f"block {block} fails its xxh3 checksum")
     return data[offset - start : end - start]
+
+
+def _make_private(directory: Path) -> None:
+    """Make an existing cache directory 0700 (it holds what the user's credentials fetched).
+
+    A looser one (made by hand, or by an older kitfs) is tightened, with a warning; one this
+    user cannot chmod (another user's) is refused: kitfs would share it with its owner.
+    """
+    mode = directory.stat().st_mode & 0o777
+    if mode & 0o077 == 0:
+        return
+    try:
+        directory.chmod(0o700)
+    except PermissionError:
+        raise CacheError(f"the cache directory {directory} is {mode:04o} and not yours to make "
+                         "0700; use your own (--cache-dir)") from None
+    log.warning("cache directory %s was %04o, now 0700", directory, mode)
+
+
+def _make_dirs_0700(path: Path, root: Path) -> None:
+    """``mkdir -p`` under ``root`` with every new directory 0700 (``Path.mkdir(parents=True)``
+    gives the parents the default mode)."""
+    missing = []
+    while not path.exists() and path != root:
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:  # another process made it meanwhile
+            pass
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -97,10 +97,30 @@ class ModelKit:
     config_digest: Digest
     tree: Tree
     index_states: list[_IndexState]
+    # Positions of the layers not indexed yet (refused ones stay: their error is the answer).
+    unindexed: set[int] = field(default_factory=set)
+    # Layer positions by claim, and by the parent directory of their claim: a lookup or a
+    # listing finds the layers it may need by path, not by scanning 10,000 claims each time.
+    _by_claim: dict[str, list[int]] = field(default_factory=dict)
+    _by_parent: dict[str, list[int]] = field(default_factory=dict)
 
-    @property
-    def claims(self) -> list[str]:
-        return [source.placement.claim for source in self.layers]
+    def __post_init__(self) -> None:
+        for position, source in enumerate(self.layers):
+            claim = source.placement.claim
+            self._by_claim.setdefault(claim, []).append(position)
+            if claim:
+                self._by_parent.setdefault(posixpath.dirname(claim), []).append(position)
+
+    def unindexed_layers_for(self, directory: str, child: str | None = None) -> list[int]:
+        """The unindexed layers whose files may be in ``directory``: those claiming it or a
+        directory above it; for a lookup also those claiming ``child``, for a listing (no
+        child) those claiming any entry of it."""
+        found = [p for path in _self_and_ancestors(directory) for p in self._by_claim.get(path, ())]
+        if child is not None:
+            found += self._by_claim.get(child, [])
+        else:
+            found += self._by_parent.get(directory, [])
+        return sorted({p for p in found if p in self.unindexed})
 
     @property
     def refused_layers(self) -> dict[str, KitfsError]:
@@ -160,10 +180,15 @@ class KitSession:
         """Resolve ``reference`` and prepare its layout (no layer data is fetched)."""
         return await self._open(reference, chain=[])
 
-    async def _open(self, reference: Reference, chain: list[str]) -> ModelKit:
+    async def _open(self, reference: Reference, chain: list[Reference]) -> ModelKit:
+        """Open one kit; ``chain`` holds the kits (pinned) whose ``model.path`` led here."""
         client = self.registry(reference.registry, reference.is_loopback)
         manifest, digest = await self._resolve_manifest(client, reference)
         pinned = reference.pinned(digest)
+        seen = [kit.digest for kit in chain]
+        if digest in seen:  # checked before its config is fetched or its model.path followed
+            cycle = [*chain[seen.index(digest):], pinned]
+            raise FormatError("model reference cycle: " + " -> ".join(map(str, cycle)))
         config = await self._document(client, reference.repository, manifest.config.digest,
                                       manifest.config.size, "config")
         plan = plan_layout(manifest, config)
@@ -184,16 +209,18 @@ class KitSession:
                 state.refusal = exc
         return ModelKit(pinned, manifest, plan, layers,
                         manifest.annotations.get(CREATED_ANNOTATION), manifest.config.digest,
-                        builder.build(), states)
+                        builder.build(), states, set(range(len(layers))))
 
-    async def _parent_layers(self, text: str, child: Reference, chain: list[str]) -> list[LayerSource]:
-        chain = [*chain, str(child.digest)]
+    async def _parent_layers(self, text: str, child: Reference,
+                             chain: list[Reference]) -> list[LayerSource]:
+        chain = [*chain, child]
         if len(chain) > MAX_MODEL_REFERENCE_CHAIN:
             raise FormatError(f"model reference chain is longer than {MAX_MODEL_REFERENCE_CHAIN}")
-        parent_ref = Reference.parse(text)
+        try:
+            parent_ref = Reference.parse(text)
+        except UsageError as exc:  # a property of the kit, not of the command line
+            raise FormatError(f"{child}: Kitfile model.path: {exc}") from None
         parent = await self._open(parent_ref, chain)
-        if str(parent.reference.digest) in chain:
-            raise FormatError(f"model reference cycle through {parent.reference}")
         return [s for s in parent.layers
                 if s.placement.layer_type.kind in (Kind.MODEL, Kind.MODELPART)]
 
@@ -243,10 +270,8 @@ class KitSession:
             KitfsError: the error of a layer that could hold it and could not be indexed.
         """
         child_path = posixpath.join(directory.path, name)
-        failures = await self._ensure_indexed(kit, [
-            position for position, claim in enumerate(kit.claims)
-            if _at_or_above(claim, directory.path) or claim == child_path
-        ])
+        failures = await self._ensure_indexed(kit, kit.unindexed_layers_for(directory.path,
+                                                                             child_path))
         node = directory.children.get(name) if directory.is_dir else None
         if node is not None:
             return node
@@ -260,11 +285,7 @@ class KitSession:
         A refused layer (hostile or malformed) is left out: the rest is listed. A layer that
         could not be read for now (registry down) fails the listing rather than shortening it.
         """
-        failures = await self._ensure_indexed(kit, [
-            position for position, claim in enumerate(kit.claims)
-            if _at_or_above(claim, directory.path)
-            or (claim and posixpath.dirname(claim) == directory.path)
-        ])
+        failures = await self._ensure_indexed(kit, kit.unindexed_layers_for(directory.path))
         transient = [f for f in failures if not _is_refusal(f)]
         if transient:
             raise transient[0]
@@ -325,6 +346,7 @@ class KitSession:
             try:
                 kit.tree.merge(await self._layer_tree(source, position), where)
                 state.done = True
+                kit.unindexed.discard(position)
             except KitfsError as exc:
                 flight.error = exc
                 if _is_refusal(exc):
@@ -408,9 +430,10 @@ class KitSession:
         return data
 
 
-def _at_or_above(claim: str, path: str) -> bool:
-    """Whether ``claim`` is ``path`` or one of its ancestors ("" is above everything)."""
-    return not claim or claim == path or path.startswith(claim + "/")
+def _self_and_ancestors(path: str) -> list[str]:
+    """``a/b`` → ``["", "a", "a/b"]``: the claims at or above ``path``."""
+    parts = path.split("/") if path else []
+    return ["/".join(parts[:i]) for i in range(len(parts) + 1)]
 
 
 def _is_refusal(error: KitfsError) -> bool:

@@ -6,7 +6,8 @@ Content
     A ``Content`` is a stream of bytes kitfs can read at any offset: either a blob exactly as
     the registry stores it (uncompressed tar and raw layers), or the decompressed stream of a
     gzip/zstd layer. Both are cut into fixed-size chunks (``chunk_size_bytes``) stored under a
-    content key (the digest, or the diffId for decompressed streams).
+    content key (the blob digest; for decompressed streams "gunzip:" or "unzstd:" and the
+    digest of the compressed blob, never the diffId a config claims).
 
 Tasks and shared state (all on the one trio thread; no locks)
     ``_inflight[(key, idx)]`` is a ``trio.Event`` per chunk being fetched. A reader that
@@ -107,10 +108,15 @@ class Content:
 
     @property
     def key(self) -> str:
+        """Where the content is kept in the cache (chunks, index, verification state).
+
+        A decompressed stream is keyed by the digest of the compressed blob, whose bytes are
+        checked against it; never by the diffId, which is only what a config claims: a hostile
+        config naming another layer's digest as its diffId would otherwise write into, index
+        and fail that layer's entries.
+        """
         if self.compression is Compression.NONE:
             return str(self.blob_digest)
-        if self.diff_id is not None:
-            return str(self.diff_id)
         prefix = "gunzip" if self.compression is Compression.GZIP else "unzstd"
         return f"{prefix}:{self.blob_digest}"
 

@@ -177,11 +177,15 @@ def _emit_struct(obj: Any, schema: _Schema, indent: int, lines: list[str]) -> No
             text = value if isinstance(value, str) else ("" if value is None else str(value))
             lines.extend(_scalar_lines(f"{pad}{key}:", text, indent))
         elif sub == _FLOW_LIST:
+            if not isinstance(value, list | None):
+                raise FormatError(f"Kitfile config: {key} is not a list")
             items = ", ".join(_flow_scalar(str(v)) for v in (value or []))
             lines.append(f"{pad}{key}: [{items}]")
         elif sub == _ANY:
             _emit_any(f"{pad}{key}:", value, indent, lines)
         elif isinstance(sub, list) and sub and isinstance(sub[0], list):  # list of structs
+            if not isinstance(value, list | None):
+                raise FormatError(f"Kitfile config: {key} is not a list")
             lines.append(f"{pad}{key}:")
             for item in value or []:
                 start = len(lines)
@@ -236,7 +240,10 @@ def _go_scalar(value: Any) -> str:
     if value is False:
         return "false"
     if isinstance(value, int | float):
-        return go_format_float(float(value))
+        try:
+            return go_format_float(float(value))
+        except OverflowError:  # kit (Go) cannot decode it either: float64 out of range
+            raise FormatError("Kitfile config: a number is beyond the range of a float64") from None
     return _plain_or_quoted(str(value))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,7 +115,7 @@ def _raw_mode(descriptor: Descriptor) -> int:
             try:
                 meta = json.loads(descriptor.annotations[key])
                 mode = int(meta.get("mode", 0o644))
-            except (ValueError, TypeError, AttributeError):
+            except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
                 raise FormatError(
                     f"layer {descriptor.digest}: annotation {key} is not valid file metadata"
                 ) from None
@@ -122,8 +123,9 @@ def _raw_mode(descriptor: Descriptor) -> int:
     return 0o644
 
 
-def _digest_or_none(text: str | None) -> Digest | None:
-    if not text:
+def _digest_or_none(text: object) -> Digest | None:
+    """A recorded diffId, or None when there is none or it is no digest (it is optional)."""
+    if not text or not isinstance(text, str):
         return None
     try:
         return Digest.parse(text)
@@ -208,25 +210,37 @@ def _claim(path: str | None, where: str) -> str:
 def _plan_by_digest(
     manifest: Manifest, types: list[LayerType], info: KitfileInfo
 ) -> tuple[Placement, ...]:
+    # Each entry takes the first unused layer of its digest whose path annotation is the
+    # entry's path, else the first unused layer of its digest. Queues in manifest order, with
+    # used layers skipped as they come up: linear even for 10,000 layers of one digest.
+    by_digest: dict[str, deque[int]] = {}
+    by_path: dict[tuple[str, str | None], deque[int]] = {}
+    for i, d in enumerate(manifest.layers):
+        by_digest.setdefault(str(d.digest), deque()).append(i)
+        by_path.setdefault((str(d.digest), _filepath_annotation(d)), deque()).append(i)
     used: set[int] = set()
     placements = []
     for entry in info.entries:
         if entry.remote:
             continue
-        candidates = [
-            i for i, d in enumerate(manifest.layers) if str(d.digest) == entry.digest and i not in used
-        ]
-        if not candidates:
+        wanted = posixpath.normpath(entry.path) if entry.path else "."
+        index = _first_unused(by_path.get((entry.digest or "", wanted)), used)
+        if index is None:
+            index = _first_unused(by_digest.get(entry.digest or ""), used)
+        if index is None:
             raise FormatError(
                 f"Kitfile {entry.section} entry {entry.path!r} names layer {entry.digest}, "
                 "which is not in the manifest"
             )
-        wanted = posixpath.normpath(entry.path) if entry.path else "."
-        by_path = [i for i in candidates if _filepath_annotation(manifest.layers[i]) == wanted]
-        index = (by_path or candidates)[0]
         used.add(index)
         placements.append(_make_placement(index, manifest.layers[index], types[index], entry, False))
     return tuple(placements)
+
+
+def _first_unused(queue: deque[int] | None, used: set[int]) -> int | None:
+    while queue and queue[0] in used:
+        queue.popleft()
+    return queue[0] if queue else None
 
 
 def _plan_legacy(
@@ -258,6 +272,8 @@ def _plan_modelpack(
     manifest: Manifest, types: list[LayerType], config_obj: dict[str, Any]
 ) -> tuple[Placement, ...]:
     modelfs = config_obj.get("modelfs") or {}
+    if not isinstance(modelfs, dict):
+        raise FormatError("ModelPack config: modelfs is not an object")
     diff_ids = modelfs.get("diffIds") or modelfs.get("diff_ids") or []
     if not isinstance(diff_ids, list):
         raise FormatError("ModelPack config: modelfs.diffIds is not a list")

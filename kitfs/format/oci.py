@@ -8,6 +8,7 @@ Accepts what KitOps has written over time: manifests with or without ``mediaType
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,10 +16,16 @@ from kitfs.errors import FormatError, NotFoundError, UsageError
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import DOCKER_MANIFEST_LIST, OCI_INDEX
 
-# A manifest larger than this is refused before parsing (the distribution registry itself caps
-# manifests at 4 MiB; we allow more for other registries but not unbounded).
-MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# A manifest or index larger than this is refused before it is read whole: the distribution
+# registry refuses to store bigger ones, and kit (oras-go's defaultMaxMetadataBytes) refuses to
+# fetch them. 4 MiB holds some 20,000 layer descriptors.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# A config (the Kitfile as JSON) larger than its descriptor says is never fetched; one whose
+# descriptor says more than this is refused before the fetch.
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# JSON nested deeper than this is refused: no manifest, index or Kitfile needs it, and the
+# renderers that walk ``parameters`` and index labels recurse once per level.
+MAX_JSON_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -194,11 +201,32 @@ def load_json_object(data: bytes, what: str, limit_bytes: int) -> dict[str, Any]
         raise FormatError(f"{what} is {len(data)} bytes, more than the {limit_bytes} allowed")
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also integers of > 4300 digits
         raise FormatError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{what} is not a JSON object")
+    if _depth(obj) > MAX_JSON_DEPTH:
+        raise FormatError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
     return obj
+
+
+def _depth(value: object) -> int:
+    """How deeply ``value`` nests lists and objects (a scalar is 0), without recursing."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Iterable[object] = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def parse_document(data: bytes, content_type: str | None) -> Manifest | Index:

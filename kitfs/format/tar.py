@@ -64,25 +64,27 @@ def _cstr(field: bytes) -> bytes:
     return field.split(b"\0", 1)[0]
 
 
+_OCTAL_DIGITS = b"01234567"
+
+
 def parse_number(field: bytes, what: str) -> int:
-    """Parse an octal (NUL/space padded) or GNU base-256 numeric field."""
+    """Parse an octal (NUL/space padded) or GNU base-256 numeric field.
+
+    Octal is octal digits only, as Go's ``archive/tar`` reads it: ``int(text, 8)`` would also
+    take a sign, ``0o`` and ``_``, and a negative size sends the scan backwards, for ever.
+    """
     if field and field[0] & 0x80:
         value = int.from_bytes(field[1:], "big")
         if field[0] & 0x40:  # negative base-256
             value -= 1 << (8 * (len(field) - 1))
             raise FormatError(f"tar header: negative {what}")
         return value | ((field[0] & 0x3F) << (8 * (len(field) - 1)))
-    try:  # the common case, as every current tar writes it: octal digits, then NUL or space
-        return int(field.split(b"\0", 1)[0], 8)
-    except ValueError:
-        pass
-    text = field.replace(b"\0", b" ").strip()
+    text = field.strip(b" \0")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise FormatError(f"tar header: {what} field {field!r} is not octal") from None
+    if text.translate(None, _OCTAL_DIGITS):  # anything left is not an octal digit
+        raise FormatError(f"tar header: {what} field {field!r} is not octal")
+    return int(text, 8)
 
 
 _HIGH_BYTES = bytes(range(128, 256))
@@ -167,7 +169,7 @@ class TarScanner:
         self._long_name: str | None = None
         self._long_link: str | None = None
         self._ext_header_offset: int | None = None
-        self._ext_type = b""
+        self._ext_type = b""  # set while an extended header's body is awaited (b"" otherwise)
         self._ext_size = 0
         self._done = False
         self.members_seen = 0
@@ -217,7 +219,7 @@ class TarScanner:
         self._offset += count
 
     def _step(self) -> TarMember | None:
-        if self._pending_length > BLOCK:  # body of an extended header is buffered
+        if self._ext_type:  # an extended header and its body (which may be empty) are buffered
             self._finish_extended()
             return None
         block = self._buffer[self._start : self._start + BLOCK]
@@ -254,6 +256,7 @@ class TarScanner:
             self._long_link = _decode(_cstr(body))
         self._advance(self._pending_length)
         self._pending_length = BLOCK
+        self._ext_type = b""
 
     def _finish_member(self, block: bytes, typeflag: bytes, size: int) -> TarMember:
         header_offset = self._ext_header_offset if self._ext_header_offset is not None else self._offset
@@ -284,7 +287,7 @@ class TarScanner:
         if "mtime" in pax:
             try:
                 mtime = int(float(pax["mtime"]))
-            except ValueError:
+            except (ValueError, OverflowError):  # not a number, NaN, or infinite ("1e400")
                 mtime = 0
         if typeflag not in REGULAR_TYPES:
             # Only regular files carry data the reader may need; links, dirs and devices are

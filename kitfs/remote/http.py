@@ -21,18 +21,35 @@ from urllib.parse import urlsplit
 import trio
 
 MAX_HEADER_BYTES = 64 * 1024
+ERROR_BODY_BYTES = 64 * 1024  # of an error answer's body, what is read (the rest is dropped)
 RECV_SIZE_BYTES = 256 * 1024
 IDLE_CONNECTIONS_PER_ORIGIN = 8
 
 
 class TransportError(Exception):
     """The request failed on the wire. ``timed_out`` says whether it was a timeout;
-    ``permanent`` that trying again cannot help (the server's TLS certificate is not trusted)."""
+    ``permanent`` that trying again cannot help (the server's TLS certificate is not trusted);
+    ``response`` is the answer's head when the failure came after it (a short body)."""
 
-    def __init__(self, message: str, timed_out: bool = False, permanent: bool = False) -> None:
+    def __init__(self, message: str, timed_out: bool = False, permanent: bool = False,
+                 response: Response | None = None) -> None:
         super().__init__(message)
         self.timed_out = timed_out
         self.permanent = permanent
+        self.response = response
+
+
+class BodyTooLargeError(Exception):
+    """A successful answer's body is larger than the caller accepts (``max_body_bytes``): the
+    registry sent it on purpose, so asking again cannot help. Raised once the size is known
+    (Content-Length) or the limit is passed, before the rest is read; the connection is
+    dropped. ``size_bytes`` is None for a chunked or unsized body."""
+
+    def __init__(self, size_bytes: int | None, limit_bytes: int) -> None:
+        size = f"{size_bytes} bytes" if size_bytes is not None else f"more than {limit_bytes} bytes"
+        super().__init__(f"a body of {size}, over the {limit_bytes} allowed")
+        self.size_bytes = size_bytes
+        self.limit_bytes = limit_bytes
 
 
 @dataclass
@@ -129,6 +146,7 @@ class HttpClient:
 
         Raises:
             TransportError: connect, send or receive failed or timed out; malformed response.
+            BodyTooLargeError: a 2xx body (not read into ``into``) over ``max_body_bytes``.
         """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -280,6 +298,9 @@ class HttpClient:
     ) -> None:
         if method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
             return
+        if response.status == 416:  # distribution gives it the blob's length and no body
+            conn.reusable = False
+            return
         chunked = "chunked" in response.headers.get("transfer-encoding", "").lower()
         length_text = response.headers.get("content-length")
         if (chunked or length_text is None) and into is not None and 200 <= response.status < 300:
@@ -296,21 +317,15 @@ class HttpClient:
                                      f"{len(into)} expected")
             response.body_length = len(into)
             return
-        if chunked:
-            response.body = await self._read_chunked(conn, max_body_bytes)
-            return
-        if length_text is None:
-            conn.reusable = False
-            response.body = await self._read_to_eof(conn, max_body_bytes)
-            return
         try:
-            length = int(length_text)
+            length = int(length_text) if length_text is not None and not chunked else None
         except ValueError:
             raise TransportError(f"bad Content-Length {length_text!r}") from None
-        if into is not None and 200 <= response.status < 300:
+        if into is not None and length is not None and 200 <= response.status < 300:
             skip = skip_on_200 if response.status == 200 else 0
             if length < skip + len(into):
-                raise TransportError(f"body of {length} bytes is shorter than the {len(into)} expected")
+                raise TransportError(f"body of {length} bytes is shorter than the {len(into)} "
+                                     "expected", response=response)
             conn.reusable = conn.reusable and skip == 0
             scratch = memoryview(bytearray(min(skip, RECV_SIZE_BYTES * 16) or 1))
             while skip > 0:
@@ -323,12 +338,25 @@ class HttpClient:
             if length > len(into):
                 conn.reusable = False  # the rest is not wanted: drop the connection
             return
-        if length > max_body_bytes:
-            conn.reusable = False
-            raise TransportError(f"response body of {length} bytes exceeds {max_body_bytes}")
-        body = bytearray(length)
-        await self._fill(conn, memoryview(body))
-        response.body = bytes(body)
+        answered = 200 <= response.status < 300
+        limit = max_body_bytes if answered else ERROR_BODY_BYTES
+        try:
+            if chunked:
+                response.body = await self._read_chunked(conn, limit)
+            elif length is None:
+                conn.reusable = False
+                response.body = await self._read_to_eof(conn, limit)
+            elif length > limit:
+                raise BodyTooLargeError(length, limit)
+            else:
+                body = bytearray(length)
+                await self._fill(conn, memoryview(body))
+                response.body = bytes(body)
+        except BodyTooLargeError:
+            conn.reusable = False  # the rest stays unread
+            if answered:
+                raise
+            response.body = b""  # an error page too big to matter: its status is the answer
 
     async def _fill(self, conn: _Connection, view: memoryview) -> None:
         taken = min(len(conn.buffer), len(view))
@@ -359,7 +387,7 @@ class HttpClient:
                 return bytes(body)
             if sink is None and len(body) + size > max_body_bytes:
                 conn.reusable = False
-                raise TransportError(f"chunked body exceeds {max_body_bytes} bytes")
+                raise BodyTooLargeError(None, max_body_bytes)
             while size > 0:  # in pieces: a chunk may be a whole blob
                 if sink is not None and sink.full:
                     conn.reusable = False
@@ -399,7 +427,7 @@ class HttpClient:
             else:
                 body += data
                 if len(body) > max_body_bytes:
-                    raise TransportError(f"response body exceeds {max_body_bytes} bytes")
+                    raise BodyTooLargeError(None, max_body_bytes)
             with trio.fail_after(self._io_timeout_s):
                 data = bytes(await conn.stream.receive_some(RECV_SIZE_BYTES))
             if not data:

@@ -40,6 +40,8 @@ import trio
 
 from kitfs.errors import (
     AuthError,
+    FormatError,
+    IntegrityError,
     NotFoundError,
     RemoteError,
     RemoteTimeoutError,
@@ -50,7 +52,7 @@ from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import MANIFEST_ACCEPT
 from kitfs.format.oci import MAX_MANIFEST_BYTES
 from kitfs.remote.auth import Credentials, find_credentials, parse_challenge
-from kitfs.remote.http import HttpClient, Progress, Response, TransportError
+from kitfs.remote.http import BodyTooLargeError, HttpClient, Progress, Response, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +125,9 @@ class RegistryClient:
 
     async def get_blob(self, repository: str, digest: Digest, size: int, max_bytes: int) -> bytes:
         """Fetch a small blob (a config) whole. Refuses blobs larger than ``max_bytes``."""
-        if size > max_bytes:
-            raise RemoteError(f"blob {digest} is {size} bytes, more than {max_bytes} allowed here")
+        if size > max_bytes:  # what the manifest says: refused before anything is fetched
+            raise FormatError(f"blob {digest} is {size} bytes by its descriptor, more than the "
+                              f"{max_bytes} allowed here")
         buffer = bytearray(size)
         await self.fetch_range(repository, digest, size, 0, memoryview(buffer))
         return bytes(buffer)
@@ -152,7 +155,7 @@ class RegistryClient:
             response = await self._call(
                 "GET", url, repository, headers,
                 what=f"blob {digest} bytes {offset}-{offset + length - 1}", into=into,
-                skip_on_200=offset,
+                skip_on_200=offset, blob_size=blob_size,
                 timeout_s=min(PROBE_TIMEOUT_S, self.config.timeout_s) if earlier else None,
             )
         except RemoteTimeoutError as exc:
@@ -161,11 +164,12 @@ class RegistryClient:
             self._timed_out[asked] = (trio.current_time(), exc)
             raise
         self._timed_out.pop(asked, None)  # answered: the next ask gets the whole timeout
-        if response.status == 206:
-            _check_content_range(self.registry, response, offset, length, blob_size, digest)
-        elif response.status != 200:  # not a range, and not the blob as it is (203: transformed)
+        if response.status not in (200, 206):  # not a range, nor the blob as it is (203)
             raise RemoteError(f"{self.registry}: blob {digest}: answered a Range request with HTTP "
                               f"{response.status} {response.reason}, neither 206 nor 200")
+        _check_blob_size(self.registry, response, blob_size, f"blob {digest}")
+        if response.status == 206:
+            _check_content_range(self.registry, response, offset, length, digest)
         elif not self._warned_full_body:
             self._warned_full_body = True
             log.warning("registry %s ignored a Range request (answered %d); reading whole bodies",
@@ -186,9 +190,11 @@ class RegistryClient:
         skip_on_200: int = 0,
         max_body_bytes: int = 1 << 20,
         timeout_s: float | None = None,
+        blob_size: int | None = None,
     ) -> Response:
-        """One operation, retried until it succeeds or ``timeout_s`` (default: the
-        configured timeout) has passed."""
+        """One operation, with auth, redirects and retries, until it succeeds or ``timeout_s``
+        (default: the configured timeout) has passed. ``blob_size`` (blob reads): an answer
+        saying the blob has another size ends it with IntegrityError."""
         scope = f"repository:{repository}:pull"
         timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
         deadline = trio.current_time() + timeout_s
@@ -207,8 +213,13 @@ class RegistryClient:
                             method, url, self._headers(headers, scope), into, skip_on_200,
                             max_body_bytes, progress,
                         )
+                    except BodyTooLargeError as exc:  # what it sends on purpose: not retried
+                        raise FormatError(f"{self.registry}: {what}: {exc}; kitfs refuses it "
+                                          "unread") from None
                     except TransportError as exc:
                         progress = Progress()  # only an answer the deadline cuts short counts
+                        if blob_size is not None and exc.response is not None:  # a short body
+                            _check_blob_size(self.registry, exc.response, blob_size, what)
                         if exc.permanent:
                             raise RemoteError(f"{self.registry}: {what}: {exc} (a private CA "
                                               "can be given with --ca-file)") from None
@@ -234,6 +245,10 @@ class RegistryClient:
                             )
                         elif status == 404:
                             raise NotFoundError(f"{self.registry}: {what} not found")
+                        elif status == 416 and blob_size is not None:  # past the blob's end
+                            _check_blob_size(self.registry, response, blob_size, what)
+                            raise RemoteError(f"{self.registry}: {what}: HTTP 416, the range is "
+                                              f"not satisfiable ({response.header('content-range')})")
                         elif status != 429 and status < 500:
                             raise RemoteError(
                                 f"{self.registry}: {what}: unexpected HTTP {status} "
@@ -324,6 +339,8 @@ class RegistryClient:
         service = urlsplit(token_url).netloc
         try:
             token_response = await self._follow("GET", token_url, headers, None, 0, 1 << 20)
+        except BodyTooLargeError as exc:
+            raise RemoteError(f"token service {service}: {exc}") from None
         except TransportError as exc:
             if exc.permanent:
                 raise RemoteError(f"token service {service}: {exc}") from None
@@ -390,8 +407,24 @@ def _retry_after_s(response: Response) -> float | None:
         return None
 
 
+_TOTAL_RE = re.compile(r"^bytes (?:\d+-\d+|\*)/(\d+)$")
+
+
+def _check_blob_size(registry: str, response: Response, blob_size: int, what: str) -> None:
+    """IntegrityError when the answer says the blob has another size than the manifest says:
+    the Content-Range total of a 206 or 416, the Content-Length of a whole-blob 200."""
+    match = _TOTAL_RE.match((response.header("content-range") or "").strip())
+    total = int(match[1]) if match else None
+    length = response.header("content-length")
+    if total is None and response.status == 200 and length is not None and length.isdigit():
+        total = int(length)
+    if total is not None and total != blob_size:
+        raise IntegrityError(f"{registry}: {what}: the registry has {total} bytes, the manifest "
+                             f"says {blob_size}")
+
+
 def _check_content_range(
-    registry: str, response: Response, offset: int, length: int, blob_size: int, digest: Digest
+    registry: str, response: Response, offset: int, length: int, digest: Digest
 ) -> None:
     header = response.header("content-range") or ""
     match = _CONTENT_RANGE_RE.match(header.strip())
@@ -400,9 +433,4 @@ def _check_content_range(
         raise RemoteError(
             f"{registry}: blob {digest}: asked for bytes {expected[0]}-{expected[1]}, got "
             f"Content-Range {header!r}"
-        )
-    if match[3] != "*" and int(match[3]) != blob_size:
-        raise RemoteError(
-            f"{registry}: blob {digest}: registry says it is {match[3]} bytes, the manifest "
-            f"says {blob_size}"
         )
