@@ -22,7 +22,9 @@ requests (``times=None``: all of them); the first rule that matches wins::
 
 ``chunked=True`` sends a forwarded body with chunked transfer encoding, ``rewrite_status``
 replaces the forwarded status (e.g. a 203 from a transforming proxy) and ``body`` the forwarded
-body (the registry's headers kept, Content-Length fitted), with any action that forwards.
+body (the registry's headers kept, Content-Length fitted), with any action that forwards; a
+``body`` as long as the blob answers a range request with its own bytes of that range (a
+registry forging a blob consistently).
 
 Auth covers the whole ``/v2/`` API: ``require_basic(user, password)``, or
 ``require_bearer(...)`` with a token endpoint the proxy serves itself at ``/token``
@@ -309,7 +311,7 @@ class FaultProxy:
         if rule is not None and rule.rewrite_status is not None:
             status = rule.rewrite_status
         if rule is not None and rule.body is not None:
-            body = rule.body
+            body = _ranged(rule.body, status, reply_headers)
         if rule is not None and rule.action == "trickle":
             self._trickle(h, seen, status, reply_headers, body, rule.bytes_per_s)
             return
@@ -452,6 +454,15 @@ def running(proxy: FaultProxy) -> Iterator[FaultProxy]:
     finally:
         proxy.stop()
     assert not proxy.errors, proxy.errors
+
+
+def _ranged(forged: bytes, status: int, headers: list[tuple[str, str]]) -> bytes:
+    """``forged``, or the range of it a 206 answers when ``forged`` is as long as the blob."""
+    value = next((v for k, v in headers if k.lower() == "content-range"), "")
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", value.strip())
+    if status != 206 or match is None or int(match[3]) != len(forged):
+        return forged
+    return forged[int(match[1]) : int(match[2]) + 1]
 
 
 def _shift_content_range(value: str) -> str:

@@ -666,3 +666,31 @@ def test_a_digest_forged_by_one_registry_fails_for_the_whole_cache_until_cleared
     refused(run_kitfs(cache_dir, "cat", reference, "src/a.py"), "failed verification earlier")
     assert run_kitfs(cache_dir, "cache", "clear").returncode == 0
     assert run_kitfs(cache_dir, "cat", reference, "src/a.py").stdout == b"print('genuine')\n"
+
+
+def test_strict_mode_never_lists_a_tree_read_from_unverified_bytes(
+        registry: Registry, pusher: Pusher, cache_dir: Path) -> None:
+    """A forging registry answers a layer whose headers name other files. An eventual-mode
+    listing through it indexes those headers (a listing reads headers, not whole layers) and
+    the cache keeps that index; a --verify strict read of the same digest from an honest
+    registry must not reuse it: it sees the tree of the verified bytes."""
+    big = os.urandom(10 * 1024 * 1024)  # the headers sit in the first and the last chunk
+    layer = tar_layer("code", {"src/big.bin": big, "src/good.py": b"print(1)\n"}, "src")
+    forged = tar_layer("code", {"src/big.bin": big, "src/evil.py": b"print(2)\n"}, "src")
+    assert len(forged.data) == len(layer.data) and forged.data != layer.data
+    reference = f"{registry.host}/hostile/index-from-forged:v1"
+    push_one_layer_kit(pusher, reference, layer)
+    with running(FaultProxy(registry.host)) as proxy:
+        proxy.add(Rule("forward", path=f"/blobs/{layer.digest}", body=forged.data, times=None))
+        lying = run_kitfs(cache_dir, "ls", reference.replace(registry.host, proxy.host))
+    assert lying.returncode == 0 and b"src/evil.py" in lying.stdout  # eventual: unverified
+    # strict: the layer is verified before its index is trusted; the forged chunks the cache
+    # holds fail it (the shared-cache limit of the threat model), never "no such file"
+    refused(run_kitfs(cache_dir, "cat", "--verify", "strict", reference, "src/good.py"),
+            "failed verification")
+    # the failure also drops the index read from those bytes: no listing shows them again
+    after = run_kitfs(cache_dir, "ls", reference)
+    assert after.returncode == 65 and b"evil" not in after.stdout, after
+    assert run_kitfs(cache_dir, "cache", "clear").returncode == 0
+    strict = run_kitfs(cache_dir, "cat", "--verify", "strict", reference, "src/good.py")
+    assert strict.returncode == 0 and strict.stdout == b"print(1)\n", strict.stderr

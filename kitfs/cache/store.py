@@ -267,13 +267,15 @@ class ChunkStore:
                               (size, key))
 
     def mark_failed(self, key: str, reason: str) -> None:
-        """Record a digest mismatch and drop every cached chunk of ``key`` (while the
-        database is locked, only logged: the caller's process remembers the failure)."""
+        """Record a digest mismatch and drop every cached chunk of ``key`` and its tar index,
+        which was read from those bytes (while the database is locked, only logged: the
+        caller's process remembers the failure)."""
         if self._writes_paused():
             log.warning("cache: the failure of %s is not recorded: the database is locked", key)
             return
         try:
             self.purge_chunks(key)
+            self._execute("DELETE FROM layer_indexes WHERE key = ?", (key,))
             self._execute("UPDATE blobs SET verified = -1, failure = ? WHERE key = ?",
                           (reason, key))
         except DatabaseLockedError as exc:
