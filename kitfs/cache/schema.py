@@ -173,8 +173,11 @@ def open_database(cache_dir: Path) -> sqlite3.Connection:
         # the database file (it would create that 0644).
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
         for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-            if companion.exists() and companion.stat().st_mode & 0o077:
-                companion.chmod(0o600)  # an older kitfs made them 0644
+            try:
+                if companion.stat().st_mode & 0o077:
+                    companion.chmod(0o600)  # an older kitfs made them 0644
+            except FileNotFoundError:
+                pass  # none yet, or SQLite removed it as another process's last connection closed
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                check_same_thread=False)
         try:
