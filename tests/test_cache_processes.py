@@ -241,12 +241,18 @@ def test_processes_opening_a_new_cache_at_once_all_succeed(tmp_path: Path) -> No
                               str(go), str(base / "cache")], stderr=subprocess.PIPE)
             for n in range(6)
         ]
-        deadline = time.monotonic() + 60
-        while len(list(base.glob("ready-*"))) < len(processes) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        go.touch()
-        for process in processes:
-            _, err = process.communicate(timeout=60)
+        try:
+            deadline = time.monotonic() + 60
+            while len(list(base.glob("ready-*"))) < len(processes) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            go.touch()
+            errors = [process.communicate(timeout=60)[1] for process in processes]
+        finally:  # every process reaped, by PID, before any assertion
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        for process, err in zip(processes, errors, strict=True):
             assert process.returncode == 0, err.decode()
 
 
