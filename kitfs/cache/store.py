@@ -393,6 +393,20 @@ class ChunkStore:
     def commit(self, key: str, idx: int, prepared: PreparedChunk) -> bool:
         """Move a prepared chunk into place and record it; False (logged once) if the disk
         was full."""
+        self._rows.pop((key, idx), None)
+        return self._place(
+            prepared, self.chunk_path(key, idx), f"chunk {idx} of {key}",
+            ("INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access) "
+             "VALUES (?, ?, ?, ?, ?)", (key, idx, prepared.length, prepared.sums, time.time())),
+            ("SELECT 1 FROM chunks WHERE key = ? AND idx = ?", (key, idx)), keep=(key, idx))
+
+    def _place(self, prepared: PreparedChunk, path: Path, what: str,
+               insert: tuple[str, tuple[object, ...]], listed: tuple[str, tuple[object, ...]],
+               keep: tuple[str, int] | None = None) -> bool:
+        """Move a prepared file (a chunk, a checkpoint index) to ``path`` and record it with
+        ``insert``, after making room for it under the quota, all under the cache lock; False
+        (logged) when the disk is full or the database locked. ``listed`` finds a row that
+        already lists the file; ``keep`` is a chunk being replaced, never evicted for it."""
         if prepared.tmp is None:
             self._warn_full(prepared.full_reason)
             return False
@@ -400,7 +414,6 @@ class ChunkStore:
         if self._writes_paused():
             self.discard(prepared)
             return False
-        path = self.chunk_path(key, idx)
         victims: list[tuple[str, int, int]] = []
         indexes: list[tuple[str, int]] = []
         try:
@@ -408,22 +421,16 @@ class ChunkStore:
                 if self.quota_bytes is not None:  # make room first: never over the quota
                     self._flush_access_times()
                     victims, indexes = self._evict_locked(self.quota_bytes - prepared.length,
-                                                          keep=(key, idx))
+                                                          keep=keep)
                 _make_dirs_0700(path.parent, self.directory)
-                self._rows.pop((key, idx), None)
                 os.replace(prepared.tmp, path)
                 try:
-                    self._execute(
-                        "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (key, idx, prepared.length, prepared.sums, time.time()),
-                    )
+                    self._execute(*insert)
                 except CacheError:
                     # Not recorded: the file is an orphan unless a row already lists it (then
-                    # it holds the same bytes: the key names the content). No other process
+                    # it holds the same bytes: the name is the content's). No other process
                     # can record it meanwhile: we hold the lock.
-                    if not self._execute("SELECT 1 FROM chunks WHERE key = ? AND idx = ?",
-                                         (key, idx)).fetchone():
+                    if not self._execute(*listed).fetchone():
                         _unlink_quietly(path)
                     raise
         except OSError as exc:
@@ -431,13 +438,13 @@ class ChunkStore:
             if exc.errno in _FULL_ERRNOS:
                 self._warn_full(str(exc))
                 return False
-            raise CacheError(f"cannot write chunk {idx} of {key}: {exc}") from exc
+            raise CacheError(f"cannot write {what}: {exc}") from exc
         except DatabaseFullError as exc:
             _unlink_quietly(prepared.tmp)
             self._warn_full(str(exc))
             return False
         except DatabaseLockedError as exc:
-            self._pause_writes(f"chunk {idx} of {key}", exc)
+            self._pause_writes(what, exc)
             return False
         finally:
             _log_evicted(victims, indexes, self.quota_bytes)
@@ -532,36 +539,18 @@ class ChunkStore:
     def put_checkpoints(self, blob: str, content_key: str, data: bytes | bytearray) -> bool:
         """Store the checkpoint index of gzip blob ``blob`` (whose decompressed stream is
         ``content_key``): written to ``tmp/``, renamed into place, then recorded, as a chunk
-        is. Returns False (and logs once) when the disk is full."""
+        is, after making room for it under the quota. Returns False (and logs) when the disk is
+        full or the database locked."""
         prepared = self.prepare(data)
-        if prepared.tmp is None:
-            self._warn_full(prepared.full_reason)
-            return False
-        path = self.checkpoints_path(blob)
-        try:
-            with self._lock():
-                _make_dirs_0700(path.parent, self.directory)
-                os.replace(prepared.tmp, path)
-                self._execute(
-                    "INSERT OR REPLACE INTO checkpoints (blob, content_key, length, xxh3, "
-                    "last_access) VALUES (?, ?, ?, ?, ?)",
-                    (blob, content_key, prepared.length, prepared.sums, time.time()),
-                )
-        except OSError as exc:
-            _unlink_quietly(prepared.tmp)
-            if exc.errno in _FULL_ERRNOS:
-                self._warn_full(str(exc))
-                return False
-            raise CacheError(f"cannot write the checkpoint index of {blob}: {exc}") from exc
-        except CacheError as exc:
-            _unlink_quietly(prepared.tmp)
-            if "full" in str(exc):
-                self._warn_full(str(exc))
-                return False
-            raise
-        if self.quota_bytes is not None:
-            self.evict(self.quota_bytes)
-        return True
+        placed = self._place(
+            prepared, self.checkpoints_path(blob), f"the checkpoint index of {blob}",
+            ("INSERT OR REPLACE INTO checkpoints (blob, content_key, length, xxh3, last_access) "
+             "VALUES (?, ?, ?, ?, ?)", (blob, content_key, prepared.length, prepared.sums,
+                                        time.time())),
+            ("SELECT 1 FROM checkpoints WHERE blob = ?", (blob,)))
+        if placed and self.quota_bytes is not None:
+            self.evict(self.quota_bytes)  # an index larger than the room left is evicted itself
+        return placed
 
     def has_checkpoints(self, blob: str) -> bool:
         return self._execute(
