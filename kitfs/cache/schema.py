@@ -4,8 +4,11 @@ One SQLite file, ``kitfs.db``, in the cache directory, opened in WAL mode so tha
 processes (mounts, ``kitfs cat``, ``kitfs cache gc``) share it safely. Tables:
 
 ``blobs``         one row per content key: size, verification state, why it failed.
-``chunks``        one row per chunk file on disk; a row exists only after its file does.
-``chunk_digests`` per-chunk sha256 recorded once the whole blob verified; survives eviction.
+``chunks``        one row per chunk file on disk; a row exists only after its file does. A
+                  chunk may be partial (``present``: which 128 KiB pieces its file holds).
+``chunk_ids``     per-chunk identity recorded once the whole blob verified (the BLAKE3 of
+                  each 128 KiB piece); survives eviction, so a piece or chunk fetched again
+                  is checked on its own.
 ``documents``     verified manifests and configs, by digest.
 ``layer_indexes`` the parsed tar index of a layer, by content key: one packed row per layer
                   (a row per member cost more than parsing the tar; see ``kitfs.cache.index``).
@@ -111,8 +114,31 @@ def cache_lock(cache_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def m004_pieces(db: Any) -> None:
+    """Partial chunks and BLAKE3 piece identities.
+
+    ``chunks.present`` is NULL for a whole chunk, else a bitmap (little-endian) of the 128 KiB
+    pieces its file holds; ``chunks.stored`` is the bytes its file holds (what the quota
+    counts). The per-chunk sha256 of ``chunk_digests`` gives way to ``chunk_ids``, a BLAKE3
+    digest per piece (one cryptographic pass on the hot path instead of two, and a lone piece
+    fetched again can be checked on its own). Blobs verified under the old scheme lose their
+    per-chunk identities, so they are marked unverified: they are verified again as they are
+    read (never served on the strength of a record that can no longer check a refetch)."""
+    db.execute("ALTER TABLE chunks ADD COLUMN present BLOB")
+    db.execute("ALTER TABLE chunks ADD COLUMN stored INTEGER NOT NULL DEFAULT 0")
+    db.execute("UPDATE chunks SET stored = length")
+    db.execute("DROP TABLE IF EXISTS chunk_digests")
+    db.execute("""CREATE TABLE IF NOT EXISTS chunk_ids (
+        key TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        blake3 BLOB NOT NULL,         -- 32-byte BLAKE3 of each 128 KiB piece, concatenated
+        PRIMARY KEY (key, idx)
+    )""")
+    db.execute("UPDATE blobs SET verified = 0 WHERE verified = 1")
+
+
 # In order; each is applied once per cache, recorded in sqlite-utils' _sqlite_migrations table.
-MIGRATIONS = (m001_initial, m002_packed_layer_indexes, m003_checkpoints)
+MIGRATIONS = (m001_initial, m002_packed_layer_indexes, m003_checkpoints, m004_pieces)
 
 
 def _pending(conn: sqlite3.Connection) -> bool:

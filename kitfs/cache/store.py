@@ -4,7 +4,8 @@ Layout of a cache directory (created 0700; files 0600)::
 
     kitfs.db                                  SQLite, WAL (see kitfs.cache.schema)
     lock                                      flock: file and row changes across processes
-    chunks/<algo>/<hex[:2]>/<hex>/<idx>       one file per cached chunk of a content key
+    chunks/<algo>/<hex[:2]>/<hex>/<idx>       one file per cached chunk of a content key (whole,
+                                              or the pieces a partial chunk holds)
     checkpoints/<algo>/<hex[:2]>/<hex>        the checkpoint index of a gzip blob (by its digest)
     tmp/                                      chunk and index files being written
 
@@ -13,6 +14,11 @@ Invariants (what a ``kill -9`` at any instant cannot break):
 - A ``chunks`` row is inserted only after its file has been completely written and renamed
   into place, and a row is deleted before its file is unlinked. So a row never points at a
   file that was never complete; a file without a row is an orphan that ``gc`` removes.
+- A partial chunk (a lone random read fetches only the 128 KiB pieces it touches, see
+  ``kitfs.cache.identity``) is written in place: under the cache lock, its pieces are
+  written into the chunk's file (created empty when no row lists it) and only then marked
+  present in its row (``present``, a bitmap of pieces). A piece is never marked before its
+  bytes are written; a whole chunk put later replaces the file (rename) and the row.
 - Every chunk row carries an xxh3_64 checksum per 64 KiB block. Every read checks the blocks
   it touches; a mismatch (bit rot, a truncated file after power loss, someone editing files)
   drops the chunk and reports a miss, and the reader fetches it again. That is why chunk files
@@ -54,7 +60,6 @@ trio thread, as s3ql does. Nothing here knows about registries or trio.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -69,6 +74,7 @@ from pathlib import Path
 
 import xxhash
 
+from kitfs.cache.identity import PIECE_SIZE_BYTES, ids_of_pieces, piece_count, piece_ids
 from kitfs.cache.schema import (
     DATABASE_NAME,
     cache_lock,
@@ -176,10 +182,10 @@ class ChunkStore:
         self._dropped = 0  # chunks found damaged and dropped (``verify_chunks`` counts them)
         self._touched: dict[tuple[str, int], float] = {}
         self._warned_full = False
-        # (length, xxh3 sums) of chunks read lately: a chunk's row never changes while it is
+        # (length, xxh3 sums, present pieces) of chunks read lately: a chunk's row never changes while it is
         # cached (content-addressed), so a FUSE read of a cached chunk costs no query. A chunk
         # another process removed meanwhile shows up as a missing file, as before.
-        self._rows: OrderedDict[tuple[str, int], tuple[int, bytes]] = OrderedDict()
+        self._rows: OrderedDict[tuple[str, int], tuple[int, bytes, bytes | None]] = OrderedDict()
         self._writes_paused_until = 0.0  # time.monotonic(): see _pause_writes
 
     def close(self) -> None:
@@ -248,15 +254,16 @@ class ChunkStore:
         ).fetchone()
         return BlobState(*row) if row else None
 
-    def mark_verified(self, key: str, chunk_sha256: Iterable[tuple[int, str]]) -> None:
-        """Record that ``key``'s content matched its digest, with each chunk's sha256."""
+    def mark_verified(self, key: str, chunk_ids: Iterable[tuple[int, bytes]]) -> None:
+        """Record that ``key``'s content matched its digest, with each chunk's piece
+        identities (``kitfs.cache.identity.piece_ids``)."""
         with self.optional_write(f"the verification of {key}") as writable:
             if writable:
                 self._execute("UPDATE blobs SET verified = 1, failure = NULL WHERE key = ?",
                               (key,))
                 self._executemany(
-                    "INSERT OR REPLACE INTO chunk_digests (key, idx, sha256) VALUES (?, ?, ?)",
-                    [(key, idx, digest) for idx, digest in chunk_sha256],
+                    "INSERT OR REPLACE INTO chunk_ids (key, idx, blake3) VALUES (?, ?, ?)",
+                    [(key, idx, ids) for idx, ids in chunk_ids],
                 )
 
     def mark_stream_verified(self, key: str, size: int) -> None:
@@ -281,11 +288,12 @@ class ChunkStore:
         except DatabaseLockedError as exc:
             self._pause_writes(f"the failure of {key}", exc)
 
-    def chunk_sha256(self, key: str, idx: int) -> str | None:
+    def chunk_ids(self, key: str, idx: int) -> bytes | None:
+        """The piece identities a verified blob's chunk ``idx`` had, or None."""
         row = self._execute(
-            "SELECT sha256 FROM chunk_digests WHERE key = ? AND idx = ?", (key, idx)
+            "SELECT blake3 FROM chunk_ids WHERE key = ? AND idx = ?", (key, idx)
         ).fetchone()
-        return row[0] if row else None
+        return bytes(row[0]) if row else None
 
     def purge_chunks(self, key: str) -> None:
         with self._lock():
@@ -302,10 +310,14 @@ class ChunkStore:
         return self.directory / "chunks" / head / hex_[:2] / hex_ / str(idx)
 
     def cached_chunk_count(self, key: str) -> int:
-        return int(self._execute("SELECT COUNT(*) FROM chunks WHERE key = ?", (key,)).fetchone()[0])
+        """Whole chunks of ``key`` in the cache (partial ones do not count)."""
+        return int(self._execute("SELECT COUNT(*) FROM chunks WHERE key = ? AND present IS NULL",
+                                 (key,)).fetchone()[0])
 
     def cached_chunks(self, key: str) -> set[int]:
-        rows = self._execute("SELECT idx FROM chunks WHERE key = ?", (key,)).fetchall()
+        """The whole chunks of ``key`` in the cache."""
+        rows = self._execute("SELECT idx FROM chunks WHERE key = ? AND present IS NULL",
+                             (key,)).fetchall()
         return {idx for (idx,) in rows}
 
     def advise_will_need(self, key: str, idx: int) -> None:
@@ -325,26 +337,40 @@ class ChunkStore:
         return self._conn
 
     def has_chunk(self, key: str, idx: int) -> bool:
+        """Whether chunk ``idx`` of ``key`` is cached whole."""
         return self._execute(
-            "SELECT 1 FROM chunks WHERE key = ? AND idx = ?", (key, idx)
+            "SELECT 1 FROM chunks WHERE key = ? AND idx = ? AND present IS NULL", (key, idx)
         ).fetchone() is not None
 
+    def pieces_present(self, key: str, idx: int) -> int:
+        """Bitmap of the pieces of chunk ``idx`` in the cache (-1: the whole chunk)."""
+        row = self._execute("SELECT present FROM chunks WHERE key = ? AND idx = ?",
+                            (key, idx)).fetchone()
+        if row is None:
+            return 0
+        return -1 if row[0] is None else int.from_bytes(row[0], "little")
+
     def read(self, key: str, idx: int, offset: int, length: int) -> bytes | None:
-        """Bytes ``[offset, offset+length)`` of chunk ``idx``, checked; None on a miss.
+        """Bytes ``[offset, offset+length)`` of chunk ``idx``, checked; None on a miss (also
+        when the chunk is partial and lacks a piece the range touches).
 
         A chunk whose file is missing, short, or fails its checksum is dropped (and logged),
         and the read is a miss. A chunk another process evicts meanwhile is a plain miss.
         """
         row = self._rows.get((key, idx))
+        if row is not None and row[2] is not None and not _has_pieces(row[2], offset, length):
+            row = None  # another process may have added the pieces since: ask again
         if row is None:
             row = self._execute(
-                "SELECT length, xxh3 FROM chunks WHERE key = ? AND idx = ?", (key, idx)
+                "SELECT length, xxh3, present FROM chunks WHERE key = ? AND idx = ?", (key, idx)
             ).fetchone()
             if row is None:
                 return None
             self._rows[(key, idx)] = row
             if len(self._rows) > _ROWS_KEPT:
                 self._rows.popitem(last=False)
+            if row[2] is not None and not _has_pieces(row[2], offset, length):
+                return None
         try:
             data = _read_checked(self.chunk_path(key, idx), row[0], row[1], offset, length)
         except FileNotFoundError:
@@ -396,9 +422,83 @@ class ChunkStore:
         self._rows.pop((key, idx), None)
         return self._place(
             prepared, self.chunk_path(key, idx), f"chunk {idx} of {key}",
-            ("INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access) "
-             "VALUES (?, ?, ?, ?, ?)", (key, idx, prepared.length, prepared.sums, time.time())),
-            ("SELECT 1 FROM chunks WHERE key = ? AND idx = ?", (key, idx)), keep=(key, idx))
+            ("INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access, present, "
+             "stored) VALUES (?, ?, ?, ?, ?, NULL, ?)",
+             (key, idx, prepared.length, prepared.sums, time.time(), prepared.length)),
+            ("SELECT 1 FROM chunks WHERE key = ? AND idx = ? AND present IS NULL", (key, idx)),
+            keep=(key, idx))
+
+    def put_pieces(self, key: str, idx: int, chunk_length: int, offset: int,
+                   data: bytes | bytearray | memoryview) -> bool:
+        """Add pieces to a partial chunk (``offset`` on a piece boundary; ``data`` whole
+        pieces, the chunk's last one may be short): written into the chunk's file, then
+        marked present, under the cache lock and after making room under the quota. A chunk
+        already cached whole is left as it is. False (logged) when the disk is full or the
+        database locked."""
+        first = offset // PIECE_SIZE_BYTES
+        count = piece_count(len(data))
+        if offset % PIECE_SIZE_BYTES or (len(data) % PIECE_SIZE_BYTES
+                                         and offset + len(data) != chunk_length):
+            raise ValueError(f"pieces {offset}+{len(data)} are not whole pieces")
+        self.check_database()
+        if self._writes_paused():
+            return False
+        self._rows.pop((key, idx), None)
+        sums = block_checksums(data)
+        path = self.chunk_path(key, idx)
+        what = f"pieces of chunk {idx} of {key}"
+        victims: list[tuple[str, int, int]] = []
+        indexes: list[tuple[str, int]] = []
+        try:
+            with self._lock():
+                row = self._execute("SELECT length, xxh3, present FROM chunks WHERE key = ? "
+                                    "AND idx = ?", (key, idx)).fetchone()
+                if row is not None and row[2] is None:
+                    return True  # cached whole meanwhile
+                pieces = piece_count(chunk_length)
+                if row is None or row[0] != chunk_length:  # a new file: no stale bytes in it
+                    blocks = -(-chunk_length // BLOCK_SIZE_BYTES)
+                    present, all_sums, flags = 0, bytearray(8 * blocks), os.O_TRUNC
+                else:
+                    present, all_sums, flags = int.from_bytes(row[2], "little"), bytearray(row[1]), 0
+                present |= ((1 << count) - 1) << first
+                at = offset // BLOCK_SIZE_BYTES * 8
+                all_sums[at : at + len(sums)] = sums
+                stored = sum(min(PIECE_SIZE_BYTES, chunk_length - p * PIECE_SIZE_BYTES)
+                             for p in range(pieces) if present >> p & 1)
+                if self.quota_bytes is not None:
+                    self._flush_access_times()
+                    victims, indexes = self._evict_locked(self.quota_bytes - stored,
+                                                          keep=(key, idx))
+                _make_dirs_0700(path.parent, self.directory)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+                try:
+                    view = memoryview(data)
+                    written = 0
+                    while written < len(view):
+                        written += os.pwrite(fd, view[written:], offset + written)
+                finally:
+                    os.close(fd)
+                whole = present == (1 << pieces) - 1
+                self._execute(
+                    "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access, "
+                    "present, stored) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (key, idx, chunk_length, bytes(all_sums), time.time(),
+                     None if whole else present.to_bytes(-(-pieces // 8), "little"), stored))
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                self._warn_full(str(exc))
+                return False
+            raise CacheError(f"cannot write {what}: {exc}") from exc
+        except DatabaseFullError as exc:
+            self._warn_full(str(exc))
+            return False
+        except DatabaseLockedError as exc:
+            self._pause_writes(what, exc)
+            return False
+        finally:
+            _log_evicted(victims, indexes, self.quota_bytes)
+        return True
 
     def _place(self, prepared: PreparedChunk, path: Path, what: str,
                insert: tuple[str, tuple[object, ...]], listed: tuple[str, tuple[object, ...]],
@@ -465,7 +565,7 @@ class ChunkStore:
     def used_bytes(self) -> int:
         """Bytes of chunk files and checkpoint index files (what the quota counts)."""
         row = self._execute(
-            "SELECT (SELECT COALESCE(SUM(length), 0) FROM chunks) + "
+            "SELECT (SELECT COALESCE(SUM(stored), 0) FROM chunks) + "
             "(SELECT COALESCE(SUM(length), 0) FROM checkpoints)").fetchone()
         return int(row[0])
 
@@ -493,8 +593,8 @@ class ChunkStore:
         if that was not enough, the checkpoint indexes (blob, length) removed. ``keep`` is a
         chunk about to be replaced in place, never a victim."""
         used = self.used_bytes()
-        if keep is not None:  # a chunk being replaced frees its old length
-            row = self._execute("SELECT length FROM chunks WHERE key = ? AND idx = ?",
+        if keep is not None:  # a chunk being replaced frees what its file held
+            row = self._execute("SELECT stored FROM chunks WHERE key = ? AND idx = ?",
                                 keep).fetchone()
             used -= row[0] if row else 0
         if used <= target_bytes:
@@ -502,7 +602,7 @@ class ChunkStore:
             return [], []
         freed = 0
         victims: list[tuple[str, int, int]] = []
-        rows = self._execute("SELECT key, idx, length FROM chunks ORDER BY last_access").fetchall()
+        rows = self._execute("SELECT key, idx, stored FROM chunks ORDER BY last_access").fetchall()
         for key, idx, length in rows:
             if used - freed <= target_bytes:
                 break
@@ -591,7 +691,7 @@ class ChunkStore:
             directory=str(self.directory),
             quota_bytes=self.quota_bytes,
             used_bytes=self.used_bytes(),
-            chunk_count=one("SELECT COUNT(*) FROM chunks").fetchone()[0],
+            chunk_count=one("SELECT COUNT(*) FROM chunks WHERE present IS NULL").fetchone()[0],
             blob_count=one("SELECT COUNT(*) FROM blobs").fetchone()[0],
             verified_blobs=one("SELECT COUNT(*) FROM blobs WHERE verified = 1").fetchone()[0],
             failed_blobs=one("SELECT COUNT(*) FROM blobs WHERE verified = -1").fetchone()[0],
@@ -600,22 +700,33 @@ class ChunkStore:
         )
 
     def verify_chunks(self) -> tuple[int, int]:
-        """Check every chunk's checksums (and sha256 where known), and every checkpoint
-        index's checksums. Returns (good, dropped), counting both.
+        """Check every chunk's checksums (and piece identities where known: each piece a
+        partial chunk holds), and every checkpoint index's checksums. Returns (good,
+        dropped), counting both.
 
         A file that another process evicts while this runs is neither good nor dropped.
         """
         good = 0
         dropped_before = self._dropped
-        rows = self._execute("SELECT key, idx, length FROM chunks").fetchall()
-        for key, idx, length in rows:
-            data = self.read(key, idx, 0, length)
-            if data is None:
-                continue  # dropped (counted) or gone
-            expected = self.chunk_sha256(key, idx)
-            if expected and hashlib.sha256(data).hexdigest() != expected:
-                self._drop_bad_chunk(key, idx, "its sha256 differs from the verified one")
-            else:
+        rows = self._execute("SELECT key, idx, length, present FROM chunks").fetchall()
+        for key, idx, length, present in rows:
+            mask = int.from_bytes(present, "little") if present is not None else -1
+            expected = self.chunk_ids(key, idx)
+            bad = gone = False
+            for piece in range(piece_count(length)):
+                if not mask >> piece & 1:
+                    continue
+                at = piece * PIECE_SIZE_BYTES
+                data = self.read(key, idx, at, PIECE_SIZE_BYTES)
+                if data is None:
+                    gone = True  # dropped (counted) or gone
+                    break
+                if expected and piece_ids(data) != ids_of_pieces(expected, piece, 1):
+                    bad = True
+                    break
+            if bad:
+                self._drop_bad_chunk(key, idx, "a piece differs from the verified one")
+            elif not gone:
                 good += 1
         for blob, length in self._execute("SELECT blob, length FROM checkpoints").fetchall():
             if self.read_checkpoints(blob, 0, length) is not None:
@@ -657,7 +768,7 @@ class ChunkStore:
         documents."""
         with self._lock():
             with self._transaction():
-                for table in ("chunks", "chunk_digests", "blobs", "documents", "layer_indexes",
+                for table in ("chunks", "chunk_ids", "blobs", "documents", "layer_indexes",
                               "checkpoints"):
                     self._execute(f"DELETE FROM {table}")
             self._rows.clear()
@@ -870,6 +981,16 @@ def _read_checked(path: Path, file_length: int, sums: bytes, offset: int, length
         if xxhash.xxh3_64_digest(piece)[::-1] != sums[block * 8 : block * 8 + 8]:
             raise _Damaged(f"block {block} fails its xxh3 checksum")
     return data[offset - start : end - start]
+
+
+def _has_pieces(present: bytes, offset: int, length: int) -> bool:
+    """Whether a partial chunk's ``present`` bitmap holds every piece ``[offset,
+    offset+length)`` touches."""
+    mask = int.from_bytes(present, "little")
+    first = offset // PIECE_SIZE_BYTES
+    last = (offset + max(length, 1) - 1) // PIECE_SIZE_BYTES
+    wanted = ((1 << (last - first + 1)) - 1) << first
+    return mask & wanted == wanted
 
 
 def _make_private(directory: Path) -> None:

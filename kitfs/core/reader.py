@@ -30,7 +30,15 @@ Verification (see the README's "Verification" section, which tests quote)
     ``strict``   a blob is fetched whole and checked before its first byte is returned.
     A mismatch purges the blob's chunks, records the failure in the cache (every later read of
     it fails with ``IntegrityError``, EIO under FUSE) and is logged. Once a blob is verified,
-    each chunk's sha256 is kept, so a chunk evicted and fetched again is checked on its own.
+    the BLAKE3 of each 128 KiB piece of each chunk is kept (``kitfs.cache.identity``), so a
+    chunk or piece evicted and fetched again is checked on its own before it is served. Each
+    byte fetched is hashed once with SHA-256 (the blob digest, in order) and once with BLAKE3.
+
+Fetch sizes
+    A read that belongs to a sequential stream (or is large, or builds an index) fetches whole
+    chunks, with read-ahead as the stream grows. A lone read elsewhere (random access) fetches
+    only the 128 KiB pieces it touches, kept as a partial chunk; concurrent readers of the same
+    pieces share one fetch (``_pieces_inflight``).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from typing import Any
 import trio
 import zstandard
 
+from kitfs.cache.identity import PIECE_SIZE_BYTES, ids_of_pieces, piece_ids
 from kitfs.cache.store import ChunkStore, PreparedChunk
 from kitfs.core import gunzip
 from kitfs.errors import FormatError, IntegrityError, KitfsError, copy_for_waiter, unwrap_group
@@ -76,8 +85,11 @@ RECENT_CHUNKS = 12
 # within STREAM_SLACK_BYTES of where an earlier read of the same content ended; the kernel's
 # own read-ahead reorders a little) keeps chunks fetched ahead of it in parallel, a quarter as many
 # bytes as the stream has read, up to MAX_PREFETCH_CHUNKS; any other read starts a new stream
-# with no read-ahead (see BlobReader._read_ahead).
+# with no read-ahead (see BlobReader._read_ahead). A stream that did not start at offset 0 is
+# taken as sequential once its earlier reads asked for SEQUENTIAL_AFTER_BYTES: random readers
+# whose reads happen to land near each other (or on the same spot) stay random.
 STREAM_SLACK_BYTES = 2 * 1024 * 1024
+SEQUENTIAL_AFTER_BYTES = 256 * 1024
 MAX_PREFETCH_CHUNKS = 8
 # How often a reader asks the cache whether another process found a blob failing its digest.
 FAILED_CHECK_INTERVAL_S = 1.0
@@ -144,7 +156,7 @@ class _Frontier:
 
     hasher: Any
     next: int = 0
-    per_chunk: list[tuple[int, str]] = field(default_factory=list)
+    per_chunk: list[tuple[int, bytes]] = field(default_factory=list)  # piece identities
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -152,6 +164,7 @@ class _Frontier:
 class _Stream:
     start: int  # where the stream began
     next_offset: int  # where its last read ended
+    read_bytes: int  # what its reads asked for, in all
     ahead: int = -1  # the last chunk index read-ahead has considered
 
 
@@ -186,6 +199,8 @@ class BlobReader:
         self.chunk_size_bytes = chunk_size_bytes
         self._nursery = nursery
         self._inflight: dict[tuple[str, int], trio.Event] = {}
+        # pieces being fetched for lone reads: (key, chunk index, piece index) -> done
+        self._pieces_inflight: dict[tuple[str, int, int], trio.Event] = {}
         self.stats = ReaderStatistics()
         self._chunk_sizes: dict[str, int] = {}  # per content key, as recorded in the cache
         # never mutated once fetched, so kept as the bytearray the body was received into
@@ -197,7 +212,7 @@ class BlobReader:
         self._seen: set[str] = set()  # keys read at least once by this reader
         self._failed: set[str] = set()  # keys this reader found failing their digest
         self._not_failed_until: dict[str, float] = {}  # key -> monotonic time to ask again
-        self._piece_digests: dict[tuple[str, int], str] = {}  # sha256 of chunks just fetched
+        self._piece_digests: dict[tuple[str, int], bytes] = {}  # piece ids of chunks just fetched
         # chunks fetched and served, being hashed and stored behind the reads (_store_fetched)
         self._storing: dict[tuple[str, int], bytearray] = {}
         self._background_stores = 0
@@ -248,11 +263,14 @@ class BlobReader:
         if self.verify is VerifyMode.STRICT and content.key not in self._verified:
             await self._ensure_verified(content)
         spans = chunks_covering(offset, length, size, chunk)
-        if spans and self.read_ahead_chunks and read_ahead:
+        # Index building (no read_ahead) and large reads fetch whole chunks; so do reads of a
+        # sequential stream. A lone read elsewhere fetches just the pieces it touches.
+        whole = not read_ahead or length >= chunk // 2
+        if spans and read_ahead:
             end = min(size, file_end) if file_end is not None else size
-            self._read_ahead(content, offset, length, spans[-1].index, end)
+            whole = self._read_ahead(content, offset, length, spans[-1].index, end) or whole
         misses_before = self.stats.chunk_misses
-        pieces = await self._get_chunks(content, [s.index for s in spans], offset, length)
+        pieces = await self._get_chunks(content, [s.index for s in spans], offset, length, whole)
         data = b"".join(pieces)
         if self.verify is VerifyMode.EVENTUAL and content.key not in self._verified:
             reaches_end = file_end is not None and offset + length >= file_end
@@ -310,8 +328,9 @@ class BlobReader:
             )
 
     async def _get_chunks(self, content: Content, indexes: list[int], offset: int,
-                          length: int) -> list[bytes]:
-        """The bytes of ``[offset, offset+length)`` that fall in each chunk of ``indexes``."""
+                          length: int, whole: bool = True) -> list[bytes]:
+        """The bytes of ``[offset, offset+length)`` that fall in each chunk of ``indexes``
+        (missing chunks fetched whole, or only the pieces the range touches)."""
         results: list[bytes] = [b""] * len(indexes)
         chunk = self._chunk_size(content)
 
@@ -319,7 +338,7 @@ class BlobReader:
             span = chunk_span(idx, content.blob_size, chunk)
             start = max(offset, span.start) - span.start
             end = min(offset + length, span.end) - span.start
-            results[position] = await self._chunk_slice(content, idx, start, end - start)
+            results[position] = await self._chunk_slice(content, idx, start, end - start, whole)
 
         if len(indexes) == 1:
             await one(0, indexes[0])
@@ -330,7 +349,10 @@ class BlobReader:
                         nursery.start_soon(one, position, idx)
         return results
 
-    async def _chunk_slice(self, content: Content, idx: int, start: int, length: int) -> bytes:
+    async def _chunk_slice(self, content: Content, idx: int, start: int, length: int,
+                           whole: bool = True) -> bytes:
+        """Bytes ``[start, start+length)`` of chunk ``idx``: from memory or the cache, else
+        fetched (single-flight) whole, or, unless ``whole``, just the pieces they touch."""
         key = content.key
         self.store.pin(key, idx)
         try:
@@ -341,21 +363,81 @@ class BlobReader:
                 self.stats.chunk_hits += 1
                 return data
             self.stats.chunk_misses += 1
+            if not whole and length:  # pieces that would make up the whole chunk: fetch it
+                span_length = chunk_span(idx, content.blob_size, self._chunk_size(content)).length
+                last_piece_end = ((start + length - 1) // PIECE_SIZE_BYTES + 1) * PIECE_SIZE_BYTES
+                whole = start < PIECE_SIZE_BYTES and last_piece_end >= span_length
             while True:
                 event = self._inflight.get((key, idx))
+                if event is None and not whole and length:
+                    data = await self._fetch_pieces(content, idx, start, length)
+                    if data is not None:
+                        return data
+                    continue  # waited for another reader's pieces, which did not come
                 if event is None:
-                    whole = await self._fetch_chunk(content, idx)
-                    return memoryview(whole)[start : start + length].tobytes()
+                    buffer = await self._fetch_chunk(content, idx)
+                    return memoryview(buffer)[start : start + length].tobytes()
                 await event.wait()
                 data = self._from_memory_or_cache(key, idx, start, length)
                 if data is not None:
                     return data
                 if (key, idx) not in self._inflight:
                     # the fetcher failed or the disk is full: fetch ourselves
-                    whole = await self._fetch_chunk(content, idx)
-                    return memoryview(whole)[start : start + length].tobytes()
+                    buffer = await self._fetch_chunk(content, idx)
+                    return memoryview(buffer)[start : start + length].tobytes()
         finally:
             self.store.unpin(key, idx)
+
+    async def _fetch_pieces(self, content: Content, idx: int, start: int,
+                            length: int) -> bytes | None:
+        """Fetch the pieces of chunk ``idx`` that ``[start, start+length)`` touches, in one
+        range, check them against the verified blob's piece identities if it has them, keep
+        them as a partial chunk, and return the bytes asked for. When some of those pieces
+        are already being fetched, wait for that instead and return what the cache then has
+        (None if it has not: the caller tries again)."""
+        key = content.key
+        first, last = start // PIECE_SIZE_BYTES, (start + length - 1) // PIECE_SIZE_BYTES
+        present = self.store.pieces_present(key, idx)  # fetch none of those again
+        while first < last and present >> first & 1:
+            first += 1
+        while last > first and present >> last & 1:
+            last -= 1
+        wanted = [(key, idx, piece) for piece in range(first, last + 1)]
+        busy = [self._pieces_inflight[entry] for entry in wanted if entry in self._pieces_inflight]
+        if busy:
+            for event in busy:
+                await event.wait()
+            return self._from_memory_or_cache(key, idx, start, length)
+        done = trio.Event()
+        for entry in wanted:
+            self._pieces_inflight[entry] = done
+        try:
+            span = chunk_span(idx, content.blob_size, self._chunk_size(content))
+            at = first * PIECE_SIZE_BYTES
+            buffer = bytearray(min((last + 1) * PIECE_SIZE_BYTES, span.length) - at)
+            await content.registry.fetch_range(content.repository, content.blob_digest,
+                                               content.blob_size, span.start + at,
+                                               memoryview(buffer))
+            expected = self.store.chunk_ids(key, idx) if self.verify is not VerifyMode.OFF else None
+            if expected is not None and piece_ids(buffer) != ids_of_pieces(expected, first,
+                                                                           last - first + 1):
+                reason = (f"pieces {first}-{last} of chunk {idx} from the registry differ from "
+                          "the verified blob's (BLAKE3)")
+                log.error("layer %s: %s", content.blob_digest, reason)
+                raise IntegrityError(f"layer {content.blob_digest}: {reason}")
+            try:
+                self.store.put_pieces(key, idx, span.length, at, buffer)
+            except KitfsError as exc:  # served uncached; a later read fetches them again
+                log.warning("layer %s: pieces of chunk %d not cached: %s", content.blob_digest,
+                            idx, exc)
+            if at <= start and start + length <= at + len(buffer):
+                return memoryview(buffer)[start - at : start - at + length].tobytes()
+            # the rest was cached already (or another reader's, now done): all from the cache
+            return self._from_memory_or_cache(key, idx, start, length)
+        finally:
+            for entry in wanted:
+                del self._pieces_inflight[entry]
+            done.set()
 
     def _still_failed(self, key: str) -> bool:
         state = self.store.blob_state(key)
@@ -405,7 +487,7 @@ class BlobReader:
                 memoryview(buffer),
             )
             hashing = self.verify is not VerifyMode.OFF
-            expected = self.store.chunk_sha256(key, idx) if hashing else None
+            expected = self.store.chunk_ids(key, idx) if hashing else None
             if expected is None:
                 # Nothing to check the chunk against before serving it (eventual mode serves
                 # bytes as they arrive): answer now, hash and store it behind the read.
@@ -420,8 +502,8 @@ class BlobReader:
             prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, buffer, True)
             if actual != expected:
                 self.store.discard(prepared)
-                reason = (f"chunk {idx} from the registry has sha256 {actual}, the verified "
-                          f"blob had {expected}")
+                reason = (f"chunk {idx} from the registry differs from the verified blob's "
+                          "(BLAKE3 of its pieces)")
                 log.error("layer %s: %s", content.blob_digest, reason)
                 raise IntegrityError(f"layer {content.blob_digest}: {reason}")
             self._remember(key, idx, buffer)
@@ -433,7 +515,8 @@ class BlobReader:
 
     async def _store_fetched(self, content: Content, idx: int, buffer: bytearray,
                              hashing: bool) -> None:
-        """A fetched chunk's slow half, after the read it served: its sha256 and xxh3 sums and
+        """A fetched chunk's slow half, after the read it served: its piece identities
+        (BLAKE3), its xxh3 sums and
         its file (in a worker thread, so the trio thread goes on serving reads), its row in the
         cache, then the blob's digest frontier. Until it is stored, ``_storing`` answers for it."""
         try:
@@ -561,10 +644,10 @@ class BlobReader:
                         return
                     data = await self._chunk_slice(content, frontier.next, 0, span.length)
                 known = self._piece_digests.pop((key, frontier.next), None)
-                piece_sha256 = await trio.to_thread.run_sync(_feed, frontier.hasher, data, known)
+                ids = await trio.to_thread.run_sync(_feed, frontier.hasher, data, known)
                 if self._frontiers.get(key) is not frontier:
                     return  # the blob failed or was purged meanwhile
-                frontier.per_chunk.append((frontier.next, piece_sha256))
+                frontier.per_chunk.append((frontier.next, ids))
                 frontier.next += 1
             del self._frontiers[key]
             actual = frontier.hasher.hexdigest()
@@ -576,23 +659,27 @@ class BlobReader:
             log.info("layer %s verified (%d bytes)", content.blob_digest, content.blob_size)
 
     def _read_ahead(self, content: Content, offset: int, length: int, last_idx: int,
-                    end: int) -> None:
+                    end: int) -> bool:
         """Detect sequential streams and keep chunks fetched ahead of them, never past ``end``
         (the end of the file being read): a stream that has read N bytes in order has
         N/4 ahead of it (at least one chunk, at most ``read_ahead_chunks``), so the bytes
-        fetched and never read stay a fraction of those read."""
+        fetched and never read stay a fraction of those read. Returns whether the read
+        belongs to a stream (then it fetches whole chunks); a random reader never starts
+        read-ahead."""
         key = content.key
         chunk = self._chunk_size(content)
         streams = self._streams.setdefault(key, [])
         stream = next((st for st in streams
                        if abs(offset - st.next_offset) <= STREAM_SLACK_BYTES), None)
         if stream is None:
-            stream = _Stream(offset, offset + length)
+            stream = _Stream(offset, offset + length, 0)
             streams.append(stream)
             del streams[:-MAX_STREAMS_PER_CONTENT]
-            if offset != 0:
-                return  # a read somewhere: no read-ahead until it proves sequential
+        earlier_bytes = stream.read_bytes
+        stream.read_bytes += length
         stream.next_offset = max(stream.next_offset, offset + length)
+        if stream.start != 0 and earlier_bytes < SEQUENTIAL_AFTER_BYTES:
+            return False  # a read somewhere: no read-ahead until it proves sequential
         consumed = stream.next_offset - stream.start
         window = min(max(1, consumed // (4 * chunk)), self.read_ahead_chunks)
         last = (end - 1) // chunk
@@ -600,6 +687,7 @@ class BlobReader:
         for idx in range(max(last_idx, stream.ahead) + 1, min(last_idx + 1 + window, last + 1)):
             stream.ahead = idx
             self._start_prefetch(content, idx)
+        return True
 
     def prefetch(self, content: Content, offset: int, length: int) -> None:
         """Start fetching the chunks of ``[offset, offset+length)`` in the background (index
@@ -720,7 +808,7 @@ class BlobReader:
         try:
             chunk = self._register(content)
             diff_hasher = hashlib.sha256()
-            chunk_sha256: list[tuple[int, str]] = []
+            chunk_ids: list[tuple[int, bytes]] = []
             send, receive = trio.open_memory_channel[bytearray | KitfsError](1)
             pipe = _ChunkPipe()
 
@@ -744,7 +832,7 @@ class BlobReader:
 
             def store(idx: int, data: bytes) -> None:  # hashing and writing thread
                 diff_hasher.update(data)
-                chunk_sha256.append((idx, hashlib.sha256(data).hexdigest()))
+                chunk_ids.append((idx, piece_ids(data)))
                 prepared = self.store.prepare(data)
                 trio.from_thread.run_sync(self._store_made, key, idx, data, prepared, job)
 
@@ -767,7 +855,7 @@ class BlobReader:
             if content.diff_id is not None and diff_hasher.hexdigest() != content.diff_id.hex:
                 self._fail(content, f"decompressed content is sha256:{diff_hasher.hexdigest()}, "
                                     f"the config's diffId is {content.diff_id}")
-            self.store.mark_verified(key, chunk_sha256)
+            self.store.mark_verified(key, chunk_ids)
             self.store.mark_stream_verified(key, result.size_bytes)
             job.size = result.size_bytes
             self._keep_checkpoints(content, result)
@@ -822,7 +910,7 @@ class BlobReader:
     async def _remake(self, content: Content, idx: int) -> bytearray | None:
         """Chunk ``idx`` of a verified gzip layer, made again from the checkpoint before it:
         only the compressed bytes between the checkpoints around the chunk are fetched, and
-        the chunk is checked against the sha256 the first pass kept. Concurrent calls for one
+        the chunk is checked against the piece identities the first pass kept. Concurrent calls for one
         chunk share one fetch. None when there is no usable checkpoint index (or the layer
         was never verified): the caller then decompresses the layer from the start, which
         makes a new index.
@@ -853,14 +941,14 @@ class BlobReader:
 
             span = gunzip.SpanBlob(content.blob_size, plan.first_byte, compressed, fetch)
             try:
-                made, actual, prepared = await trio.to_thread.run_sync(
+                made, prepared = await trio.to_thread.run_sync(
                     _remake_in_thread, self.store, span, plan)
             except FormatError as exc:
                 self._drop_checkpoints(content, f"decompressing chunk {idx} from it failed: {exc}")
                 return None
             if prepared is None:
-                reason = (f"chunk {idx} made again from a checkpoint has sha256 {actual}, the "
-                          f"verified layer had {plan.sha256}")
+                reason = (f"chunk {idx} made again from a checkpoint differs from the verified "
+                          "layer's (BLAKE3 of its pieces)")
                 log.error("layer %s: %s", content.blob_digest, reason)
                 raise IntegrityError(f"layer {content.blob_digest}: {reason}")
             data = bytearray(made)
@@ -899,7 +987,7 @@ class BlobReader:
         if state is None or state.verified != 1 or state.size < 0:
             return None
         span = chunk_span(idx, state.size, state.chunk_size)
-        expected = self.store.chunk_sha256(content.key, idx)
+        expected = self.store.chunk_ids(content.key, idx)
         if span.length <= 0 or expected is None:
             return None
         table = self._checkpoint_table(content, state.size)
@@ -1067,7 +1155,7 @@ class _RemakePlan:
 
     start: int  # the chunk's decompressed bytes: [start, start + length)
     length: int
-    sha256: str  # what the verified first pass saw
+    ids: bytes  # the piece identities the verified first pass saw
     first_byte: int  # the compressed bytes to fetch: [first_byte, end_byte)
     end_byte: int
     spacing: int
@@ -1075,12 +1163,11 @@ class _RemakePlan:
 
 
 def _remake_in_thread(store: ChunkStore, span: gunzip.SpanBlob,
-                      plan: _RemakePlan) -> tuple[bytes, str, PreparedChunk | None]:
+                      plan: _RemakePlan) -> tuple[bytes, PreparedChunk | None]:
     """Decompress a chunk from its checkpoint, hash it, and write its cache file if it is the
     verified one (worker thread)."""
     data = gunzip.remake(span, plan.spacing, plan.index, plan.start, plan.length)
-    actual = hashlib.sha256(data).hexdigest()
-    return data, actual, store.prepare(data) if actual == plan.sha256 else None
+    return data, store.prepare(data) if piece_ids(data) == plan.ids else None
 
 
 def _keep_uncached(job: _Job, idx: int, data: bytes, chunk_size_bytes: int) -> None:
@@ -1107,18 +1194,19 @@ def collapse_groups() -> Iterator[None]:
         raise inner from None
 
 
-def _feed(hasher: Any, data: bytes | bytearray, known_sha256: str | None) -> str:
-    """Add ``data`` to the blob's running digest; return the chunk's own sha256 (kept, so a
-    chunk fetched again later is checked on its own), computed unless the fetch already did.
-    Runs in a worker thread: hashlib releases the GIL for large buffers."""
+def _feed(hasher: Any, data: bytes | bytearray, known_ids: bytes | None) -> bytes:
+    """Add ``data`` to the blob's running digest; return the chunk's piece identities (kept,
+    so a chunk fetched again later is checked on its own), computed unless the fetch already
+    did. Runs in a worker thread: hashlib and blake3 release the GIL for large buffers."""
     hasher.update(data)
-    return known_sha256 or hashlib.sha256(data).hexdigest()
+    return known_ids or piece_ids(data)
 
 
-def _prepare(store: ChunkStore, data: bytes | bytearray, hashing: bool) -> tuple[PreparedChunk, str | None]:
-    """A fetched chunk's sha256 (when verifying) and its cache file (worker thread)."""
-    digest = hashlib.sha256(data).hexdigest() if hashing else None
-    return store.prepare(data), digest
+def _prepare(store: ChunkStore, data: bytes | bytearray,
+             hashing: bool) -> tuple[PreparedChunk, bytes | None]:
+    """A fetched chunk's piece identities (when verifying) and its cache file (worker thread)."""
+    ids = piece_ids(data) if hashing else None
+    return store.prepare(data), ids
 
 
 def _zstd_decompressor() -> Callable[[bytes | None], bytes]:
