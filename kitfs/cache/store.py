@@ -64,6 +64,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import struct
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -87,6 +88,7 @@ from kitfs.errors import CacheError
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE_BYTES = 64 * 1024  # checksum granularity: a 4 KiB read checks at most 2 blocks
+_SUM = struct.Struct("<Q")  # one block's xxh3 in a row's ``xxh3`` column
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How many chunk reads to remember before writing their access times to the database.
 _ACCESS_FLUSH_EVERY = 256
@@ -977,9 +979,11 @@ def _read_checked(path: Path, file_length: int, sums: bytes, offset: int, length
     view = memoryview(data)  # slices of a view copy nothing
     for block in range(first_block, last_block + 1):
         at = (block - first_block) * BLOCK_SIZE_BYTES
-        piece = view[at : at + BLOCK_SIZE_BYTES]
-        if xxhash.xxh3_64_digest(piece)[::-1] != sums[block * 8 : block * 8 + 8]:
+        expected = _SUM.unpack_from(sums, block * 8)[0]
+        if xxhash.xxh3_64_intdigest(view[at : at + BLOCK_SIZE_BYTES]) != expected:
             raise _Damaged(f"block {block} fails its xxh3 checksum")
+    if offset == start and end == stop:
+        return data
     return data[offset - start : end - start]
 
 
