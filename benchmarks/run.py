@@ -33,11 +33,14 @@ from typing import Any
 
 from common import REPO_ROOT, GiB, git_info, log, machine_info, snapshot_kitfs
 from kits import Blob, Kit, Sizes, build_and_push
+from remote import remote_profile
 from report import charts, profile_markdown, results_tables, targets, targets_table
-from workloads import WORKLOADS, Bench, profile_find, profile_seq, summarise_collapsed
+from workloads import WORKLOADS as LOCAL_WORKLOADS
+from workloads import Bench, profile_find, profile_seq, summarise_collapsed
 
 from kitfs.sample import Registry
 
+WORKLOADS = {**LOCAL_WORKLOADS, "remote": remote_profile}
 README = Path(__file__).resolve().parent / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
