@@ -263,7 +263,7 @@ def profile_markdown(profile: dict[str, Any], top: int = 12, what: str = "",
 
 _COLOURS = {"kitfs": "#1f77b4", "curl→/dev/null": "#7f7f7f", "curl→file": "#555555",
             "local file": "#2ca02c", "pull+untar": "#d62728", "curl|tar": "#ff9896",
-            "ratarmount (HTTP)": "#9467bd"}
+            "ratarmount (HTTP)": "#9467bd", "verifying floor": "#bcbd22", "pyfuse3 pass-through": "#17becf"}
 
 
 def _bar_chart(path: Path, items: list[tuple[str, str, float]], title: str, xlabel: str,
@@ -338,6 +338,11 @@ def charts(results: Results, out_dir: Path) -> list[str]:
     reads += [(s, f"{v} p99", x) for s, v, x in _items(results, "gzip", "p99_ms")]
     reads += [(s, v, x) for s, v, x in _items(results, "gzip", "first_byte_ms") if s == "kitfs"]
     bar("gzip-reads.png", reads, "gzip layer: 1 MiB reads after the first pass", "ms, log scale", log=True)
+    bar("remote.png", _items(results, "remote", "mb_s"),
+        "Remote profile (+20 ms per answer, 100 MB/s link): whole reads", "MB/s (higher is better)")
+    bar("remote-latency.png", [(s, f"{v} p50", x) for s, v, x in _items(results, "remote", "p50_ms")]
+        + [(s, f"{v} p99", x) for s, v, x in _items(results, "remote", "p99_ms")],
+        "Remote profile: 4 KiB reads", "ms (lower is better)")
 
     conc = [r for r in results if r["workload"] == "concurrent" and "one file" not in r["variant"]]
     if conc:
