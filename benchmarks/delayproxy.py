@@ -21,10 +21,9 @@ import argparse
 import ctypes
 import os
 import socket
-import sys
 import threading
 import time
-from typing import BinaryIO
+from io import BufferedReader
 
 CLONE_NEWNET = 0x40000000
 RELAY_BYTES = 1 << 20
@@ -53,9 +52,9 @@ def listen_in(netns: str | None) -> socket.socket:
         os.close(target)
 
 
-def read_head(stream: BinaryIO) -> bytes | None:
+def read_head(stream: BufferedReader) -> bytes | None:
     """The request or status line and headers, up to the blank line; None at a clean EOF."""
-    lines = []
+    lines: list[bytes] = []
     while True:
         line = stream.readline(65536)
         if not line:
@@ -75,7 +74,7 @@ def header(head: bytes, name: bytes) -> bytes | None:
     return None
 
 
-def copy_exact(source: BinaryIO, sink: socket.socket, size_bytes: int, buffer: memoryview) -> None:
+def copy_exact(source: BufferedReader, sink: socket.socket, size_bytes: int, buffer: memoryview) -> None:
     left = size_bytes
     while left:
         n = source.readinto(buffer[: min(left, len(buffer))])
@@ -85,7 +84,7 @@ def copy_exact(source: BinaryIO, sink: socket.socket, size_bytes: int, buffer: m
         left -= n
 
 
-def copy_chunked(source: BinaryIO, sink: socket.socket, buffer: memoryview) -> None:
+def copy_chunked(source: BufferedReader, sink: socket.socket, buffer: memoryview) -> None:
     while True:
         line = source.readline(1024)
         sink.sendall(line)
@@ -155,4 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
