@@ -11,6 +11,7 @@ import io
 import os
 import platform
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -141,6 +142,19 @@ def random_offsets(size_bytes: int, block_bytes: int, count: int, seed: int) -> 
     return [rng.randint(0, last_block) * block_bytes for _ in range(count)]
 
 
+def isolated_offsets(size_bytes: int, count: int, seed: int, block_bytes: int = 4096) -> list[int]:
+    """``count`` block-aligned offsets, one in the middle half of each of ``count`` equal slots
+    of the file, in shuffled order: neighbours are at least half a slot apart, so no read can be
+    served by what an earlier one fetched (unless a fetch spans half a slot), and the order does
+    not look sequential."""
+    rng = random.Random(seed)
+    slot = size_bytes // count
+    offsets = [(i * slot + rng.randint(slot // 4, 3 * slot // 4 - block_bytes)) // block_bytes * block_bytes
+               for i in range(count)]
+    rng.shuffle(offsets)
+    return offsets
+
+
 def random_reads(path: Path, offsets: list[int], block_bytes: int) -> dict[str, float]:
     """os.pread of ``block_bytes`` at each offset, one after another; latency per read."""
     latencies_s = []
@@ -185,6 +199,76 @@ def find_stat(directory: Path) -> dict[str, float]:
 
 
 # --- processes and files ------------------------------------------------------------------
+
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+CPU_SETTLE_S = 5.0  # how long a meter waits at most for its processes to go idle
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (``/proc/PID/stat`` utime and
+    stime); 0.0 once it has exited."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    fields = text.rpartition(")")[2].split()  # fields[0] is field 3 (state) of proc(5)
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+def children_cpu_s() -> float:
+    """User + system CPU seconds of this process's children that have been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds used while a block runs, per name: processes by PID (``/proc``), and
+    optionally this process's children waited for meanwhile (``getrusage(RUSAGE_CHILDREN)``:
+    curl, tar) under ``children_as``.
+
+    After the block it waits (up to ``CPU_SETTLE_S``) until the processes stop using CPU, so
+    work a daemon finishes after the last read returned (hashing, writing chunks) is counted.
+    ``fields(size_bytes)`` gives ``{name}_s`` and ``{name}_s_per_gib`` for each name.
+    """
+
+    def __init__(self, pids: dict[str, int], children_as: str | None = None) -> None:
+        self.pids = {name: pid for name, pid in pids.items() if pid}
+        self.children_as = children_as
+        self.cpu_s: dict[str, float] = {}
+        self._start: dict[str, float] = {}
+        self._children_start = 0.0
+
+    def _now(self) -> dict[str, float]:
+        return {name: process_cpu_s(pid) for name, pid in self.pids.items()}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._now()
+        self._children_start = children_cpu_s()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        deadline = time.monotonic() + CPU_SETTLE_S
+        now = self._now()
+        while self.pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            later = self._now()
+            settled = sum(later.values()) - sum(now.values()) <= 2 / CLOCK_TICKS_PER_S
+            now = later
+            if settled:
+                break
+        self.cpu_s = {name: max(0.0, now[name] - self._start[name]) for name in self.pids}
+        if self.children_as:
+            self.cpu_s[self.children_as] = children_cpu_s() - self._children_start
+
+    def fields(self, size_bytes: float | None) -> dict[str, float]:
+        out = {}
+        for name, seconds in self.cpu_s.items():
+            out[f"{name}_s"] = seconds
+            if size_bytes:
+                out[f"{name}_s_per_gib"] = seconds / (size_bytes / GiB)
+        return out
+
 
 
 def vm_hwm_bytes(pid: int) -> int:

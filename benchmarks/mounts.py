@@ -1,6 +1,7 @@
-"""Mounts the benchmarks read through: a real ``kitfs mount`` and the ratarmount peer.
+"""Mounts the benchmarks read through: a real ``kitfs mount``, the ratarmount peer and the
+minimal pyfuse3 pass-through (benchmarks/passfs.py, the ceiling of a pyfuse3 filesystem).
 
-Both are context managers that always unmount (``kitfs umount``, else ``fusermount3 -u``) and
+All are context managers that always unmount (``kitfs umount``, else ``fusermount3 -u``) and
 wait for their own daemon, by PID, to exit. A daemon that will not exit is killed by its PID.
 """
 
@@ -46,10 +47,13 @@ class KitfsMount:
     start of the run, not from the editable install, whose files may change meanwhile.
 
     ``pid`` comes from ``kitfs status --json``; ``mount_s`` is how long ``kitfs mount`` took.
+    ``prefix`` goes before the mount command (``nsenter --net=…``: the daemon then lives in
+    that network namespace).
     """
 
     def __init__(self, reference: str, mountpoint: Path, cache_dir: Path, runtime_dir: Path,
-                 log_file: Path, src_dir: Path, extra_args: tuple[str, ...] = ()) -> None:
+                 log_file: Path, src_dir: Path, extra_args: tuple[str, ...] = (),
+                 prefix: tuple[str, ...] = ()) -> None:
         self.src_dir = src_dir  # the snapshot of the kitfs package this run measures
         self.reference = reference
         self.path = mountpoint
@@ -57,6 +61,7 @@ class KitfsMount:
         self.runtime_dir = runtime_dir
         self.log_file = log_file
         self.extra_args = extra_args
+        self.prefix = prefix
         self.pid = 0
         self.mount_s = 0.0
 
@@ -67,9 +72,9 @@ class KitfsMount:
         self.path.mkdir(parents=True, exist_ok=True)
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        run_quiet([*KITFS, "mount", self.reference, str(self.path), "--cache-dir", str(self.cache_dir),
-                   "--log-file", str(self.log_file), *self.extra_args], env=self.env(), cwd=self.src_dir,
-                  timeout=300)
+        run_quiet([*self.prefix, *KITFS, "mount", self.reference, str(self.path),
+                   "--cache-dir", str(self.cache_dir), "--log-file", str(self.log_file), *self.extra_args],
+                  env=self.env(), cwd=self.src_dir, timeout=300)
         self.mount_s = time.perf_counter() - start
         self.pid = self._daemon_pid()
         return self
@@ -151,6 +156,10 @@ class Ratarmount:
         self.mount_s = time.perf_counter() - start
         return self
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process else 0
+
     def peak_rss_bytes(self) -> int:
         return vm_hwm_bytes(self.process.pid) if self.process and self.process.poll() is None else 0
 
@@ -168,5 +177,66 @@ class Ratarmount:
                 except subprocess.TimeoutExpired:
                     self.process.kill()
                     self.process.wait()
+            self.process = None
+        force_unmount(self.path)
+
+
+def set_read_ahead(mountpoint: Path, read_ahead_kb: int) -> None:
+    """Set the read-ahead of the mount's backing device info (root only), as kitfs does."""
+    device = os.stat(mountpoint).st_dev
+    Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb").write_text(
+        f"{read_ahead_kb}\n")
+
+
+class Passthrough:
+    """``benchmarks/passfs.py BACKING DIR`` as a child process, read-ahead raised to 1 MiB as
+    kitfs raises its own; the file is ``DIR/file``. ``pid`` is the filesystem's process."""
+
+    READ_AHEAD_KB = 1024
+
+    def __init__(self, backing: Path, mountpoint: Path, log_file: Path) -> None:
+        self.backing = backing
+        self.path = mountpoint
+        self.file = mountpoint / "file"
+        self.log_file = log_file
+        self.process: subprocess.Popen[bytes] | None = None
+        self.pid = 0
+
+    def __enter__(self) -> Passthrough:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log_stream:
+            self.process = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("passfs.py")), str(self.backing),
+                 str(self.path)], stdin=subprocess.DEVNULL, stdout=log_stream, stderr=log_stream,
+                start_new_session=True)
+        self.pid = self.process.pid
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"passfs exited {self.process.returncode}: "
+                                   f"{self.log_file.read_text(errors='replace')[-1500:]}")
+            if (mounted_fstype(self.path) or "").startswith("fuse"):
+                try:
+                    self.file.stat()
+                    break
+                except OSError:
+                    pass
+            time.sleep(0.01)
+        else:
+            self.__exit__(None, None, None)
+            raise RuntimeError("passfs did not mount within 30 s")
+        set_read_ahead(self.path, self.READ_AHEAD_KB)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if mounted_fstype(self.path) is not None:
+            subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True, check=False)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=EXIT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
             self.process = None
         force_unmount(self.path)

@@ -1,11 +1,12 @@
-"""Run the kitfs benchmark suite (issue #4) and write its results.
+"""Run the kitfs benchmark suite (issues #4 and #10) and write its results.
 
     .venv/bin/python benchmarks/run.py [--quick] [--out DIR] [--only seq,find] [--repeat N]
 
 Starts the CNCF distribution registry (``/usr/bin/docker-registry``) on a free loopback port
 in a temporary directory under /var/tmp, generates and pushes the benchmark ModelKit
 (benchmarks/kits.py), runs every workload through a real ``kitfs mount`` beside the physical
-limit, a full pull + untar and ratarmount over HTTP (benchmarks/workloads.py), profiles one
+limit, a full pull + untar and ratarmount over HTTP (benchmarks/workloads.py), on the
+remote-registry profile (benchmarks/remote.py), with the CPU each spends per GiB, profiles one
 cold sequential read with py-spy, and writes to ``--out``:
 
 - ``run-<UTC time>.json``: git sha, machine, config, every run of every measurement, the
@@ -33,11 +34,14 @@ from typing import Any
 
 from common import REPO_ROOT, GiB, git_info, log, machine_info, snapshot_kitfs
 from kits import Blob, Kit, Sizes, build_and_push
+from remote import remote_profile
 from report import charts, profile_markdown, results_tables, targets, targets_table
-from workloads import WORKLOADS, Bench, profile_find, profile_seq, summarise_collapsed
+from workloads import WORKLOADS as LOCAL_WORKLOADS
+from workloads import Bench, profile_find, profile_seq, summarise_collapsed
 
 from kitfs.sample import Registry
 
+WORKLOADS = {**LOCAL_WORKLOADS, "remote": remote_profile}
 README = Path(__file__).resolve().parent / "README.md"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed_s = time.perf_counter() - t0
 
     record = {
-        "schema": 1,
+        "schema": 2,  # 2: CPU per GiB, floor, pass-through, isolated reads, remote; 1 is still read
         "started_utc": started,
         "elapsed_s": elapsed_s,
         "git": git_info(),

@@ -4,16 +4,22 @@ Every workload appends result records to ``Bench.results``::
 
     {"workload": "seq", "system": "kitfs", "variant": "cold", "runs": [{...}, ...], "median": {...}}
 
-``system`` is one of: ``kitfs``; the limits ``curl→/dev/null``, ``curl→file``, ``local file``;
+``system`` is one of: ``kitfs``; the limits ``curl→/dev/null``, ``curl→file``, ``local file``,
+``verifying floor`` (benchmarks/floor.py) and ``pyfuse3 pass-through`` (benchmarks/passfs.py);
 what users do today, ``pull+untar`` (curl the blob to a file, then ``tar -x``, as ``kit unpack``
 does) and ``curl|tar`` (streamed); the peer ``ratarmount (HTTP)``.
 Every timing is repeated ``Bench.repeat`` times (fresh kitfs cache for each cold run) and the
 median is reported. "Cold" means: fresh cache and mount, then ``sync; echo 3 > drop_caches``;
 the registry's own blob file is cold too, for kitfs and for the comparisons alike.
+
+Next to every throughput figure is the CPU it cost (``Bench.metered``): ``cpu_s`` and
+``cpu_s_per_gib`` of the row's own process (the kitfs daemon, curl, ratarmount, the floor, the
+pass-through) and ``registry_cpu_s(_per_gib)`` of the registry, which shares the two cores.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -24,27 +30,35 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    CpuMeter,
+    GiB,
     MiB,
     Sampler,
     drop_caches,
     find_stat,
     first_data_watch,
+    isolated_offsets,
     log,
     mb_per_s,
     medians,
     open_to_first_byte,
+    percentile,
     random_offsets,
     random_reads,
     read_many_concurrently,
     read_sequential,
+    run_quiet,
     tree_bytes,
 )
 from kits import Blob, Kit, remove
-from mounts import KitfsMount, Ratarmount
+from mounts import KitfsMount, Passthrough, Ratarmount
 
 from kitfs.sample import Registry
 
 RATARMOUNT = "ratarmount (HTTP)"
+FLOOR = "verifying floor"
+PASSTHROUGH = "pyfuse3 pass-through"
+ISOLATED_READS = 50  # isolated random reads per run, fewer on a small file (one per 16 MiB)
 
 
 @dataclass
@@ -75,11 +89,24 @@ class Bench:
         cache.mkdir(parents=True)
         return cache
 
-    def kitfs(self, cache: Path, *extra_args: str, name: str = "mnt") -> KitfsMount:
+    def kitfs(self, cache: Path, *extra_args: str, name: str = "mnt", reference: str = "",
+              prefix: tuple[str, ...] = ()) -> KitfsMount:
+        """A ``kitfs mount`` of the kit (or of ``reference``), its command after ``prefix``."""
         self._serial += 1
-        return KitfsMount(self.kit.reference, self.scratch / name, cache, self.scratch / "run",
+        return KitfsMount(reference or self.kit.reference, self.scratch / name, cache, self.scratch / "run",
                           self.scratch / "logs" / f"kitfs-{self._serial:03d}-{name}.log", self.kitfs_src,
-                          extra_args)
+                          extra_args, prefix)
+
+    def metered(self, body: Callable[[], dict[str, Any]], *, pid: int = 0, children: bool = False,
+                size_key: str = "size_bytes", **other_pids: int) -> dict[str, Any]:
+        """``body()``'s result plus the CPU it cost (``CpuMeter``): ``cpu_s``/``cpu_s_per_gib``
+        of the row's own process (``pid``, or the children waited for meanwhile: curl, tar),
+        ``registry_cpu_s``/``…_per_gib``, and ``{name}_s``/``…_per_gib`` per ``other_pids``."""
+        registry_pid = self.registry.process.pid if self.registry.process else 0
+        with CpuMeter({"cpu": pid, "registry_cpu": registry_pid, **other_pids},
+                      "cpu" if children else None) as meter:
+            result = body()
+        return result | meter.fields(result.get(size_key))
 
     def ratarmount(self, blob: Blob, index_dir: Path, name: str = "rmnt") -> Ratarmount:
         self._serial += 1
@@ -106,7 +133,9 @@ class Bench:
         self.results.append(entry)
         m = entry["median"]
         shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("mb_s", "elapsed_s", "first_byte_ms", "p50_ms",
-                                                       "p99_ms", "fetch_ratio", "peak_rss_mib")
+                                                       "p99_ms", "fetch_ratio", "fetched_per_read_kib",
+                                                       "cpu_s_per_gib", "registry_cpu_s_per_gib",
+                                                       "peak_rss_mib")
                           if isinstance(m.get(k), float))
         log(f"  {workload:<12} {system:<18} {variant:<22} {shown}")
 
@@ -137,14 +166,31 @@ class Bench:
 # --- limits and what users do today ---------------------------------------------------------
 
 
-def curl_to(url: str, out: Path | str) -> dict[str, float]:
-    """``curl -o OUT URL``, timed by curl itself (time_total, time_starttransfer)."""
-    done = subprocess.run(["curl", "-sSf", "-o", str(out), "-w",
+def curl_to(url: str, out: Path | str, prefix: tuple[str, ...] = ()) -> dict[str, float]:
+    """``curl -o OUT URL`` (after ``prefix``), timed by curl itself (time_total, time_starttransfer)."""
+    done = subprocess.run([*prefix, "curl", "-sSf", "-o", str(out), "-w",
                            "%{time_total} %{size_download} %{time_starttransfer}", url],
                           capture_output=True, text=True, check=True)
     total_s, size, first_s = done.stdout.split()
     return {"elapsed_s": float(total_s), "size_bytes": int(size), "first_byte_ms": float(first_s) * 1e3,
             "mb_s": mb_per_s(int(size), float(total_s))}
+
+
+def curl_ranges(url: str, offsets: list[int], size_bytes: int,
+                prefix: tuple[str, ...] = ()) -> dict[str, float]:
+    """One curl (after ``prefix``) fetching the range of ``size_bytes`` at each offset, one after
+    another on one keep-alive connection (``--next``); latency per range from curl's
+    ``time_total``, which also holds the first one's connect."""
+    args = [*prefix, "curl", "-sSf"]
+    for i, offset in enumerate(offsets):
+        args += [*(["--next"] if i else []), "-r", f"{offset}-{offset + size_bytes - 1}", "-o", "/dev/null",
+                 "-w", "%{time_total} %{size_download} %{num_connects}\n", url]
+    done = subprocess.run(args, capture_output=True, text=True, check=True)
+    rows = [line.split() for line in done.stdout.splitlines()]
+    latencies_ms = [float(total_s) * 1e3 for total_s, _, _ in rows]
+    return {"reads": len(rows), "block_bytes": size_bytes, "size_bytes": sum(int(n) for _, n, _ in rows),
+            "connects": sum(int(c) for _, _, c in rows), "p50_ms": percentile(latencies_ms, 50),
+            "p99_ms": percentile(latencies_ms, 99), "mean_ms": sum(latencies_ms) / len(latencies_ms)}
 
 
 def curl_parallel(urls: list[str]) -> dict[str, float]:
@@ -201,7 +247,7 @@ def _limits(b: Bench, workload: str, blob: Blob, local_file: Path | None) -> Non
         runs = []
         for _ in range(b.repeat):
             drop_caches()
-            runs.append(curl_to(url, "/dev/null"))
+            runs.append(b.metered(lambda: curl_to(url, "/dev/null"), children=True))
         b.record(workload, "curl→/dev/null", "cold registry", runs)
 
     def curl_file() -> None:
@@ -209,7 +255,7 @@ def _limits(b: Bench, workload: str, blob: Blob, local_file: Path | None) -> Non
         for _ in range(b.repeat):
             out = b.path("curl.out")
             drop_caches()
-            runs.append(curl_to(url, out))
+            runs.append(b.metered(lambda out=out: curl_to(url, out), children=True))
             remove(out)
         b.record(workload, "curl→file", "cache's filesystem", runs)
 
@@ -229,8 +275,10 @@ def _users(b: Bench, workload: str, blob: Blob, wanted: str, *, gzip: bool) -> N
                 out_dir, blob_file = b.path("untar"), b.path("pulled.blob")
                 drop_caches()
                 try:
-                    runs.append(pull_untar(url, out_dir, wanted, gzip=gzip, streamed=streamed,
-                                           blob_file=blob_file))
+                    runs.append(b.metered(
+                        lambda out_dir=out_dir, blob_file=blob_file, streamed=streamed: pull_untar(
+                            url, out_dir, wanted, gzip=gzip, streamed=streamed, blob_file=blob_file),
+                        children=True, size_key="wanted_bytes"))
                 finally:
                     remove(out_dir)
                     remove(blob_file)
@@ -258,7 +306,7 @@ def seq(b: Bench) -> None:
                     if drop:
                         drop_caches()
                     mark = b.mark()
-                    r = read_sequential(target).as_dict()
+                    r = b.metered(lambda target=target: read_sequential(target).as_dict(), pid=m.pid)
                     r |= b.fetched(mark, r["size_bytes"])
                     r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
                     r["mount_s"] = m.mount_s
@@ -275,7 +323,7 @@ def seq(b: Bench) -> None:
             with b.kitfs(b.fresh_cache(), "--verify", "off") as m:
                 drop_caches()
                 mark = b.mark()
-                r = read_sequential(m.path / kit.model_path).as_dict()
+                r = b.metered(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(), pid=m.pid)
                 r |= b.fetched(mark, r["size_bytes"])
                 runs.append(r | {"peak_rss_mib": m.peak_rss_bytes() / MiB})
         b.record(w, "kitfs", "cold, --verify off (diagnostic)", runs)
@@ -286,7 +334,8 @@ def seq(b: Bench) -> None:
             with b.ratarmount(kit.model, b.path("rindex")) as m:
                 drop_caches()
                 mark = b.mark()
-                r = read_sequential(m.path / kit.model_path).as_dict()
+                r = b.metered(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
+                              pid=m.pid)
                 r |= b.fetched(mark, r["size_bytes"])
                 r["mount_s"] = m.mount_s
                 r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
@@ -296,6 +345,42 @@ def seq(b: Bench) -> None:
     b.guarded(w, "kitfs", kitfs)
     b.guarded(w, "kitfs --verify off", kitfs_verify_off)
     b.guarded(w, RATARMOUNT, peer)
+    b.guarded(w, FLOOR, lambda: verifying_floor(b, w, kit.model))
+    b.guarded(w, PASSTHROUGH, lambda: passthrough(b, w, kit.local["model"]))
+
+
+def verifying_floor(b: Bench, workload: str, blob: Blob) -> None:
+    """benchmarks/floor.py on ``blob`` after the page cache is dropped: the fastest verified
+    cold read in pure Python here (2 workers, 4 MiB ranges, one SHA-256, pwrite to a file next
+    to the kitfs caches). Its CPU is its own (``os.times`` around the pipeline)."""
+    runs = []
+    for _ in range(b.repeat):
+        cache_file = b.path("floor.cache")
+        drop_caches()
+        done = b.metered(lambda cache_file=cache_file: json.loads(run_quiet(
+            [sys.executable, str(Path(__file__).with_name("floor.py")), b.kit.blob_url(blob),
+             str(blob.size_bytes), str(cache_file), "--workers", "2"]).stdout))
+        remove(cache_file)
+        if done["digest"] != blob.digest:
+            raise RuntimeError(f"floor read {done['digest']}, the blob is {blob.digest}")
+        cpu_s = done.pop("cpu_s")  # the pipeline's own, without the interpreter's start
+        runs.append(done | {"cpu_s": cpu_s, "cpu_s_per_gib": cpu_s / (blob.size_bytes / GiB),
+                            "mb_s": mb_per_s(blob.size_bytes, done["elapsed_s"])})
+    b.record(workload, FLOOR, "cold, 2 workers, sha256 + pwrite", runs)
+
+
+def passthrough(b: Bench, workload: str, local_file: Path) -> None:
+    """benchmarks/passfs.py over the local copy (read-ahead 1 MiB): a sequential read with the
+    page cache dropped, then again from the page cache; the CPU of its process."""
+    cold, page = [], []
+    for _ in range(b.repeat):
+        with Passthrough(local_file, b.scratch / "pmnt", b.scratch / "logs" / "passfs.log") as m:
+            for runs, drop in ((cold, True), (page, False)):
+                if drop:
+                    drop_caches()
+                runs.append(b.metered(lambda m=m: read_sequential(m.file).as_dict(), pid=m.pid))
+    b.record(workload, PASSTHROUGH, "page cache dropped", cold)
+    b.record(workload, PASSTHROUGH, "page cache warm", page)
 
 
 def quota(b: Bench) -> None:
@@ -314,7 +399,8 @@ def quota(b: Bench) -> None:
                 chunks_dir = cache / "chunks"
                 with Sampler(lambda d=chunks_dir: tree_bytes(d), 0.1) as chunks, \
                         Sampler(lambda d=cache: tree_bytes(d), 0.1) as whole:
-                    r = read_sequential(m.path / kit.model_path).as_dict()
+                    r = b.metered(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
+                                  pid=m.pid)
                 r |= b.fetched(mark, r["size_bytes"])
                 r |= {"quota_bytes": b.quota_bytes, "peak_chunks_bytes": chunks.maximum,
                       "peak_cache_dir_bytes": whole.maximum, "samples": chunks.samples,
@@ -411,7 +497,8 @@ def random_io(b: Bench) -> None:
                         if drop:
                             drop_caches()
                         mark = b.mark()
-                        r = random_reads(target, offsets, block)
+                        r = b.metered(lambda target=target, offsets=offsets, block=block: random_reads(
+                            target, offsets, block), pid=m.pid)
                         r |= b.fetched(mark, r["size_bytes"])
                         r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
                         runs.append(r)
@@ -436,13 +523,49 @@ def random_io(b: Bench) -> None:
                     target.stat()
                     drop_caches()
                     mark = b.mark()
-                    r = random_reads(target, offsets, block)
+                    r = b.metered(lambda target=target, offsets=offsets, block=block: random_reads(
+                        target, offsets, block), pid=m.pid)
                     runs.append(r | b.fetched(mark, r["size_bytes"]))
             b.record(f"random-{label}", RATARMOUNT, "cold", runs)
 
         b.guarded(f"random-{label}", "kitfs", kitfs)
         b.guarded(f"random-{label}", "local file", local)
         b.guarded(f"random-{label}", RATARMOUNT, peer)
+    isolated_reads(b, "random-4KiB", b.kitfs, kit.blob_url(kit.model))
+
+
+def isolated_reads(b: Bench, workload: str, mount: Callable[[Path], KitfsMount], url: str,
+                   prefix: tuple[str, ...] = ()) -> None:
+    """Isolated 4 KiB reads of the model file, cold: a fresh cache, the layer indexed, the page
+    cache dropped, then one read in each of ``ISOLATED_READS`` equal slots of the file (at most
+    one per 16 MiB) in shuffled order, so none is served by what another fetched: bytes fetched
+    per read (the registry's log), p50/p99; against one curl (after ``prefix``) of the same
+    4 KiB ranges on one keep-alive connection, page cache dropped."""
+    size = b.kit.local["model"].stat().st_size
+    offsets = isolated_offsets(size, max(2, min(ISOLATED_READS, size // (16 * MiB))), seed=43)
+
+    def kitfs() -> None:
+        runs = []
+        for _ in range(b.repeat):
+            with mount(b.fresh_cache()) as m:
+                target = m.path / b.kit.model_path
+                target.stat()  # index the layer first: this measures the reads
+                drop_caches()
+                mark = b.mark()
+                r = b.metered(lambda target=target: random_reads(target, offsets, 4096), pid=m.pid)
+                r |= b.fetched(mark, r["size_bytes"])
+                runs.append(r | {"fetched_per_read_kib": r["fetched_bytes"] / len(offsets) / 1024})
+        b.record(workload, "kitfs", "isolated reads, cold", runs)
+
+    def curl() -> None:
+        runs = []
+        for _ in range(b.repeat):
+            drop_caches()
+            runs.append(curl_ranges(url, offsets, 4096, prefix))
+        b.record(workload, "curl→/dev/null", "same 4 KiB ranges, keep-alive", runs)
+
+    b.guarded(workload, "kitfs isolated", kitfs)
+    b.guarded(workload, "curl ranges", curl)
 
 
 def find_dataset(b: Bench) -> None:
@@ -458,7 +581,7 @@ def find_dataset(b: Bench) -> None:
             with b.kitfs(cache) as m:
                 drop_caches()
                 mark = b.mark()
-                r = find_stat(m.path / kit.dataset_path)
+                r = b.metered(lambda m=m: find_stat(m.path / kit.dataset_path), pid=m.pid)
                 r |= b.fetched(mark, kit.dataset.size_bytes)
                 r |= {"mount_s": m.mount_s, "peak_rss_mib": m.peak_rss_bytes() / MiB}
                 first.append(r)
@@ -468,7 +591,7 @@ def find_dataset(b: Bench) -> None:
             with b.kitfs(cache) as m:
                 drop_caches()
                 mark = b.mark()
-                r = find_stat(m.path / kit.dataset_path)
+                r = b.metered(lambda m=m: find_stat(m.path / kit.dataset_path), pid=m.pid)
                 r |= b.fetched(mark, kit.dataset.size_bytes)
                 r |= {"mount_s": m.mount_s, "peak_rss_mib": m.peak_rss_bytes() / MiB}
                 remount.append(r)
@@ -543,7 +666,7 @@ def safetensors(b: Bench) -> None:
                     if drop:
                         drop_caches()
                     mark = b.mark()
-                    r = load_safetensors(m.path / kit.model_path)
+                    r = b.metered(lambda m=m: load_safetensors(m.path / kit.model_path), pid=m.pid)
                     r |= b.fetched(mark, r["size_bytes"])
                     r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
                     runs.append(r)
@@ -570,7 +693,7 @@ def concurrent(b: Bench) -> None:
                     paths = [m.path / kit.part_path(i) for i in range(n)]
                     drop_caches()
                     mark = b.mark()  # each reader's open() indexes its layer: counted and timed
-                    r = read_many_concurrently(paths)
+                    r = b.metered(lambda paths=paths: read_many_concurrently(paths), pid=m.pid)
                     r |= b.fetched(mark, r["size_bytes"])
                     r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
                     runs.append(r)
@@ -580,7 +703,8 @@ def concurrent(b: Bench) -> None:
             curl_runs, local_runs = [], []
             for _ in range(b.repeat):
                 drop_caches()
-                curl_runs.append(curl_parallel([kit.blob_url(kit.parts[i]) for i in range(n)]))
+                curl_runs.append(b.metered(lambda n=n: curl_parallel([kit.blob_url(kit.parts[i])
+                                                                      for i in range(n)]), children=True))
                 drop_caches()
                 local_runs.append(read_many_concurrently([kit.local[f"part-{i}"] for i in range(n)]))
             b.record(w, "curl→/dev/null", f"{n} readers", curl_runs, readers=n)
@@ -588,6 +712,21 @@ def concurrent(b: Bench) -> None:
 
         b.guarded(w, "kitfs", kitfs)
         b.guarded(w, "limits", limits)
+
+    def one_file() -> None:
+        """4 readers of the same file at once: every fetch should be shared (fetched ÷ file)."""
+        runs = []
+        for _ in range(b.repeat):
+            with b.kitfs(b.fresh_cache()) as m:
+                path = m.path / kit.part_path(0)
+                drop_caches()
+                mark = b.mark()
+                r = b.metered(lambda path=path: read_many_concurrently([path] * 4), pid=m.pid)
+                runs.append(r | b.fetched(mark, kit.parts[0].size_bytes)
+                            | {"peak_rss_mib": m.peak_rss_bytes() / MiB})
+        b.record(w, "kitfs", "4 readers of one file, cold", runs, readers=4)
+
+    b.guarded(w, "kitfs one file", one_file)
 
 
 def raw_layer(b: Bench) -> None:
@@ -604,7 +743,7 @@ def raw_layer(b: Bench) -> None:
                     if drop:
                         drop_caches()
                     mark = b.mark()
-                    r = read_sequential(m.path / kit.raw_path).as_dict()
+                    r = b.metered(lambda m=m: read_sequential(m.path / kit.raw_path).as_dict(), pid=m.pid)
                     runs.append(r | b.fetched(mark, r["size_bytes"]))
         b.record(w, "kitfs", "cold", cold)
         b.record(w, "kitfs", "disk cache, page cache dropped", disk)
@@ -643,7 +782,7 @@ def gzip_layer(b: Bench) -> None:
             with b.kitfs(cache) as m:
                 drop_caches()
                 mark = b.mark()
-                r = read_sequential(m.path / last).as_dict()
+                r = b.metered(lambda m=m: read_sequential(m.path / last).as_dict(), pid=m.pid)
                 first_pass.append(r | b.fetched(mark, r["size_bytes"]))
                 drop_caches()
                 mark = b.mark()
