@@ -186,6 +186,7 @@ def status_record(options: MountOptions, kit: ModelKit, session: KitSession,
         "bytes_served": served,
         "reads": fs.counters.reads,
         "errors": fs.counters.errors,
+        "requests": fs.counters.requests,  # FUSE requests answered (every operation)
         # chunk accesses (of uncompressed layers) answered from the cache; None before any
         "cache_hit_ratio": session.reader.stats.hit_ratio,
         "blobs": blobs,

@@ -12,7 +12,11 @@ only what is FUSE-specific:
   ``FUSEError``, so every handler is wrapped. A ``KitfsError`` becomes its class's errno
   (``kitfs.errors``), an ``OSError`` its own errno, and anything else is logged with its
   traceback and answered EIO; the mount stays up in every case.
-- counters for ``kitfs status``;
+- counters for ``kitfs status`` (reads, bytes, errors, and every request the kernel sent);
+- the kernel's round trips: ``flush`` is not implemented, so the first ``close()`` answers
+  ENOSYS and the kernel never sends FLUSH again for the mount's life (nothing is ever dirty);
+  an open and close of a cached file then costs the daemon OPEN and RELEASE only (RELEASE
+  does not hold up ``close()``), the least a FUSE file system with per-open state can get;
 - the kernel's page cache: files keep their pages between opens (``keep_cache``, content never
   changes), so when a layer fails verification the pages of its files are dropped
   (``invalidate_inode``), and every later read of the layer reaches kitfs and fails too.
@@ -57,6 +61,7 @@ class MountCounters:
     reads: int = 0
     bytes_served: int = 0
     errors: int = 0
+    requests: int = 0  # every request that reached a handler (any operation)
 
 
 def _boundary(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -64,6 +69,8 @@ def _boundary(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corout
 
     @functools.wraps(method)
     async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
+        if args and isinstance(args[0], KitFilesystem):
+            args[0].counters.requests += 1
         try:
             return await method(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -280,59 +287,75 @@ class KitFilesystem(pyfuse3.Operations):
     # The mount is also made with the "ro" option, so the kernel refuses most of these
     # before they reach us; these answer for whatever still arrives.
 
+    @_boundary
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
+    @_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.EROFS)
 
-    async def flush(self, fh: int) -> None:
-        return None
+    # No ``flush``: pyfuse3's default answers ENOSYS, after which the kernel stops sending
+    # FLUSH on close() (fc->no_flush). Answering it instead cost a synchronous round trip to
+    # this process on every close(), two per ``dd`` (it dup2()s its input), for nothing.
 
+    @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
         return None  # nothing is ever dirty
 
+    @_boundary
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         return None
 
+    @_boundary
     async def forget(self, inode_list: Any) -> None:
         # Nodes live as long as the mount (a kit's tree is small next to its data), so an
         # inode stays valid after the kernel forgets it.
