@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import math
+import posixpath
 import re
 from decimal import Decimal
 from pathlib import Path
@@ -25,7 +26,7 @@ from kitfs.errors import (
 from kitfs.format import gzindex
 from kitfs.format.digest import Digest
 from kitfs.format.kitfile import go_format_float, render_kitfile
-from kitfs.format.layout import check_entry_path, plan_layout
+from kitfs.format.layout import check_entry_path, clean_entry_path, plan_layout
 from kitfs.format.mediatypes import (
     KIT_CONFIG,
     MODELPACK_ARTIFACT,
@@ -983,3 +984,20 @@ def test_gzidx_table_locates_windows_and_the_checkpoints_around_a_range() -> Non
 def test_gzidx_malformed_indexes_are_format_errors(data: bytes, message: str) -> None:
     with pytest.raises(FormatError, match=message):
         gzindex.parse_table(data)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(name=st.text(st.sampled_from("ab./\0\n"), max_size=12))
+def test_clean_entry_path_fast_path_agrees_with_normpath(name: str) -> None:
+    """The already-clean shortcut gives what normpath and the refusals give."""
+    cleaned, problem = clean_entry_path(name)
+    if "\0" in name or name.startswith("/"):
+        assert (cleaned, problem is None) == ("", False)
+        return
+    normal = posixpath.normpath(name) if name else "."
+    if normal == ".":
+        assert (cleaned, problem) == ("", None)
+    elif ".." in normal:
+        assert cleaned == "" and problem is not None
+    else:
+        assert (cleaned, problem) == (normal, None)

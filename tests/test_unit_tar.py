@@ -530,6 +530,41 @@ def test_a_packed_index_round_trips_any_name(rows: list[tuple[str, bytes, int, i
     assert unpack_members(pack_members(members), len(members)) == members
 
 
+@settings(max_examples=300, deadline=None)
+@given(cut=st.integers(0, 200), flip=st.integers(0, 200), count=st.integers(0, 4))
+def test_a_damaged_packed_index_is_refused_not_misread(cut: int, flip: int, count: int) -> None:
+    """Truncated, altered or miscounted: ValueError ("not indexed"), or as many members as
+    the row says, never another exception."""
+    import zstandard
+
+    from kitfs.cache.index import pack_members, unpack_members
+
+    members = [TarMember(name=f"d/f{i}", typeflag=b"0", mode=0o644, size=i, data_offset=512 * i,
+                         header_offset=-1) for i in range(3)]
+    document = bytearray(zstandard.ZstdDecompressor().decompress(pack_members(members)))
+    document = document[: len(document) - cut % (len(document) + 1)]
+    if document:
+        document[flip % len(document)] ^= 0xFF
+    try:
+        found = unpack_members(zstandard.ZstdCompressor().compress(bytes(document)), count)
+    except ValueError:
+        return
+    assert len(found) == count and all(isinstance(m, TarMember) for m in found)
+
+
+def test_an_index_of_the_json_format_means_indexing_again() -> None:
+    import json
+
+    import zstandard
+
+    from kitfs.cache.index import unpack_members
+
+    old = {"format": 1, "names": ["a"], "typeflags": "0", "modes": [420], "sizes": [1],
+           "offsets": [512]}
+    with pytest.raises(ValueError, match=r"format|decode"):
+        unpack_members(zstandard.ZstdCompressor().compress(json.dumps(old).encode()), 1)
+
+
 def test_an_unreadable_stored_index_means_indexing_again(tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     from kitfs.cache.index import load_members, store_members

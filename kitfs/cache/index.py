@@ -2,17 +2,24 @@
 
 A layer's index is written once, as one row, after it has been fully parsed; so a second
 listing of the same layer, by any process, needs no blob request. The row holds the members
-as zstd-compressed JSON, one array per field (names, typeflags, modes, sizes, data offsets):
-100,000 members pack into well under a megabyte and load in tens of milliseconds, where a
-row per member took a second to write and half a second to read back. Names are JSON strings
-with ``\\udcXX`` escapes for bytes that are not UTF-8 (surrogate escapes), so any name
-round-trips. A row that does not decode is treated as "not indexed" (the layer is parsed again).
+column by column, zstd-compressed: a header (format, member count, length of the names), the
+names as one JSON array, then one byte per typeflag and the modes (uint32), sizes and data
+offsets (int64) as little-endian arrays. 100,000 members pack into well under a megabyte; the
+number columns load with one ``frombytes`` each where JSON number lists took most of the load
+time (a row per member, before that, took a second to write and half a second to read).
+Names are JSON strings with ``\\udcXX`` escapes for bytes that are not UTF-8 (surrogate
+escapes), so any name round-trips. A row that does not decode, or of another format, is
+treated as "not indexed" (the layer is parsed again).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import struct
+import sys
+from array import array
+from itertools import repeat
 
 import zstandard
 
@@ -21,40 +28,67 @@ from kitfs.format.tar import TarMember
 
 log = logging.getLogger(__name__)
 
-PACKED_FORMAT = 1
+PACKED_FORMAT = 2
 ZSTD_LEVEL = 3
+_HEADER = struct.Struct("<BII")  # format, member count, bytes of the names' JSON
+_TYPEFLAGS = [bytes([value]) for value in range(256)]  # one shared bytes object per typeflag
+
+
+def _little_endian(values: array[int]) -> bytes:
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tobytes()
+
+
+def _column(data: bytes, start: int, typecode: str, count: int) -> tuple[list[int], int]:
+    values = array(typecode)
+    end = start + values.itemsize * count
+    values.frombytes(data[start:end])
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist(), end
 
 
 def pack_members(members: list[TarMember]) -> bytes:
-    """The members as zstd-compressed JSON (pure: bytes out)."""
-    document = {
-        "format": PACKED_FORMAT,
-        "names": [m.name for m in members],
-        "typeflags": b"".join(m.typeflag or b"\0" for m in members).decode("latin-1"),
-        "modes": [m.mode for m in members],
-        "sizes": [m.size for m in members],
-        "offsets": [m.data_offset for m in members],
-    }
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(json.dumps(document).encode())
+    """The members, column by column, zstd-compressed (pure: bytes out)."""
+    names = json.dumps([m.name for m in members]).encode()
+    document = b"".join((
+        _HEADER.pack(PACKED_FORMAT, len(members), len(names)),
+        names,
+        b"".join(m.typeflag or b"\0" for m in members),
+        _little_endian(array("I", [m.mode for m in members])),
+        _little_endian(array("q", [m.size for m in members])),
+        _little_endian(array("q", [m.data_offset for m in members])),
+    ))
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(document)
 
 
 def unpack_members(packed: bytes, count: int) -> list[TarMember]:
     """The members ``pack_members`` packed; ``ValueError`` if they do not decode to ``count``."""
     try:
-        document = json.loads(zstandard.ZstdDecompressor().decompress(packed))
-    except (zstandard.ZstdError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        document = zstandard.ZstdDecompressor().decompress(packed)
+        packed_format, packed_count, names_length = _HEADER.unpack_from(document)
+        if packed_format != PACKED_FORMAT:
+            raise ValueError("unknown format")
+        if packed_count != count:
+            raise ValueError(f"holds other than {count} members")
+        names_end = _HEADER.size + names_length
+        names = json.loads(document[_HEADER.size : names_end])
+    except (zstandard.ZstdError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot decode: {exc}") from exc
-    if not isinstance(document, dict) or document.get("format") != PACKED_FORMAT:
-        raise ValueError("unknown format")
-    fields = (document["names"], document["typeflags"], document["modes"], document["sizes"],
-              document["offsets"])
-    if any(len(field) != count for field in fields):
-        raise ValueError(f"holds other than {count} members")
-    return [
-        TarMember(name=name, typeflag=typeflag.encode("latin-1"), mode=mode, size=size,
-                  data_offset=data_offset, header_offset=-1)
-        for name, typeflag, mode, size, data_offset in zip(*fields, strict=True)
-    ]
+    typeflags_end = names_end + count
+    if (not isinstance(names, list) or len(names) != count
+            or not all(isinstance(name, str) for name in names)
+            or len(document) != typeflags_end + count * (4 + 8 + 8)):
+        raise ValueError(f"does not hold {count} members")
+    typeflags = [_TYPEFLAGS[value] for value in document[names_end:typeflags_end]]
+    modes, end = _column(document, typeflags_end, "I", count)
+    sizes, end = _column(document, end, "q", count)
+    offsets, _ = _column(document, end, "q", count)
+    # TarMember's own constructor is a Python function: tuple.__new__ builds the same tuples
+    # (header_offset is not stored: -1; nor linkname and mtime, which the tree never uses)
+    rows = zip(names, typeflags, modes, sizes, offsets, repeat(-1), repeat(""), repeat(0))
+    return [tuple.__new__(TarMember, row) for row in rows]
 
 
 def load_members(store: ChunkStore, key: str) -> list[TarMember] | None:

@@ -15,10 +15,11 @@ that kit's model and model-part layers into the tree (at most 10 levels, no cycl
 
 from __future__ import annotations
 
+import gc
 import logging
 import posixpath
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -367,7 +368,8 @@ class KitSession:
                              FileSource(position, 0), f"layer {digest}")
         else:
             members = await self.layer_members(source)
-            builder.add_tar_members(members, position, placement.prefix, digest)
+            with _collector_paused():
+                builder.add_tar_members(members, position, placement.prefix, digest)
         return builder.build()
 
     async def _raw_size(self, source: LayerSource) -> int:
@@ -378,7 +380,8 @@ class KitSession:
     async def layer_members(self, source: LayerSource) -> list[TarMember]:
         """A tar layer's members: from the cache index, or by reading its headers."""
         key = source.content.key
-        cached = load_members(self.store, key)
+        with _collector_paused():
+            cached = load_members(self.store, key)
         if cached is not None and self.reader.verify is VerifyMode.STRICT:
             # another process may have built it from bytes not verified yet: strict mode
             # trusts only the index of a verified blob (and builds its own from verified bytes)
@@ -404,7 +407,8 @@ class KitSession:
             # anyway), one chunk at a time: memory stays a few chunks, whatever the layer.
             end = min(max(offset + length, (offset // chunk + 1) * chunk), size)
             data = await self.reader.read(source.content, offset, end - offset, read_ahead=False)
-            found = scanner.feed(data)
+            with _collector_paused():
+                found = scanner.feed(data)
             members.extend(found)
             ahead_chunks = min(max(1, 2 * ahead_chunks), MAX_INDEX_AHEAD_CHUNKS) if len(found) > 1 else 0
         store_members(self.store, key, members)
@@ -434,6 +438,22 @@ class KitSession:
                 "its tar header says"
             )
         return data
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile: indexing a layer of 100,000 files makes several
+    objects per file, none in a cycle, and the collections their allocations start go on
+    walking the older generations, which hold everything made so far (half the time of
+    building the tree went there)."""
+    if not gc.isenabled():  # paused already (an outer pause, or the embedding program's choice)
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _self_and_ancestors(path: str) -> list[str]:

@@ -7,6 +7,15 @@ request, a cache, or a decompressing stream) and collects ``TarMember``s. It nev
 file bodies, only for headers, so a 4 GiB weights file costs one 512-byte read plus its
 parents' headers.
 
+Two paths over the same headers: ``feed`` first runs a batch loop over every plain header in the
+window it was given (the common case: POSIX ustar, a file or a directory, canonical octal
+fields, the checksum every current tar writes, no extended header pending), which checks and
+decodes each header with one regular-expression match and two Adler-32 calls, and builds the
+member in place; at the first header it does not take (pax, GNU, a link, an odd number, a bad
+checksum, the end) it hands over to the per-member path, which handles and checks everything.
+The batch loop only ever takes a header the per-member path reads the same way (tests compare
+the two over generated and mutated archives), so which path read a header never shows.
+
 Formats: POSIX USTAR (prefix + name), PAX extended headers (``x`` per file, ``g`` global:
 ``path``, ``size``, ``linkpath`` and ``mtime``), GNU long names and long links (``L``/``K``)
 and GNU base-256 numbers. Names are returned as ``str`` decoded UTF-8 with surrogateescape, so
@@ -17,6 +26,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import NamedTuple
 
@@ -140,6 +150,24 @@ def parse_pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
+# A header the batch loop takes, in one match at its first byte: the name (up to its first NUL,
+# by a lookahead), mode, uid and gid as 7 octal digits and a NUL, size and mtime as 11 and a
+# NUL, the checksum as 6 and NUL space (what tarfile, GNU tar and Go write), type '0' or '5',
+# no link name, the POSIX magic "ustar\0" "00", and the prefix (up to its first NUL). Anything
+# else is left to the per-member path.
+_PLAIN_HEADER = re.compile(
+    rb"(?s)(?=([^\0]{0,100})).{100}"  # name
+    rb"([0-7]{7})\0[0-7]{7}\0[0-7]{7}\0"  # mode, uid, gid
+    rb"([0-7]{11})\0([0-7]{11})\0([0-7]{6})\0 "  # size, mtime, checksum
+    rb"([05])\0.{99}"  # typeflag, an empty link name
+    rb"ustar\x0000.{80}"  # magic and version; uname, gname, devmajor, devminor
+    rb"(?=([^\0]{0,155})).{155}"  # prefix
+)
+# The checksum field as summed when it holds NUL and space after its 6 digits: only the
+# digits' own sum is added to this (8 spaces stand for the field in the sum, which is 256).
+_CHECKSUM_FIELD_ALLOWANCE = 8 * 32 - 32
+
+
 class TarScanner:
     """Push parser over a tar stream's headers.
 
@@ -155,8 +183,9 @@ class TarScanner:
     asked offset; extra bytes are used for following headers. Bytes must be fed in order.
     """
 
-    def __init__(self, stream_size: int) -> None:
+    def __init__(self, stream_size: int, *, batch: bool = True) -> None:
         self._size = stream_size
+        self._batch = batch  # False: the per-member path only (the batch loop's reference)
         self._offset = 0  # offset of the next header block
         # Bytes fed and not yet consumed are self._buffer[self._start:]; the first of them is
         # at stream offset self._offset. Consuming moves _start (no copy per member), so a big
@@ -207,12 +236,62 @@ class TarScanner:
             self._buffer, self._start = self._buffer[self._start :] + bytes(data), 0
         members: list[TarMember] = []
         while not self._done and self._available >= self._pending_length:
+            # (a member's own extended headers set _ext_header_offset; a global one, _global_pax)
+            if self._batch and self._ext_header_offset is None and not (
+                    self._ext_type or self._global_pax):
+                self._scan_plain_headers(members)
+                if self._offset >= self._size or self._available < BLOCK:
+                    break
             member = self._step()
             if member is not None:
                 members.append(member)
             if self._offset >= self._size:
                 break
         return members
+
+    def _scan_plain_headers(self, members: list[TarMember]) -> None:
+        """The batch loop: take every plain header from the buffer's start on, up to the first
+        one that is not (or is incomplete), and leave the state as the per-member path would."""
+        buffer, start, offset, size = self._buffer, self._start, self._offset, self._size
+        end = len(buffer)
+        match = _PLAIN_HEADER.match
+        adler32 = zlib.adler32
+        new_member = tuple.__new__
+        count = 0
+        while start + BLOCK <= end:
+            found = match(buffer, start)
+            if found is None:
+                break
+            name, mode, member_size, mtime, checksum, typeflag, prefix = found.groups()
+            # The header's unsigned byte sum, with the checksum field counted as 8 spaces:
+            # Adler-32's low half is one plus the byte sum, exact for 256 bytes (see _byte_sum).
+            byte_sum = ((adler32(buffer[start : start + 256]) & 0xFFFF)
+                        + (adler32(buffer[start + 256 : start + BLOCK]) & 0xFFFF) - 2
+                        + _CHECKSUM_FIELD_ALLOWANCE - sum(checksum))
+            if byte_sum != int(checksum, 8):
+                break  # the per-member path: a signed-sum checksum, or a bad one
+            data_size = int(member_size, 8) if typeflag == b"0" else 0
+            data_offset = offset + BLOCK
+            if data_offset + data_size > size:
+                break  # the per-member path says why
+            path = name.decode("utf-8", "surrogateescape")
+            if prefix:
+                path = prefix.decode("utf-8", "surrogateescape") + "/" + path
+            members.append(new_member(TarMember, (
+                path, typeflag, int(mode, 8) & 0o7777, data_size, data_offset, offset, "",
+                int(mtime, 8))))
+            count += 1
+            step = BLOCK + (data_size + BLOCK - 1) // BLOCK * BLOCK
+            start += step
+            offset += step
+            if offset >= size:
+                break
+        if start > end:  # the last member's data runs past the bytes fed: skip it unread
+            self._buffer, self._start = b"", 0
+        else:
+            self._start = start
+        self._offset = offset
+        self.members_seen += count
 
     def _advance(self, count: int) -> None:
         self._start += count
