@@ -229,9 +229,7 @@ class HttpClient:
                     await _close_quietly(conn)
                     raise
                 conn.progress = None
-                if conn.reusable:
-                    self._checkin(origin, conn)
-                else:
+                if not (conn.reusable and self._checkin(origin, conn)):
                     await _close_quietly(conn)
                 return response
         raise AssertionError("unreachable")
@@ -272,10 +270,13 @@ class HttpClient:
         self.connections_opened += 1
         return conn, True
 
-    def _checkin(self, origin: tuple[str, str, int], conn: _Connection) -> None:
+    def _checkin(self, origin: tuple[str, str, int], conn: _Connection) -> bool:
+        """Whether the connection went back to the pool (if not, the caller closes it)."""
         idle = self._idle.setdefault(origin, [])
         if len(idle) < IDLE_CONNECTIONS_PER_ORIGIN and not conn.buffer:
             idle.append(conn)
+            return True
+        return False
 
     async def _exchange(
         self,
