@@ -12,6 +12,7 @@ requests (``times=None``: all of them); the first rule that matches wins::
     proxy.add(Rule("status", status=429, retry_after="1"))
     proxy.add(Rule("reset"))          # close with SO_LINGER 0: the client sees ECONNRESET
     proxy.add(Rule("truncate"))       # the full Content-Length, half the body, then close
+    proxy.add(Rule("stall_body", delay_s=5))  # the same, with a pause before the close
     proxy.add(Rule("ignore_range"))   # forward without Range: 200 and the whole blob
     proxy.add(Rule("wrong_range"))    # a 206 whose Content-Range is one byte off
     proxy.add(Rule("redirect"))       # 307 to the "storage" listener, which records Range
@@ -60,8 +61,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
-Action = Literal["forward", "status", "reset", "truncate", "ignore_range", "wrong_range", "redirect",
-                 "stall", "trickle"]
+Action = Literal["forward", "status", "reset", "truncate", "stall_body", "ignore_range",
+                 "wrong_range", "redirect", "stall", "trickle"]
 
 IO_TIMEOUT_S = 30.0
 _PIECE_BYTES = 256 * 1024
@@ -79,7 +80,7 @@ class Rule:
     times: int | None = 1  # how many matching requests it applies to; None: every one
     status: int = 503  # for "status"
     retry_after: str | None = None  # for "status": the Retry-After header
-    delay_s: float = 0.0  # for "stall"
+    delay_s: float = 0.0  # for "stall" and "stall_body"
     bytes_per_s: float = 1.0  # for "trickle"
     chunked: bool = False  # send the forwarded body with Transfer-Encoding: chunked
     rewrite_status: int | None = None  # answer the forwarded response with this status
@@ -315,8 +316,10 @@ class FaultProxy:
         if rule is not None and rule.action == "trickle":
             self._trickle(h, seen, status, reply_headers, body, rule.bytes_per_s)
             return
-        cut = len(body) // 2 if rule is not None and rule.action == "truncate" else None
-        self._send(h, seen, status, reply_headers, body, cut_at=cut,
+        cut = (len(body) // 2 if rule is not None and rule.action in ("truncate", "stall_body")
+               else None)
+        stall_s = rule.delay_s if rule is not None and rule.action == "stall_body" else 0.0
+        self._send(h, seen, status, reply_headers, body, cut_at=cut, stall_s=stall_s,
                    chunked=rule is not None and rule.chunked)
 
     def _serve_storage(self, h: _Handler) -> None:
@@ -396,8 +399,10 @@ class FaultProxy:
             conn.close()
 
     def _send(self, h: _Handler, seen: Seen, status: int, headers: list[tuple[str, str]],
-              body: bytes, *, cut_at: int | None = None, chunked: bool = False) -> None:
-        """Answer; with ``cut_at``, stop the body there and close the connection."""
+              body: bytes, *, cut_at: int | None = None, stall_s: float = 0.0,
+              chunked: bool = False) -> None:
+        """Answer; with ``cut_at``, stop the body there and close the connection (after
+        ``stall_s``, or when the proxy stops)."""
         seen.status = status
         h.send_response_only(status)
         for name, value in headers:
@@ -418,6 +423,9 @@ class FaultProxy:
             seen.body_bytes += len(piece)
         if chunked:
             h.wfile.write(b"0\r\n\r\n")
+        if stall_s:
+            h.wfile.flush()
+            self._stopping.wait(stall_s)
 
     def _trickle(self, h: _Handler, seen: Seen, status: int, headers: list[tuple[str, str]],
                  body: bytes, bytes_per_s: float) -> None:
