@@ -10,15 +10,16 @@ Content
     digest of the compressed blob, never the diffId a config claims).
 
 Tasks and shared state (all on the one trio thread; no locks)
-    ``_inflight[(key, idx)]`` is a ``trio.Event`` per chunk being fetched. A reader that
-    finds a chunk missing either becomes its fetcher (creates the event, fetches, stores,
-    sets the event in ``finally``) or waits on the existing event and then looks in the cache
+    ``_inflight`` (``kitfs.core.flight.Flights``) holds the chunks being fetched. A reader
+    that finds a chunk missing either becomes its fetcher (leads the flight: fetches, stores,
+    and the flight ends however the fetch ends) or joins the flight and then looks in the cache
     again: so concurrent readers never fetch the same bytes twice (single-flight). A fetched
     chunk answers its read at once; its hashing, its cache file and the digest frontier follow
     in a background task (``_store_fetched``), with the chunk in ``_storing`` meanwhile. A
     decompression job per compressed layer streams the layer once and wakes readers as chunks
-    appear (``kitfs.core.compressed``, which the reader delegates compressed content to). No ``await`` sits between a cache lookup and the decision it
-    feeds, except where the code re-checks after it.
+    appear (``kitfs.core.compressed``, which the reader delegates compressed content to).
+    No ``await`` sits between a cache lookup and the decision it feeds, except where the code
+    re-checks after it.
 
 Verification (see the README's "Verification" section, which tests quote)
     ``off``      never check a blob digest (benchmarks only).
@@ -28,6 +29,7 @@ Verification (see the README's "Verification" section, which tests quote)
                  ``NEARLY_COMPLETE_BYTES`` or a quarter of the blob missing), first fetches
                  the rest and checks the digest, so a full read of a tampered file fails.
     ``strict``   a blob is fetched whole and checked before its first byte is returned.
+    (``kitfs.core.verify`` owns the frontier and these decisions.)
     A mismatch purges the blob's chunks, records the failure in the cache (every later read of
     it fails with ``IntegrityError``, EIO under FUSE) and is logged. Once a blob is verified,
     the BLAKE3 of each 128 KiB piece of each chunk is kept (``kitfs.cache.identity``), so a
@@ -44,10 +46,8 @@ Fetch sizes
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from dataclasses import dataclass
 
 import trio
 
@@ -55,10 +55,11 @@ from kitfs.cache.identity import PIECE_SIZE_BYTES, ids_of_pieces, piece_ids
 from kitfs.cache.store import ChunkStore, PreparedChunk
 from kitfs.core.compressed import DecompressedStreams
 from kitfs.core.content import Content, VerifyMode
-from kitfs.core.flight import collapse_groups
+from kitfs.core.flight import Flights, collapse_groups
+from kitfs.core.verify import Verifier
 from kitfs.errors import IntegrityError, KitfsError
 from kitfs.format.mediatypes import Compression
-from kitfs.format.ranges import chunk_count, chunk_span, chunks_covering
+from kitfs.format.ranges import chunk_span, chunks_covering
 
 __all__ = ["DEFAULT_CHUNK_SIZE_BYTES", "BlobReader", "Content", "ReaderStatistics", "VerifyMode",
            "collapse_groups"]
@@ -69,9 +70,6 @@ log = logging.getLogger(__name__)
 # (5-7 ms), so small chunks waste round trips; 4 MiB keeps a 4 KiB read's cost under the
 # 8 MiB budget while large reads stay near wire speed. See benchmarks/README.md.
 DEFAULT_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
-# "Nearly complete": when a read reaches the end of a file and at most this much (or a quarter)
-# of its blob is missing, fetch the rest and verify before answering.
-NEARLY_COMPLETE_BYTES = 16 * 1024 * 1024
 # Chunks just fetched are kept in memory (also by prefetch), so the reads that follow the one
 # that fetched a chunk are answered without a trip through the cache file, and the digest
 # frontier finds chunks that arrived out of order: the read-ahead window (8) and the chunks
@@ -87,20 +85,7 @@ RECENT_CHUNKS = 12
 STREAM_SLACK_BYTES = 2 * 1024 * 1024
 SEQUENTIAL_AFTER_BYTES = 256 * 1024
 MAX_PREFETCH_CHUNKS = 8
-# How often a reader asks the cache whether another process found a blob failing its digest.
-FAILED_CHECK_INTERVAL_S = 1.0
 MAX_STREAMS_PER_CONTENT = 4
-
-
-@dataclass
-class _Frontier:
-    """The digest of a blob's chunks 0..next-1, fed in order as they arrive, so that the
-    blob is verified about when its last chunk lands, without reading it all back."""
-
-    hasher: Any
-    next: int = 0
-    per_chunk: list[tuple[int, bytes]] = field(default_factory=list)  # piece identities
-    lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass
@@ -141,30 +126,27 @@ class BlobReader:
         self.verify = verify
         self.chunk_size_bytes = chunk_size_bytes
         self._nursery = nursery
-        self._inflight: dict[tuple[str, int], trio.Event] = {}
+        self._inflight: Flights[tuple[str, int]] = Flights()  # chunks being fetched
         # pieces being fetched for lone reads: (key, chunk index, piece index) -> done
-        self._pieces_inflight: dict[tuple[str, int, int], trio.Event] = {}
+        self._pieces_inflight: Flights[tuple[str, int, int]] = Flights()
         self.stats = ReaderStatistics()
         self._chunk_sizes: dict[str, int] = {}  # per content key, as recorded in the cache
         # never mutated once fetched, so kept as the bytearray the body was received into
         self._recent: OrderedDict[tuple[str, int], bytearray] = OrderedDict()
-        self._frontiers: dict[str, _Frontier] = {}
-        self._verified: set[str] = set()  # keys known verified (a verified blob stays so)
         self._streams: dict[str, list[_Stream]] = {}
         self._prefetching: set[tuple[str, int]] = set()
         self._seen: set[str] = set()  # keys read at least once by this reader
-        self._failed: set[str] = set()  # keys this reader found failing their digest
-        self._not_failed_until: dict[str, float] = {}  # key -> monotonic time to ask again
-        self._piece_digests: dict[tuple[str, int], bytes] = {}  # piece ids of chunks just fetched
         # chunks fetched and served, being hashed and stored behind the reads (_store_fetched)
         self._storing: dict[tuple[str, int], bytearray] = {}
         self._background_stores = 0
         self._stores_done = trio.Event()
-        self._verifying: dict[str, trio.Event] = {}
+        self._verifier = Verifier(
+            store, chunk_size=self._chunk_size, fetch_slice=self._chunk_slice,
+            in_memory=self._whole_in_memory, forget_memory=self._forget)
         self._decompressed = DecompressedStreams(
             store, nursery, chunk_size_bytes=chunk_size_bytes, register=self._register,
             chunk_size=self._chunk_size, lookup=self._from_memory_or_cache,
-            remember=self._remember, recent=self._recent, fail=self._fail)
+            remember=self._remember, recent=self._recent, fail=self._verifier.fail)
 
     # --- public -------------------------------------------------------------------------------
 
@@ -190,18 +172,18 @@ class BlobReader:
             IntegrityError: the content failed verification, now or before.
             RemoteError, RemoteTimeoutError, AuthError: the registry failed.
         """
-        if content.key not in self._verified:
-            self._check_not_failed(content)
+        if content.key not in self._verifier.verified:
+            self._verifier.check_not_failed(content)
         if content.compression is not Compression.NONE:
             chunk = self._chunk_size(content)
             if self.verify is VerifyMode.STRICT:
                 await self.size(content)
-                self._check_not_failed(content)
+                self._verifier.check_not_failed(content)
             return await self._decompressed.read(content, chunk, offset, length)
         size = content.blob_size
         chunk = self._chunk_size(content)
-        if self.verify is VerifyMode.STRICT and content.key not in self._verified:
-            await self._ensure_verified(content)
+        if self.verify is VerifyMode.STRICT and content.key not in self._verifier.verified:
+            await self._verifier.ensure_verified(content)
         spans = chunks_covering(offset, length, size, chunk)
         # Index building (no read_ahead) and large reads fetch whole chunks; so do reads of a
         # sequential stream. A lone read elsewhere fetches just the pieces it touches.
@@ -212,14 +194,14 @@ class BlobReader:
         misses_before = self.stats.chunk_misses
         pieces = await self._get_chunks(content, [s.index for s in spans], offset, length, whole)
         data = b"".join(pieces)
-        if self.verify is VerifyMode.EVENTUAL and content.key not in self._verified:
+        if self.verify is VerifyMode.EVENTUAL and content.key not in self._verifier.verified:
             reaches_end = file_end is not None and offset + length >= file_end
             # The completeness check costs a query: make it when it can have changed (this read
             # fetched, or reaches a file's end) and on the first read of the content here.
             first_read = content.key not in self._seen
             self._seen.add(content.key)
             if reaches_end or first_read or self.stats.chunk_misses != misses_before:
-                await self._maybe_verify(content, reaches_end)
+                await self._verifier.maybe_verify(content, reaches_end)
         return data
 
     async def settle(self) -> None:
@@ -232,10 +214,10 @@ class BlobReader:
         """Fetch whatever is missing of ``content`` and check its digest (``cache verify``)."""
         if content.compression is Compression.NONE:
             self._register(content)
-            await self._ensure_verified(content)
+            await self._verifier.ensure_verified(content)
         else:
             await self.size(content)
-            self._check_not_failed(content)
+            self._verifier.check_not_failed(content)
 
     # --- uncompressed content -------------------------------------------------------------
 
@@ -250,22 +232,6 @@ class BlobReader:
     def _chunk_size(self, content: Content) -> int:
         known = self._chunk_sizes.get(content.key)
         return known if known is not None else self._register(content)
-
-    def _check_not_failed(self, content: Content) -> None:
-        """Raise if the blob failed verification, here or in another process (which this asks
-        the cache about at most every FAILED_CHECK_INTERVAL_S: not on every read)."""
-        now = time.monotonic()
-        if content.key not in self._failed and now < self._not_failed_until.get(content.key, 0.0):
-            return
-        state = self.store.blob_state(content.key)
-        if state is None or state.verified != -1:
-            self._not_failed_until[content.key] = now + FAILED_CHECK_INTERVAL_S
-        else:
-            self._not_failed_until.pop(content.key, None)
-            raise IntegrityError(
-                f"layer {content.blob_digest} failed verification earlier and is not served: "
-                f"{state.failure}"
-            )
 
     async def _get_chunks(self, content: Content, indexes: list[int], offset: int,
                           length: int, whole: bool = True) -> list[bytes]:
@@ -308,16 +274,16 @@ class BlobReader:
                 last_piece_end = ((start + length - 1) // PIECE_SIZE_BYTES + 1) * PIECE_SIZE_BYTES
                 whole = start < PIECE_SIZE_BYTES and last_piece_end >= span_length
             while True:
-                event = self._inflight.get((key, idx))
-                if event is None and not whole and length:
+                busy = (key, idx) in self._inflight
+                if not busy and not whole and length:
                     data = await self._fetch_pieces(content, idx, start, length)
                     if data is not None:
                         return data
                     continue  # waited for another reader's pieces, which did not come
-                if event is None:
+                if not busy:
                     buffer = await self._fetch_chunk(content, idx)
                     return memoryview(buffer)[start : start + length].tobytes()
-                await event.wait()
+                await self._inflight.join((key, idx))
                 data = self._from_memory_or_cache(key, idx, start, length)
                 if data is not None:
                     return data
@@ -343,15 +309,12 @@ class BlobReader:
         while last > first and present >> last & 1:
             last -= 1
         wanted = [(key, idx, piece) for piece in range(first, last + 1)]
-        busy = [self._pieces_inflight[entry] for entry in wanted if entry in self._pieces_inflight]
+        busy = [entry for entry in wanted if entry in self._pieces_inflight]
         if busy:
-            for event in busy:
-                await event.wait()
+            for entry in busy:
+                await self._pieces_inflight.join(entry)
             return self._from_memory_or_cache(key, idx, start, length)
-        done = trio.Event()
-        for entry in wanted:
-            self._pieces_inflight[entry] = done
-        try:
+        with self._pieces_inflight.leading(wanted):
             span = chunk_span(idx, content.blob_size, self._chunk_size(content))
             at = first * PIECE_SIZE_BYTES
             buffer = bytearray(min((last + 1) * PIECE_SIZE_BYTES, span.length) - at)
@@ -374,17 +337,6 @@ class BlobReader:
                 return memoryview(buffer)[start - at : start - at + length].tobytes()
             # the rest was cached already (or another reader's, now done): all from the cache
             return self._from_memory_or_cache(key, idx, start, length)
-        finally:
-            for entry in wanted:
-                del self._pieces_inflight[entry]
-            done.set()
-
-    def _still_failed(self, key: str) -> bool:
-        state = self.store.blob_state(key)
-        if state is not None and state.verified == -1:
-            return True
-        self._failed.discard(key)  # the failure was cleared (kitfs cache clear)
-        return False
 
     def _from_memory_or_cache(self, key: str, idx: int, start: int, length: int) -> bytes | None:
         data = self._from_memory(key, idx, start, length)
@@ -406,20 +358,20 @@ class BlobReader:
         while len(self._recent) > RECENT_CHUNKS:
             self._recent.popitem(last=False)
 
+    def _whole_in_memory(self, key: str, idx: int) -> bytes | bytearray | None:
+        """Chunk ``idx`` as held in memory (no copy), or None."""
+        return self._recent.get((key, idx)) or self._storing.get((key, idx))
+
     def _forget(self, key: str) -> None:
+        """Drop ``key``'s chunks from memory (the blob failed its digest)."""
         for entry in [e for e in self._recent if e[0] == key]:
             del self._recent[entry]
-        for entry in [e for e in self._piece_digests if e[0] == key]:
-            del self._piece_digests[entry]
         for entry in [e for e in self._storing if e[0] == key]:
             del self._storing[entry]
-        self._frontiers.pop(key, None)
 
     async def _fetch_chunk(self, content: Content, idx: int) -> bytearray:
         key = content.key
-        event = trio.Event()
-        self._inflight[(key, idx)] = event
-        try:
+        with self._inflight.leading([(key, idx)]):
             span = chunk_span(idx, content.blob_size, self._chunk_size(content))
             buffer = bytearray(span.length)
             await content.registry.fetch_range(
@@ -449,9 +401,6 @@ class BlobReader:
             self._remember(key, idx, buffer)
             self.store.commit(key, idx, prepared)
             return buffer
-        finally:
-            del self._inflight[(key, idx)]
-            event.set()
 
     async def _store_fetched(self, content: Content, idx: int, buffer: bytearray,
                              hashing: bool) -> None:
@@ -471,15 +420,14 @@ class BlobReader:
         key = content.key
         try:
             prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, buffer, hashing)
-            frontier = self._frontiers.get(key)
-            if actual is not None and key not in self._verified and (
-                    frontier is None or frontier.next <= idx):
-                self._piece_digests[(key, idx)] = actual  # for the frontier: no second hash
+            if actual is not None:  # for the frontier: no second hash
+                self._verifier.note_piece_ids(key, idx, actual)
             self._remember(key, idx, buffer)
-            if key in self._failed and self._still_failed(key):
+            if key in self._verifier.failed and self._verifier.still_failed(key):
                 # the blob failed verification while this chunk was on its way: keep nothing
                 self.store.discard(prepared)
                 self._forget(key)
+                self._verifier.forget(key)
                 return
             self.store.commit(key, idx, prepared)
         except KitfsError as exc:  # the chunk stays uncached; a later read fetches it again
@@ -491,112 +439,13 @@ class BlobReader:
         finally:
             if self._storing.get((key, idx)) is buffer:
                 del self._storing[(key, idx)]
-        if hashing and key not in self._verified:
+        if hashing and key not in self._verifier.verified:
             try:
-                await self._advance_frontier(content, fetch_missing=False)
+                await self._verifier.advance_frontier(content, fetch_missing=False)
             except IntegrityError:
-                pass  # logged by _fail; every later read of the blob reports it
+                pass  # logged by Verifier.fail; every later read of the blob reports it
             except KitfsError as exc:
                 log.warning("layer %s: digest frontier stopped: %s", content.blob_digest, exc)
-
-    async def _maybe_verify(self, content: Content, reaches_file_end: bool) -> None:
-        state = self.store.blob_state(content.key)
-        if state is not None and state.verified == 1:
-            self._verified.add(content.key)
-        if state is None or state.verified != 0:
-            return
-        chunk = self._chunk_size(content)
-        total = chunk_count(content.blob_size, chunk)
-        if self.store.cached_chunk_count(content.key) >= total:
-            await self._ensure_verified(content)
-            return
-        if not reaches_file_end:
-            return
-        cached = self.store.cached_chunks(content.key)
-        missing_bytes = sum(
-            chunk_span(i, content.blob_size, chunk).length
-            for i in range(total) if i not in cached
-        )
-        if missing_bytes <= max(NEARLY_COMPLETE_BYTES, content.blob_size // 4):
-            await self._ensure_verified(content)
-
-    async def _ensure_verified(self, content: Content) -> None:
-        """Fetch all missing chunks, hash in order, compare; single-flight per key."""
-        key = content.key
-        while True:
-            state = self.store.blob_state(key)
-            if state is not None and state.verified == 1:
-                self._verified.add(key)
-                return
-            self._check_not_failed(content)
-            if key not in self._verifying:
-                break
-            await self._verifying[key].wait()
-        done = trio.Event()
-        self._verifying[key] = done
-        try:
-            total = chunk_count(content.blob_size, self._chunk_size(content))
-            missing = sorted(set(range(total)) - self.store.cached_chunks(key))
-            limiter = trio.CapacityLimiter(4)
-
-            async def fetch(idx: int) -> None:
-                async with limiter:
-                    await self._chunk_slice(content, idx, 0, 0)
-
-            with collapse_groups():
-                async with trio.open_nursery() as nursery:
-                    for idx in missing:
-                        nursery.start_soon(fetch, idx)
-            await self._advance_frontier(content, fetch_missing=True)
-            if key not in self._verified:  # the chunks hashed so far were dropped meanwhile
-                self._check_not_failed(content)
-                self._frontiers.pop(key, None)
-                await self._advance_frontier(content, fetch_missing=True)
-        finally:
-            del self._verifying[key]
-            done.set()
-
-    async def _advance_frontier(self, content: Content, *, fetch_missing: bool) -> None:
-        """Feed the blob's digest with its chunks in order, from where it stopped, and check
-        it when the last chunk is in. Without ``fetch_missing`` it stops at the first chunk
-        not in memory or the cache (it runs after each fetch: a cold sequential read is
-        verified as its last chunk lands); with it, missing chunks are fetched (through the
-        single-flight path), which ``_ensure_verified`` uses to finish the job."""
-        key = content.key
-        frontier = self._frontiers.get(key)
-        if frontier is None:
-            frontier = self._frontiers[key] = _Frontier(content.blob_digest.hasher())
-        if frontier.lock.locked() and not fetch_missing:
-            return  # another task is advancing it; it will find this chunk too
-        async with frontier.lock:
-            if self._frontiers.get(key) is not frontier:
-                return  # purged or restarted meanwhile
-            chunk = self._chunk_size(content)
-            total = chunk_count(content.blob_size, chunk)
-            while frontier.next < total:
-                span = chunk_span(frontier.next, content.blob_size, chunk)
-                data: bytes | bytearray | None = (self._recent.get((key, frontier.next))
-                                                  or self._storing.get((key, frontier.next)))
-                if data is None:  # not in memory (no copy needed when it is)
-                    data = self.store.read(key, frontier.next, 0, span.length)
-                if data is None:
-                    if not fetch_missing:
-                        return
-                    data = await self._chunk_slice(content, frontier.next, 0, span.length)
-                known = self._piece_digests.pop((key, frontier.next), None)
-                ids = await trio.to_thread.run_sync(_feed, frontier.hasher, data, known)
-                if self._frontiers.get(key) is not frontier:
-                    return  # the blob failed or was purged meanwhile
-                frontier.per_chunk.append((frontier.next, ids))
-                frontier.next += 1
-            del self._frontiers[key]
-            actual = frontier.hasher.hexdigest()
-            if actual != content.blob_digest.hex:
-                self._fail(content, f"content is {content.blob_digest.algorithm}:{actual}, "
-                                    f"expected {content.blob_digest}")
-            self.store.mark_verified(key, frontier.per_chunk)
-            self._verified.add(key)
-            log.info("layer %s verified (%d bytes)", content.blob_digest, content.blob_size)
 
     def _read_ahead(self, content: Content, offset: int, length: int, last_idx: int,
                     end: int) -> bool:
@@ -659,22 +508,6 @@ class BlobReader:
             log.exception("prefetch of chunk %d of %s failed unexpectedly", idx, content.blob_digest)
         finally:
             self._prefetching.discard((content.key, idx))
-
-    def _fail(self, content: Content, reason: str) -> NoReturn:
-        log.error("layer %s failed verification: %s; purged from the cache",
-                  content.blob_digest, reason)
-        self._forget(content.key)
-        self._failed.add(content.key)
-        self.store.mark_failed(content.key, reason)
-        raise IntegrityError(f"layer {content.blob_digest} failed verification: {reason}")
-
-
-def _feed(hasher: Any, data: bytes | bytearray, known_ids: bytes | None) -> bytes:
-    """Add ``data`` to the blob's running digest; return the chunk's piece identities (kept,
-    so a chunk fetched again later is checked on its own), computed unless the fetch already
-    did. Runs in a worker thread: hashlib and blake3 release the GIL for large buffers."""
-    hasher.update(data)
-    return known_ids or piece_ids(data)
 
 
 def _prepare(store: ChunkStore, data: bytes | bytearray,
