@@ -5,7 +5,8 @@ streams the layer once, stores its decompressed chunks and checks both digests (
 and the config's diffId), waking the reads that wait for it as chunks appear; the gzip
 checkpoint tables kept by a first pass, and the remaking of an evicted gzip chunk from the
 checkpoint before it (``remake``), checked against the piece identities the first pass kept;
-the compressed spans of the last chunks made again; and zstd frame decoding. The
+the compressed spans of the last chunks made again. (indexed_gzip is driven by
+``kitfs.core.gunzip``, zstd frames decoded by ``kitfs.core.unzstd``.) The
 ``BlobReader`` owns one and hands it what it shares: the cache, the session nursery, its
 chunk memory (``lookup``, ``remember``, ``recent``), how a content is registered in the cache
 and what its chunk size is, and its ``fail`` (which records a digest mismatch and raises).
@@ -15,18 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import trio
 import zstandard
 
 from kitfs.cache.identity import piece_ids
 from kitfs.cache.store import ChunkStore, PreparedChunk
-from kitfs.core import gunzip
+from kitfs.core import gunzip, unzstd
 from kitfs.core.content import Content
 from kitfs.core.flight import Flights, collapse_groups
 from kitfs.errors import FormatError, IntegrityError, KitfsError, copy_for_waiter
@@ -181,7 +181,7 @@ class DecompressedStreams:
             diff_hasher = hashlib.sha256()
             chunk_ids: list[tuple[int, bytes]] = []
             send, receive = trio.open_memory_channel[bytearray | KitfsError](1)
-            pipe = _ChunkPipe()
+            pipe = gunzip.ChunkPipe()
 
             def next_piece() -> bytes | bytearray:  # decompressing thread
                 try:
@@ -425,7 +425,7 @@ class DecompressedStreams:
         key = content.key
         try:
             chunk = self._register(content)
-            feed = _zstd_decompressor()
+            feed = unzstd.decompressor()
             compressed_hash = content.blob_digest.hasher()
             diff_hasher = hashlib.sha256()
             pending = bytearray()
@@ -480,42 +480,6 @@ class DecompressedStreams:
             _keep_uncached(job, idx, data, self.chunk_size_bytes)
 
 
-
-class _ChunkPipe:
-    """Chunks from the thread that decompresses a layer to the one that hashes and writes
-    them, in order, at most two in between, so the two share a first pass's work. When the
-    writing side fails, the decompressing side stops at its next chunk."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-
-    def put(self, idx: int, data: bytes) -> None:
-        if self.error is not None:
-            raise _WriterFailed from self.error
-        self._queue.put((idx, data))
-
-    def close(self) -> None:
-        """No more chunks (the decompressing side is done, or failed)."""
-        self._queue.put(None)
-
-    def drain(self, handle: Callable[[int, bytes], None]) -> None:
-        """Hand each chunk to ``handle`` until ``close``; raise what it raised, if anything
-        (chunks after a failure are taken and dropped, so the other side never blocks)."""
-        while (item := self._queue.get()) is not None:
-            if self.error is None:
-                try:
-                    handle(*item)
-                except BaseException as exc:
-                    self.error = exc
-        if self.error is not None:
-            raise self.error
-
-
-class _WriterFailed(Exception):
-    """The decompressing side stops: the writing side failed (and reports why)."""
-
-
 @dataclass(frozen=True)
 class _RemakePlan:
     """How to make one chunk of a gzip layer again (see ``BlobReader._remake``)."""
@@ -547,39 +511,3 @@ def _keep_uncached(job: _Job, idx: int, data: bytes, chunk_size_bytes: int) -> N
 def _needed(job: _Job, idx: int) -> bool:
     """Does a read waiting on ``job`` still need chunk ``idx``?"""
     return any(first <= idx <= last for first, last in job.waiting)
-
-
-
-def _zstd_decompressor() -> Callable[[bytes | None], bytes]:
-    """A feed function: bytes in, decompressed bytes out; ``None`` checks the stream ended.
-
-    A zstd stream may hold several frames back to back; each is decompressed in turn, and a
-    stream that stops inside one is a ``FormatError``.
-    """
-    def new() -> Any:
-        return zstandard.ZstdDecompressor().decompressobj()
-
-    current = [new()]
-    started = [False]  # has the current frame received any bytes?
-
-    def feed(data: bytes | None) -> bytes:
-        d = current[0]
-        if data is None:
-            if started[0] and not d.eof:
-                raise FormatError("zstd stream is truncated")
-            return b""
-        out = []
-        while data:
-            started[0] = True
-            out.append(d.decompress(data))
-            if not d.eof:
-                break
-            data = d.unused_data  # the next frame
-            current[0] = d = new()
-            started[0] = False
-            if data.strip(b"\0") == b"":
-                break
-        return b"".join(out)
-
-    return feed
-
