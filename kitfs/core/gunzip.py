@@ -20,11 +20,14 @@ Making a chunk again (``remake``)
     after its end (``SpanBlob``), and an index holding just those two checkpoints
     (``kitfs.format.gzindex.subset``). The caller checks the chunk against the sha256 the
     verified first pass kept.
+
+``ChunkPipe`` hands the first pass's chunks to the thread that hashes and writes them.
 """
 
 from __future__ import annotations
 
 import io
+import queue
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -330,3 +333,38 @@ def _check_whole_stream(blob: SequentialBlob) -> None:
         raise FormatError(f"gzip stream is corrupt: {exc}") from exc
     if in_member and not inflater.eof:
         raise FormatError("gzip stream is truncated")
+
+
+class ChunkPipe:
+    """Chunks from the thread that decompresses a layer to the one that hashes and writes
+    them, in order, at most two in between, so the two share a first pass's work. When the
+    writing side fails, the decompressing side stops at its next chunk."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+
+    def put(self, idx: int, data: bytes) -> None:
+        if self.error is not None:
+            raise WriterFailed from self.error
+        self._queue.put((idx, data))
+
+    def close(self) -> None:
+        """No more chunks (the decompressing side is done, or failed)."""
+        self._queue.put(None)
+
+    def drain(self, handle: Callable[[int, bytes], None]) -> None:
+        """Hand each chunk to ``handle`` until ``close``; raise what it raised, if anything
+        (chunks after a failure are taken and dropped, so the other side never blocks)."""
+        while (item := self._queue.get()) is not None:
+            if self.error is None:
+                try:
+                    handle(*item)
+                except BaseException as exc:
+                    self.error = exc
+        if self.error is not None:
+            raise self.error
+
+
+class WriterFailed(Exception):
+    """The decompressing side stops: the writing side failed (and reports why)."""

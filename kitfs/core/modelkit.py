@@ -34,6 +34,7 @@ from kitfs.core.reader import (
     VerifyMode,
     collapse_groups,
 )
+from kitfs.core.verify import VerifyState
 from kitfs.errors import (
     FormatError,
     IntegrityError,
@@ -382,12 +383,11 @@ class KitSession:
         key = source.content.key
         with _collector_paused():
             cached = load_members(self.store, key)
-        if cached is not None and self.reader.verify is VerifyMode.STRICT:
-            # another process may have built it from bytes not verified yet: strict mode
-            # trusts only the index of a verified blob (and builds its own from verified bytes)
-            state = self.store.blob_state(key)
-            if state is None or state.verified != 1:
-                cached = None
+        # another process may have built it from bytes not verified yet: strict mode trusts
+        # only the index of a verified blob (and builds its own from verified bytes)
+        if (cached is not None and self.reader.verify is VerifyMode.STRICT
+                and VerifyState.of(self.store.blob_state(key)) is not VerifyState.VERIFIED):
+            cached = None
         if cached is not None:
             return cached
         size = await self.reader.size(source.content)

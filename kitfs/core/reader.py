@@ -10,15 +10,16 @@ Content
     digest of the compressed blob, never the diffId a config claims).
 
 Tasks and shared state (all on the one trio thread; no locks)
-    ``_inflight[(key, idx)]`` is a ``trio.Event`` per chunk being fetched. A reader that
-    finds a chunk missing either becomes its fetcher (creates the event, fetches, stores,
-    sets the event in ``finally``) or waits on the existing event and then looks in the cache
+    ``_inflight`` (``kitfs.core.flight.Flights``) holds the chunks being fetched. A reader
+    that finds a chunk missing either becomes its fetcher (leads the flight: fetches, stores,
+    and the flight ends however the fetch ends) or joins the flight and then looks in the cache
     again: so concurrent readers never fetch the same bytes twice (single-flight). A fetched
     chunk answers its read at once; its hashing, its cache file and the digest frontier follow
     in a background task (``_store_fetched``), with the chunk in ``_storing`` meanwhile. A
-    decompression job per compressed layer (``_jobs``) streams the layer once and wakes
-    readers as chunks appear. No ``await`` sits between a cache lookup and the decision it
-    feeds, except where the code re-checks after it.
+    decompression job per compressed layer streams the layer once and wakes readers as chunks
+    appear (``kitfs.core.compressed``, which the reader delegates compressed content to).
+    No ``await`` sits between a cache lookup and the decision it feeds, except where the code
+    re-checks after it.
 
 Verification (see the README's "Verification" section, which tests quote)
     ``off``      never check a blob digest (benchmarks only).
@@ -28,6 +29,7 @@ Verification (see the README's "Verification" section, which tests quote)
                  ``NEARLY_COMPLETE_BYTES`` or a quarter of the blob missing), first fetches
                  the rest and checks the digest, so a full read of a tampered file fails.
     ``strict``   a blob is fetched whole and checked before its first byte is returned.
+    (``kitfs.core.verify`` owns the frontier and these decisions.)
     A mismatch purges the blob's chunks, records the failure in the cache (every later read of
     it fails with ``IntegrityError``, EIO under FUSE) and is logged. Once a blob is verified,
     the BLAKE3 of each 128 KiB piece of each chunk is kept (``kitfs.cache.identity``), so a
@@ -43,29 +45,24 @@ Fetch sizes
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import logging
-import queue
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import trio
-import zstandard
 
 from kitfs.cache.identity import PIECE_SIZE_BYTES, ids_of_pieces, piece_ids
 from kitfs.cache.store import ChunkStore, PreparedChunk
-from kitfs.core import gunzip
-from kitfs.errors import FormatError, IntegrityError, KitfsError, copy_for_waiter, unwrap_group
-from kitfs.format import gzindex
-from kitfs.format.digest import Digest
+from kitfs.core.compressed import DecompressedStreams
+from kitfs.core.content import Content, VerifyMode
+from kitfs.core.flight import Flights, collapse_groups
+from kitfs.core.verify import Verifier
+from kitfs.errors import IntegrityError, KitfsError
 from kitfs.format.mediatypes import Compression
-from kitfs.format.ranges import chunk_count, chunk_span, chunks_covering
-from kitfs.remote.registry import RegistryClient
+from kitfs.format.ranges import chunk_span, chunks_covering
+
+__all__ = ["DEFAULT_CHUNK_SIZE_BYTES", "BlobReader", "Content", "ReaderStatistics", "VerifyMode",
+           "collapse_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +70,6 @@ log = logging.getLogger(__name__)
 # (5-7 ms), so small chunks waste round trips; 4 MiB keeps a 4 KiB read's cost under the
 # 8 MiB budget while large reads stay near wire speed. See benchmarks/README.md.
 DEFAULT_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
-# "Nearly complete": when a read reaches the end of a file and at most this much (or a quarter)
-# of its blob is missing, fetch the rest and verify before answering.
-NEARLY_COMPLETE_BYTES = 16 * 1024 * 1024
 # Chunks just fetched are kept in memory (also by prefetch), so the reads that follow the one
 # that fetched a chunk are answered without a trip through the cache file, and the digest
 # frontier finds chunks that arrived out of order: the read-ahead window (8) and the chunks
@@ -91,73 +85,7 @@ RECENT_CHUNKS = 12
 STREAM_SLACK_BYTES = 2 * 1024 * 1024
 SEQUENTIAL_AFTER_BYTES = 256 * 1024
 MAX_PREFETCH_CHUNKS = 8
-# How often a reader asks the cache whether another process found a blob failing its digest.
-FAILED_CHECK_INTERVAL_S = 1.0
 MAX_STREAMS_PER_CONTENT = 4
-# Compressed layers are fetched in ranges of this size while decompressing.
-STREAM_RANGE_BYTES = 8 * 1024 * 1024
-# The compressed spans of the last chunks of gzip layers made again from checkpoints are kept
-# (each at most three checkpoint spacings): the next chunk's span starts inside the last one.
-KEPT_SPANS = 2
-
-
-class VerifyMode(enum.Enum):
-    STRICT = "strict"
-    EVENTUAL = "eventual"
-    OFF = "off"
-
-
-@dataclass(frozen=True)
-class Content:
-    """A readable byte stream: a blob as stored, or a compressed blob's decompressed stream."""
-
-    registry: RegistryClient
-    repository: str
-    blob_digest: Digest
-    blob_size: int
-    compression: Compression
-    diff_id: Digest | None = None
-
-    @property
-    def key(self) -> str:
-        """Where the content is kept in the cache (chunks, index, verification state).
-
-        A decompressed stream is keyed by the digest of the compressed blob, whose bytes are
-        checked against it; never by the diffId, which is only what a config claims: a hostile
-        config naming another layer's digest as its diffId would otherwise write into, index
-        and fail that layer's entries.
-        """
-        if self.compression is Compression.NONE:
-            return str(self.blob_digest)
-        prefix = "gunzip" if self.compression is Compression.GZIP else "unzstd"
-        return f"{prefix}:{self.blob_digest}"
-
-
-@dataclass
-class _Job:
-    """A running decompression of one compressed layer."""
-
-    done: trio.Event = field(default_factory=trio.Event)
-    progress: trio.Event = field(default_factory=trio.Event)
-    error: BaseException | None = None
-    size: int | None = None
-    memory: dict[int, bytes] = field(default_factory=dict)  # chunks the cache could not take
-    # Chunk ranges [first, last] that waiting reads still need, and copies of those chunks as
-    # the stream passes them: under a tight quota the cache may evict a chunk before its
-    # reader runs, which would send the reader back to decompress the whole layer again.
-    waiting: list[tuple[int, int]] = field(default_factory=list)
-    held: dict[int, bytes] = field(default_factory=dict)
-
-
-@dataclass
-class _Frontier:
-    """The digest of a blob's chunks 0..next-1, fed in order as they arrive, so that the
-    blob is verified about when its last chunk lands, without reading it all back."""
-
-    hasher: Any
-    next: int = 0
-    per_chunk: list[tuple[int, bytes]] = field(default_factory=list)  # piece identities
-    lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass
@@ -198,29 +126,27 @@ class BlobReader:
         self.verify = verify
         self.chunk_size_bytes = chunk_size_bytes
         self._nursery = nursery
-        self._inflight: dict[tuple[str, int], trio.Event] = {}
+        self._inflight: Flights[tuple[str, int]] = Flights()  # chunks being fetched
         # pieces being fetched for lone reads: (key, chunk index, piece index) -> done
-        self._pieces_inflight: dict[tuple[str, int, int], trio.Event] = {}
+        self._pieces_inflight: Flights[tuple[str, int, int]] = Flights()
         self.stats = ReaderStatistics()
         self._chunk_sizes: dict[str, int] = {}  # per content key, as recorded in the cache
         # never mutated once fetched, so kept as the bytearray the body was received into
         self._recent: OrderedDict[tuple[str, int], bytearray] = OrderedDict()
-        self._frontiers: dict[str, _Frontier] = {}
-        self._verified: set[str] = set()  # keys known verified (a verified blob stays so)
         self._streams: dict[str, list[_Stream]] = {}
         self._prefetching: set[tuple[str, int]] = set()
         self._seen: set[str] = set()  # keys read at least once by this reader
-        self._failed: set[str] = set()  # keys this reader found failing their digest
-        self._not_failed_until: dict[str, float] = {}  # key -> monotonic time to ask again
-        self._piece_digests: dict[tuple[str, int], bytes] = {}  # piece ids of chunks just fetched
         # chunks fetched and served, being hashed and stored behind the reads (_store_fetched)
         self._storing: dict[tuple[str, int], bytearray] = {}
         self._background_stores = 0
         self._stores_done = trio.Event()
-        self._jobs: dict[str, _Job] = {}
-        self._verifying: dict[str, trio.Event] = {}
-        self._checkpoint_tables: dict[str, gzindex.CheckpointTable] = {}  # by gzip blob digest
-        self._spans: OrderedDict[str, tuple[int, bytes]] = OrderedDict()  # see _compressed_span
+        self._verifier = Verifier(
+            store, chunk_size=self._chunk_size, fetch_slice=self._chunk_slice,
+            in_memory=self._whole_in_memory, forget_memory=self._forget)
+        self._decompressed = DecompressedStreams(
+            store, nursery, chunk_size_bytes=chunk_size_bytes, register=self._register,
+            chunk_size=self._chunk_size, lookup=self._from_memory_or_cache,
+            remember=self._remember, recent=self._recent, fail=self._verifier.fail)
 
     # --- public -------------------------------------------------------------------------------
 
@@ -228,15 +154,7 @@ class BlobReader:
         """The content's size; for a compressed layer this decompresses it (once, cached)."""
         if content.compression is Compression.NONE:
             return content.blob_size
-        state = self.store.blob_state(content.key)
-        if state is not None and state.size >= 0:
-            return state.size
-        job = self._start_job(content)
-        await job.done.wait()
-        if job.error is not None:
-            raise copy_for_waiter(job.error)
-        assert job.size is not None
-        return job.size
+        return await self._decompressed.size(content)
 
     async def read(self, content: Content, offset: int, length: int, *,
                    file_end: int | None = None, file_start: int = 0,
@@ -254,14 +172,18 @@ class BlobReader:
             IntegrityError: the content failed verification, now or before.
             RemoteError, RemoteTimeoutError, AuthError: the registry failed.
         """
-        if content.key not in self._verified:
-            self._check_not_failed(content)
+        if content.key not in self._verifier.verified:
+            self._verifier.check_not_failed(content)
         if content.compression is not Compression.NONE:
-            return await self._read_decompressed(content, offset, length)
+            chunk = self._chunk_size(content)
+            if self.verify is VerifyMode.STRICT:
+                await self.size(content)
+                self._verifier.check_not_failed(content)
+            return await self._decompressed.read(content, chunk, offset, length)
         size = content.blob_size
         chunk = self._chunk_size(content)
-        if self.verify is VerifyMode.STRICT and content.key not in self._verified:
-            await self._ensure_verified(content)
+        if self.verify is VerifyMode.STRICT and content.key not in self._verifier.verified:
+            await self._verifier.ensure_verified(content)
         spans = chunks_covering(offset, length, size, chunk)
         # Index building (no read_ahead) and large reads fetch whole chunks; so do reads of a
         # sequential stream. A lone read elsewhere fetches just the pieces it touches.
@@ -272,14 +194,14 @@ class BlobReader:
         misses_before = self.stats.chunk_misses
         pieces = await self._get_chunks(content, [s.index for s in spans], offset, length, whole)
         data = b"".join(pieces)
-        if self.verify is VerifyMode.EVENTUAL and content.key not in self._verified:
+        if self.verify is VerifyMode.EVENTUAL and content.key not in self._verifier.verified:
             reaches_end = file_end is not None and offset + length >= file_end
             # The completeness check costs a query: make it when it can have changed (this read
             # fetched, or reaches a file's end) and on the first read of the content here.
             first_read = content.key not in self._seen
             self._seen.add(content.key)
             if reaches_end or first_read or self.stats.chunk_misses != misses_before:
-                await self._maybe_verify(content, reaches_end)
+                await self._verifier.maybe_verify(content, reaches_end)
         return data
 
     async def settle(self) -> None:
@@ -292,10 +214,10 @@ class BlobReader:
         """Fetch whatever is missing of ``content`` and check its digest (``cache verify``)."""
         if content.compression is Compression.NONE:
             self._register(content)
-            await self._ensure_verified(content)
+            await self._verifier.ensure_verified(content)
         else:
             await self.size(content)
-            self._check_not_failed(content)
+            self._verifier.check_not_failed(content)
 
     # --- uncompressed content -------------------------------------------------------------
 
@@ -310,22 +232,6 @@ class BlobReader:
     def _chunk_size(self, content: Content) -> int:
         known = self._chunk_sizes.get(content.key)
         return known if known is not None else self._register(content)
-
-    def _check_not_failed(self, content: Content) -> None:
-        """Raise if the blob failed verification, here or in another process (which this asks
-        the cache about at most every FAILED_CHECK_INTERVAL_S: not on every read)."""
-        now = time.monotonic()
-        if content.key not in self._failed and now < self._not_failed_until.get(content.key, 0.0):
-            return
-        state = self.store.blob_state(content.key)
-        if state is None or state.verified != -1:
-            self._not_failed_until[content.key] = now + FAILED_CHECK_INTERVAL_S
-        else:
-            self._not_failed_until.pop(content.key, None)
-            raise IntegrityError(
-                f"layer {content.blob_digest} failed verification earlier and is not served: "
-                f"{state.failure}"
-            )
 
     async def _get_chunks(self, content: Content, indexes: list[int], offset: int,
                           length: int, whole: bool = True) -> list[bytes]:
@@ -368,16 +274,16 @@ class BlobReader:
                 last_piece_end = ((start + length - 1) // PIECE_SIZE_BYTES + 1) * PIECE_SIZE_BYTES
                 whole = start < PIECE_SIZE_BYTES and last_piece_end >= span_length
             while True:
-                event = self._inflight.get((key, idx))
-                if event is None and not whole and length:
+                busy = (key, idx) in self._inflight
+                if not busy and not whole and length:
                     data = await self._fetch_pieces(content, idx, start, length)
                     if data is not None:
                         return data
                     continue  # waited for another reader's pieces, which did not come
-                if event is None:
+                if not busy:
                     buffer = await self._fetch_chunk(content, idx)
                     return memoryview(buffer)[start : start + length].tobytes()
-                await event.wait()
+                await self._inflight.join((key, idx))
                 data = self._from_memory_or_cache(key, idx, start, length)
                 if data is not None:
                     return data
@@ -403,15 +309,12 @@ class BlobReader:
         while last > first and present >> last & 1:
             last -= 1
         wanted = [(key, idx, piece) for piece in range(first, last + 1)]
-        busy = [self._pieces_inflight[entry] for entry in wanted if entry in self._pieces_inflight]
+        busy = [entry for entry in wanted if entry in self._pieces_inflight]
         if busy:
-            for event in busy:
-                await event.wait()
+            for entry in busy:
+                await self._pieces_inflight.join(entry)
             return self._from_memory_or_cache(key, idx, start, length)
-        done = trio.Event()
-        for entry in wanted:
-            self._pieces_inflight[entry] = done
-        try:
+        with self._pieces_inflight.leading(wanted):
             span = chunk_span(idx, content.blob_size, self._chunk_size(content))
             at = first * PIECE_SIZE_BYTES
             buffer = bytearray(min((last + 1) * PIECE_SIZE_BYTES, span.length) - at)
@@ -434,17 +337,6 @@ class BlobReader:
                 return memoryview(buffer)[start - at : start - at + length].tobytes()
             # the rest was cached already (or another reader's, now done): all from the cache
             return self._from_memory_or_cache(key, idx, start, length)
-        finally:
-            for entry in wanted:
-                del self._pieces_inflight[entry]
-            done.set()
-
-    def _still_failed(self, key: str) -> bool:
-        state = self.store.blob_state(key)
-        if state is not None and state.verified == -1:
-            return True
-        self._failed.discard(key)  # the failure was cleared (kitfs cache clear)
-        return False
 
     def _from_memory_or_cache(self, key: str, idx: int, start: int, length: int) -> bytes | None:
         data = self._from_memory(key, idx, start, length)
@@ -466,20 +358,20 @@ class BlobReader:
         while len(self._recent) > RECENT_CHUNKS:
             self._recent.popitem(last=False)
 
+    def _whole_in_memory(self, key: str, idx: int) -> bytes | bytearray | None:
+        """Chunk ``idx`` as held in memory (no copy), or None."""
+        return self._recent.get((key, idx)) or self._storing.get((key, idx))
+
     def _forget(self, key: str) -> None:
+        """Drop ``key``'s chunks from memory (the blob failed its digest)."""
         for entry in [e for e in self._recent if e[0] == key]:
             del self._recent[entry]
-        for entry in [e for e in self._piece_digests if e[0] == key]:
-            del self._piece_digests[entry]
         for entry in [e for e in self._storing if e[0] == key]:
             del self._storing[entry]
-        self._frontiers.pop(key, None)
 
     async def _fetch_chunk(self, content: Content, idx: int) -> bytearray:
         key = content.key
-        event = trio.Event()
-        self._inflight[(key, idx)] = event
-        try:
+        with self._inflight.leading([(key, idx)]):
             span = chunk_span(idx, content.blob_size, self._chunk_size(content))
             buffer = bytearray(span.length)
             await content.registry.fetch_range(
@@ -509,9 +401,6 @@ class BlobReader:
             self._remember(key, idx, buffer)
             self.store.commit(key, idx, prepared)
             return buffer
-        finally:
-            del self._inflight[(key, idx)]
-            event.set()
 
     async def _store_fetched(self, content: Content, idx: int, buffer: bytearray,
                              hashing: bool) -> None:
@@ -531,15 +420,14 @@ class BlobReader:
         key = content.key
         try:
             prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, buffer, hashing)
-            frontier = self._frontiers.get(key)
-            if actual is not None and key not in self._verified and (
-                    frontier is None or frontier.next <= idx):
-                self._piece_digests[(key, idx)] = actual  # for the frontier: no second hash
+            if actual is not None:  # for the frontier: no second hash
+                self._verifier.note_piece_ids(key, idx, actual)
             self._remember(key, idx, buffer)
-            if key in self._failed and self._still_failed(key):
+            if key in self._verifier.failed and self._verifier.still_failed(key):
                 # the blob failed verification while this chunk was on its way: keep nothing
                 self.store.discard(prepared)
                 self._forget(key)
+                self._verifier.forget(key)
                 return
             self.store.commit(key, idx, prepared)
         except KitfsError as exc:  # the chunk stays uncached; a later read fetches it again
@@ -551,112 +439,13 @@ class BlobReader:
         finally:
             if self._storing.get((key, idx)) is buffer:
                 del self._storing[(key, idx)]
-        if hashing and key not in self._verified:
+        if hashing and key not in self._verifier.verified:
             try:
-                await self._advance_frontier(content, fetch_missing=False)
+                await self._verifier.advance_frontier(content, fetch_missing=False)
             except IntegrityError:
-                pass  # logged by _fail; every later read of the blob reports it
+                pass  # logged by Verifier.fail; every later read of the blob reports it
             except KitfsError as exc:
                 log.warning("layer %s: digest frontier stopped: %s", content.blob_digest, exc)
-
-    async def _maybe_verify(self, content: Content, reaches_file_end: bool) -> None:
-        state = self.store.blob_state(content.key)
-        if state is not None and state.verified == 1:
-            self._verified.add(content.key)
-        if state is None or state.verified != 0:
-            return
-        chunk = self._chunk_size(content)
-        total = chunk_count(content.blob_size, chunk)
-        if self.store.cached_chunk_count(content.key) >= total:
-            await self._ensure_verified(content)
-            return
-        if not reaches_file_end:
-            return
-        cached = self.store.cached_chunks(content.key)
-        missing_bytes = sum(
-            chunk_span(i, content.blob_size, chunk).length
-            for i in range(total) if i not in cached
-        )
-        if missing_bytes <= max(NEARLY_COMPLETE_BYTES, content.blob_size // 4):
-            await self._ensure_verified(content)
-
-    async def _ensure_verified(self, content: Content) -> None:
-        """Fetch all missing chunks, hash in order, compare; single-flight per key."""
-        key = content.key
-        while True:
-            state = self.store.blob_state(key)
-            if state is not None and state.verified == 1:
-                self._verified.add(key)
-                return
-            self._check_not_failed(content)
-            if key not in self._verifying:
-                break
-            await self._verifying[key].wait()
-        done = trio.Event()
-        self._verifying[key] = done
-        try:
-            total = chunk_count(content.blob_size, self._chunk_size(content))
-            missing = sorted(set(range(total)) - self.store.cached_chunks(key))
-            limiter = trio.CapacityLimiter(4)
-
-            async def fetch(idx: int) -> None:
-                async with limiter:
-                    await self._chunk_slice(content, idx, 0, 0)
-
-            with collapse_groups():
-                async with trio.open_nursery() as nursery:
-                    for idx in missing:
-                        nursery.start_soon(fetch, idx)
-            await self._advance_frontier(content, fetch_missing=True)
-            if key not in self._verified:  # the chunks hashed so far were dropped meanwhile
-                self._check_not_failed(content)
-                self._frontiers.pop(key, None)
-                await self._advance_frontier(content, fetch_missing=True)
-        finally:
-            del self._verifying[key]
-            done.set()
-
-    async def _advance_frontier(self, content: Content, *, fetch_missing: bool) -> None:
-        """Feed the blob's digest with its chunks in order, from where it stopped, and check
-        it when the last chunk is in. Without ``fetch_missing`` it stops at the first chunk
-        not in memory or the cache (it runs after each fetch: a cold sequential read is
-        verified as its last chunk lands); with it, missing chunks are fetched (through the
-        single-flight path), which ``_ensure_verified`` uses to finish the job."""
-        key = content.key
-        frontier = self._frontiers.get(key)
-        if frontier is None:
-            frontier = self._frontiers[key] = _Frontier(content.blob_digest.hasher())
-        if frontier.lock.locked() and not fetch_missing:
-            return  # another task is advancing it; it will find this chunk too
-        async with frontier.lock:
-            if self._frontiers.get(key) is not frontier:
-                return  # purged or restarted meanwhile
-            chunk = self._chunk_size(content)
-            total = chunk_count(content.blob_size, chunk)
-            while frontier.next < total:
-                span = chunk_span(frontier.next, content.blob_size, chunk)
-                data: bytes | bytearray | None = (self._recent.get((key, frontier.next))
-                                                  or self._storing.get((key, frontier.next)))
-                if data is None:  # not in memory (no copy needed when it is)
-                    data = self.store.read(key, frontier.next, 0, span.length)
-                if data is None:
-                    if not fetch_missing:
-                        return
-                    data = await self._chunk_slice(content, frontier.next, 0, span.length)
-                known = self._piece_digests.pop((key, frontier.next), None)
-                ids = await trio.to_thread.run_sync(_feed, frontier.hasher, data, known)
-                if self._frontiers.get(key) is not frontier:
-                    return  # the blob failed or was purged meanwhile
-                frontier.per_chunk.append((frontier.next, ids))
-                frontier.next += 1
-            del self._frontiers[key]
-            actual = frontier.hasher.hexdigest()
-            if actual != content.blob_digest.hex:
-                self._fail(content, f"content is {content.blob_digest.algorithm}:{actual}, "
-                                    f"expected {content.blob_digest}")
-            self.store.mark_verified(key, frontier.per_chunk)
-            self._verified.add(key)
-            log.info("layer %s verified (%d bytes)", content.blob_digest, content.blob_size)
 
     def _read_ahead(self, content: Content, offset: int, length: int, last_idx: int,
                     end: int) -> bool:
@@ -720,524 +509,9 @@ class BlobReader:
         finally:
             self._prefetching.discard((content.key, idx))
 
-    def _fail(self, content: Content, reason: str) -> None:
-        log.error("layer %s failed verification: %s; purged from the cache",
-                  content.blob_digest, reason)
-        self._forget(content.key)
-        self._failed.add(content.key)
-        self.store.mark_failed(content.key, reason)
-        raise IntegrityError(f"layer {content.blob_digest} failed verification: {reason}")
-
-    # --- compressed content -----------------------------------------------------------------
-
-    async def _read_decompressed(self, content: Content, offset: int, length: int) -> bytes:
-        key = content.key
-        chunk = self._chunk_size(content)
-        if self.verify is VerifyMode.STRICT:
-            await self.size(content)
-            self._check_not_failed(content)
-        out = []
-        position = offset
-        end = offset + length
-        registered: list[tuple[_Job, tuple[int, int]]] = []  # this read's entries in waiting
-        try:
-            while position < end:
-                idx, start = divmod(position, chunk)
-                want = min(end - position, chunk - start)
-                data = self._from_memory_or_cache(key, idx, start, want)
-                job = self._jobs.get(key)
-                if data is None and job is not None:
-                    kept = job.memory.get(idx, job.held.get(idx))
-                    if kept is not None:
-                        data = kept[start : start + want]
-                if data is None and content.compression is Compression.GZIP and (
-                        job is None or job.done.is_set()):
-                    whole = await self._remake(content, idx)
-                    if whole is not None:
-                        data = bytes(memoryview(whole)[start : start + want])
-                if data is None:
-                    state = self.store.blob_state(key)
-                    if state is not None and state.size >= 0 and position >= state.size:
-                        break  # past the end of the content
-                    job = self._start_job(content)
-                    if job.done.is_set():
-                        if job.error is not None:
-                            raise copy_for_waiter(job.error)
-                        if job.size is not None and position >= job.size:
-                            break
-                        self._jobs.pop(key, None)  # cached chunk vanished: decompress again
-                        continue
-                    if all(j is not job for j, _ in registered):
-                        needed = (idx, (end - 1) // chunk)
-                        job.waiting.append(needed)
-                        registered.append((job, needed))
-                    await job.progress.wait()  # woken each time the job stores a chunk
-                    if job.done.is_set() and job.error is not None:
-                        # the job this read waited for failed: report it (the next read tries
-                        # again), rather than start another job at once, and another...
-                        raise copy_for_waiter(job.error)
-                    continue
-                out.append(data)
-                position += len(data)
-                if len(data) < want:
-                    break
-        finally:
-            for job, needed in registered:
-                job.waiting.remove(needed)
-                for i in [i for i in job.held if not _needed(job, i)]:
-                    del job.held[i]
-        return b"".join(out)
-
-    def _start_job(self, content: Content) -> _Job:
-        job = self._jobs.get(content.key)
-        if job is None or (job.done.is_set() and job.error is not None):
-            job = _Job()
-            self._jobs[content.key] = job
-            first_pass = self._gunzip if content.compression is Compression.GZIP else self._unzstd
-            self._nursery.start_soon(first_pass, content, job,
-                                     name=f"decompress {content.blob_digest}")
-        return job
-
-    async def _gunzip(self, content: Content, job: _Job) -> None:
-        """The first pass over a gzip layer (``kitfs.core.gunzip``): indexed_gzip decompresses
-        it once in a worker thread while the compressed ranges are fetched here, one ahead; a
-        second worker thread hashes and writes each chunk as it is made; then the blob digest
-        and the diffId are checked, and each chunk's sha256 and the checkpoints are kept, so
-        that a chunk evicted later is made again from the checkpoint before it (``_remake``)."""
-        key = content.key
-        try:
-            chunk = self._register(content)
-            diff_hasher = hashlib.sha256()
-            chunk_ids: list[tuple[int, bytes]] = []
-            send, receive = trio.open_memory_channel[bytearray | KitfsError](1)
-            pipe = _ChunkPipe()
-
-            def next_piece() -> bytes | bytearray:  # decompressing thread
-                try:
-                    item = trio.from_thread.run(receive.receive)
-                except trio.EndOfChannel:
-                    return b""
-                if isinstance(item, KitfsError):
-                    raise item
-                return item
-
-            def fetch(offset: int, length: int) -> bytes:  # decompressing thread
-                return trio.from_thread.run(self._fetch_bytes, content, offset, length)
-
-            def decompress() -> gunzip.PassResult:  # decompressing thread
-                try:
-                    return gunzip.first_pass(blob, chunk, pipe.put)
-                finally:
-                    pipe.close()
-
-            def store(idx: int, data: bytes) -> None:  # hashing and writing thread
-                diff_hasher.update(data)
-                chunk_ids.append((idx, piece_ids(data)))
-                prepared = self.store.prepare(data)
-                trio.from_thread.run_sync(self._store_made, key, idx, data, prepared, job)
-
-            blob = gunzip.SequentialBlob(content.blob_size, next_piece, fetch,
-                                         content.blob_digest.hasher())
-            try:
-                with collapse_groups():
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._fetch_in_order, content, send)
-                        nursery.start_soon(trio.to_thread.run_sync, pipe.drain, store)
-                        result = await trio.to_thread.run_sync(decompress)
-            except FormatError:
-                if (blob.arrived == content.blob_size
-                        and blob.hasher.hexdigest() != content.blob_digest.hex):
-                    # not the layer's bytes at all (the layer itself may be fine)
-                    self._fail(content, f"compressed content is {blob.hasher.hexdigest()}")
-                raise
-            if blob.hasher.hexdigest() != content.blob_digest.hex:
-                self._fail(content, f"compressed content is {blob.hasher.hexdigest()}")
-            if content.diff_id is not None and diff_hasher.hexdigest() != content.diff_id.hex:
-                self._fail(content, f"decompressed content is sha256:{diff_hasher.hexdigest()}, "
-                                    f"the config's diffId is {content.diff_id}")
-            self.store.mark_verified(key, chunk_ids)
-            self.store.mark_stream_verified(key, result.size_bytes)
-            job.size = result.size_bytes
-            self._keep_checkpoints(content, result)
-        except KitfsError as exc:
-            job.error = exc
-        finally:
-            job.done.set()
-            job.progress.set()
-
-    async def _fetch_in_order(self, content: Content,
-                              send: trio.MemorySendChannel[bytearray | KitfsError]) -> None:
-        """Fetch a compressed blob in ``STREAM_RANGE_BYTES`` ranges, in order, into ``send``;
-        a registry failure goes down the channel too, for the reading side to raise."""
-        async with send:
-            try:
-                for position in range(0, content.blob_size, STREAM_RANGE_BYTES):
-                    piece = bytearray(min(STREAM_RANGE_BYTES, content.blob_size - position))
-                    await content.registry.fetch_range(content.repository, content.blob_digest,
-                                                       content.blob_size, position,
-                                                       memoryview(piece))
-                    await send.send(piece)
-            except KitfsError as exc:
-                await send.send(exc)
-
-    async def _fetch_bytes(self, content: Content, offset: int, length: int) -> bytes:
-        buffer = bytearray(length)
-        await content.registry.fetch_range(content.repository, content.blob_digest,
-                                           content.blob_size, offset, memoryview(buffer))
-        return bytes(buffer)
-
-    def _store_made(self, key: str, idx: int, data: bytes, prepared: PreparedChunk,
-                    job: _Job) -> None:
-        """Record a chunk the first pass made (its file already written) and wake the
-        readers waiting for the job."""
-        if _needed(job, idx):
-            job.held[idx] = data
-        if self.store.has_chunk(key, idx):
-            self.store.discard(prepared)
-        elif not self.store.commit(key, idx, prepared):
-            _keep_uncached(job, idx, data, self.chunk_size_bytes)
-        job.progress.set()
-        job.progress = trio.Event()
-
-    def _keep_checkpoints(self, content: Content, result: gunzip.PassResult) -> None:
-        blob = str(content.blob_digest)
-        table = gzindex.parse_table(result.index)
-        if self.store.put_checkpoints(blob, content.key, result.index):
-            self._checkpoint_tables[blob] = table
-        log.info("layer %s decompressed and verified (%d bytes); %d checkpoints kept (%d bytes)",
-                 content.blob_digest, result.size_bytes, len(table.points), len(result.index))
-
-    async def _remake(self, content: Content, idx: int) -> bytearray | None:
-        """Chunk ``idx`` of a verified gzip layer, made again from the checkpoint before it:
-        only the compressed bytes between the checkpoints around the chunk are fetched, and
-        the chunk is checked against the piece identities the first pass kept. Concurrent calls for one
-        chunk share one fetch. None when there is no usable checkpoint index (or the layer
-        was never verified): the caller then decompresses the layer from the start, which
-        makes a new index.
-
-        Raises:
-            IntegrityError: the chunk made differs from the verified one (logged).
-            RemoteError, RemoteTimeoutError, AuthError: the registry failed.
-        """
-        key = content.key
-        while (event := self._inflight.get((key, idx))) is not None:
-            await event.wait()
-            kept = self._recent.get((key, idx))
-            if kept is None:
-                cached = self.store.read(key, idx, 0, self._chunk_size(content))
-                kept = bytearray(cached) if cached is not None else None
-            if kept is not None:
-                return kept
-        plan = self._remake_plan(content, idx)
-        if plan is None:
-            return None
-        event = trio.Event()
-        self._inflight[(key, idx)] = event
-        try:
-            compressed = await self._compressed_span(content, plan.first_byte, plan.end_byte)
-
-            def fetch(offset: int, length: int) -> bytes:  # worker thread
-                return trio.from_thread.run(self._fetch_bytes, content, offset, length)
-
-            span = gunzip.SpanBlob(content.blob_size, plan.first_byte, compressed, fetch)
-            try:
-                made, prepared = await trio.to_thread.run_sync(
-                    _remake_in_thread, self.store, span, plan)
-            except FormatError as exc:
-                self._drop_checkpoints(content, f"decompressing chunk {idx} from it failed: {exc}")
-                return None
-            if prepared is None:
-                reason = (f"chunk {idx} made again from a checkpoint differs from the verified "
-                          "layer's (BLAKE3 of its pieces)")
-                log.error("layer %s: %s", content.blob_digest, reason)
-                raise IntegrityError(f"layer {content.blob_digest}: {reason}")
-            data = bytearray(made)
-            self._remember(key, idx, data)
-            self.store.commit(key, idx, prepared)
-            log.debug("layer %s: chunk %d made again from a checkpoint (%d compressed bytes)",
-                      content.blob_digest, idx, len(compressed) + span.extra_bytes)
-            return data
-        finally:
-            del self._inflight[(key, idx)]
-            event.set()
-
-    async def _compressed_span(self, content: Content, start: int, end: int) -> bytes:
-        """Compressed bytes ``[start, end)`` of a gzip blob. The spans of the last few chunks
-        made again are kept, and the part of a span they hold comes from memory: consecutive
-        chunks' spans overlap by up to a checkpoint spacing, so a sequential read through an
-        evicted layer fetches each compressed byte about once."""
-        blob = str(content.blob_digest)
-        head: bytes = b""
-        kept = self._spans.get(blob)
-        if kept is not None and kept[0] <= start < kept[0] + len(kept[1]):
-            head = kept[1][start - kept[0] : end - kept[0]]
-        fetch_from = start + len(head)
-        data = head
-        if fetch_from < end:
-            data += await self._fetch_bytes(content, fetch_from, end - fetch_from)
-        self._spans[blob] = (start, data)
-        self._spans.move_to_end(blob)
-        while len(self._spans) > KEPT_SPANS:
-            self._spans.popitem(last=False)
-        return data
-
-    def _remake_plan(self, content: Content, idx: int) -> _RemakePlan | None:
-        """What ``_remake`` needs for chunk ``idx``, or None if it cannot make it."""
-        state = self.store.blob_state(content.key)
-        if state is None or state.verified != 1 or state.size < 0:
-            return None
-        span = chunk_span(idx, state.size, state.chunk_size)
-        expected = self.store.chunk_ids(content.key, idx)
-        if span.length <= 0 or expected is None:
-            return None
-        table = self._checkpoint_table(content, state.size)
-        if table is None:
-            return None
-        blob = str(content.blob_digest)
-        try:
-            before, after = table.around(span.start, span.end)
-            window = None
-            if before.window_at is not None:
-                window = self.store.read_checkpoints(blob, before.window_at,
-                                                     table.header.window_size)
-                if window is None:  # damaged: the store dropped it, and said so
-                    self._checkpoint_tables.pop(blob, None)
-                    return None
-            # the checkpoint after the chunk only bounds the seek; decompression never starts
-            # there, so it goes without its window
-            index = gzindex.subset(table, [(before, window)] + ([(after, None)] if after else []))
-        except FormatError as exc:
-            self._drop_checkpoints(content, str(exc))
-            return None
-        # indexed_gzip reads from the stream's very start (its gzip header) for offset 0
-        first_byte = 0 if span.start == 0 else before.first_byte
-        end_byte = after.compressed_offset if after is not None else content.blob_size
-        end_byte = min(max(end_byte, first_byte + 1), content.blob_size)
-        return _RemakePlan(span.start, span.length, expected, first_byte, end_byte,
-                           table.header.spacing, index)
-
-    def _checkpoint_table(self, content: Content, size: int) -> gzindex.CheckpointTable | None:
-        """The checkpoints of a gzip layer (read from the cache once, then kept), or None when
-        there are none or they are damaged (the cache drops those, with a log line)."""
-        blob = str(content.blob_digest)
-        table = self._checkpoint_tables.get(blob)
-        if table is not None and self.store.has_checkpoints(blob):
-            return table
-        self._checkpoint_tables.pop(blob, None)
-        if not self.store.has_checkpoints(blob):
-            log.info("layer %s: no checkpoint index in the cache; decompressing it from the start",
-                     content.blob_digest)
-            return None
-        head = self.store.read_checkpoints(blob, 0, gzindex.HEADER_BYTES)
-        try:
-            if head is None:
-                return None
-            header = gzindex.parse_header(head)
-            whole_table = self.store.read_checkpoints(blob, 0, header.table_bytes)
-            if whole_table is None:
-                return None
-            table = gzindex.parse_table(whole_table)
-            if (header.compressed_size, header.uncompressed_size) != (content.blob_size, size):
-                raise FormatError(f"it maps {header.compressed_size} bytes to "
-                                  f"{header.uncompressed_size}, the layer {content.blob_size} to "
-                                  f"{size}")
-        except FormatError as exc:
-            self.store.drop_checkpoints(blob, f"{exc}; decompressing the layer from the start")
-            return None
-        self._checkpoint_tables[blob] = table
-        return table
-
-    def _drop_checkpoints(self, content: Content, why: str) -> None:
-        blob = str(content.blob_digest)
-        self._checkpoint_tables.pop(blob, None)
-        self.store.drop_checkpoints(blob, f"{why}; decompressing the layer from the start")
-
-    async def _unzstd(self, content: Content, job: _Job) -> None:
-        """Stream a zstd blob once (generic zstd frames cannot be entered in the middle, so
-        an evicted chunk is made again by decompressing from the start); store decompressed
-        chunks; verify both digests."""
-        key = content.key
-        try:
-            chunk = self._register(content)
-            feed = _zstd_decompressor()
-            compressed_hash = content.blob_digest.hasher()
-            diff_hasher = hashlib.sha256()
-            pending = bytearray()
-            idx = 0
-            produced = 0
-            buffer = bytearray(STREAM_RANGE_BYTES)
-            for position in range(0, content.blob_size, STREAM_RANGE_BYTES):
-                step = min(STREAM_RANGE_BYTES, content.blob_size - position)
-                view = memoryview(buffer)[:step]
-                await content.registry.fetch_range(
-                    content.repository, content.blob_digest, content.blob_size, position, view
-                )
-                compressed_hash.update(view)
-                output = feed(bytes(view))
-                diff_hasher.update(output)
-                pending += output
-                produced += len(output)
-                while len(pending) >= chunk:
-                    self._store_decompressed(key, idx, pending[:chunk], job)
-                    del pending[:chunk]
-                    idx += 1
-                job.progress.set()
-                job.progress = trio.Event()
-            tail = feed(None)
-            diff_hasher.update(tail)
-            pending += tail
-            produced += len(tail)
-            while pending:
-                self._store_decompressed(key, idx, pending[:chunk], job)
-                del pending[:chunk]
-                idx += 1
-            if compressed_hash.hexdigest() != content.blob_digest.hex:
-                self._fail(content, f"compressed content is {compressed_hash.hexdigest()}")
-            if content.diff_id is not None and diff_hasher.hexdigest() != content.diff_id.hex:
-                self._fail(content, f"decompressed content is sha256:{diff_hasher.hexdigest()}, "
-                                    f"the config's diffId is {content.diff_id}")
-            self.store.mark_stream_verified(key, produced)
-            job.size = produced
-        except (KitfsError, zstandard.ZstdError) as exc:
-            if isinstance(exc, zstandard.ZstdError):
-                exc = FormatError(f"layer {content.blob_digest}: cannot decompress: {exc}")
-            job.error = exc
-        finally:
-            job.done.set()
-            job.progress.set()
-
-    def _store_decompressed(self, key: str, idx: int, data: bytes | bytearray, job: _Job) -> None:
-        data = bytes(data)
-        if _needed(job, idx):
-            job.held[idx] = data
-        if not self.store.has_chunk(key, idx) and not self.store.put(key, idx, data):
-            _keep_uncached(job, idx, data, self.chunk_size_bytes)
-
-
-class _ChunkPipe:
-    """Chunks from the thread that decompresses a layer to the one that hashes and writes
-    them, in order, at most two in between, so the two share a first pass's work. When the
-    writing side fails, the decompressing side stops at its next chunk."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-
-    def put(self, idx: int, data: bytes) -> None:
-        if self.error is not None:
-            raise _WriterFailed from self.error
-        self._queue.put((idx, data))
-
-    def close(self) -> None:
-        """No more chunks (the decompressing side is done, or failed)."""
-        self._queue.put(None)
-
-    def drain(self, handle: Callable[[int, bytes], None]) -> None:
-        """Hand each chunk to ``handle`` until ``close``; raise what it raised, if anything
-        (chunks after a failure are taken and dropped, so the other side never blocks)."""
-        while (item := self._queue.get()) is not None:
-            if self.error is None:
-                try:
-                    handle(*item)
-                except BaseException as exc:
-                    self.error = exc
-        if self.error is not None:
-            raise self.error
-
-
-class _WriterFailed(Exception):
-    """The decompressing side stops: the writing side failed (and reports why)."""
-
-
-@dataclass(frozen=True)
-class _RemakePlan:
-    """How to make one chunk of a gzip layer again (see ``BlobReader._remake``)."""
-
-    start: int  # the chunk's decompressed bytes: [start, start + length)
-    length: int
-    ids: bytes  # the piece identities the verified first pass saw
-    first_byte: int  # the compressed bytes to fetch: [first_byte, end_byte)
-    end_byte: int
-    spacing: int
-    index: bytes  # the checkpoints around the chunk (kitfs.format.gzindex.subset)
-
-
-def _remake_in_thread(store: ChunkStore, span: gunzip.SpanBlob,
-                      plan: _RemakePlan) -> tuple[bytes, PreparedChunk | None]:
-    """Decompress a chunk from its checkpoint, hash it, and write its cache file if it is the
-    verified one (worker thread)."""
-    data = gunzip.remake(span, plan.spacing, plan.index, plan.start, plan.length)
-    return data, store.prepare(data) if piece_ids(data) == plan.ids else None
-
-
-def _keep_uncached(job: _Job, idx: int, data: bytes, chunk_size_bytes: int) -> None:
-    """Keep a chunk the cache could not take (disk full) in the job's memory, up to 64 MiB."""
-    job.memory[idx] = data
-    while len(job.memory) * chunk_size_bytes > 64 * 1024 * 1024:
-        job.memory.pop(next(iter(job.memory)))
-
-
-def _needed(job: _Job, idx: int) -> bool:
-    """Does a read waiting on ``job`` still need chunk ``idx``?"""
-    return any(first <= idx <= last for first, last in job.waiting)
-
-
-@contextmanager
-def collapse_groups() -> Iterator[None]:
-    """Re-raise the first ``KitfsError`` of a nursery's exception group as itself."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        inner = unwrap_group(group)
-        if inner is group:
-            raise
-        raise inner from None
-
-
-def _feed(hasher: Any, data: bytes | bytearray, known_ids: bytes | None) -> bytes:
-    """Add ``data`` to the blob's running digest; return the chunk's piece identities (kept,
-    so a chunk fetched again later is checked on its own), computed unless the fetch already
-    did. Runs in a worker thread: hashlib and blake3 release the GIL for large buffers."""
-    hasher.update(data)
-    return known_ids or piece_ids(data)
-
 
 def _prepare(store: ChunkStore, data: bytes | bytearray,
              hashing: bool) -> tuple[PreparedChunk, bytes | None]:
     """A fetched chunk's piece identities (when verifying) and its cache file (worker thread)."""
     ids = piece_ids(data) if hashing else None
     return store.prepare(data), ids
-
-
-def _zstd_decompressor() -> Callable[[bytes | None], bytes]:
-    """A feed function: bytes in, decompressed bytes out; ``None`` checks the stream ended.
-
-    A zstd stream may hold several frames back to back; each is decompressed in turn, and a
-    stream that stops inside one is a ``FormatError``.
-    """
-    def new() -> Any:
-        return zstandard.ZstdDecompressor().decompressobj()
-
-    current = [new()]
-    started = [False]  # has the current frame received any bytes?
-
-    def feed(data: bytes | None) -> bytes:
-        d = current[0]
-        if data is None:
-            if started[0] and not d.eof:
-                raise FormatError("zstd stream is truncated")
-            return b""
-        out = []
-        while data:
-            started[0] = True
-            out.append(d.decompress(data))
-            if not d.eof:
-                break
-            data = d.unused_data  # the next frame
-            current[0] = d = new()
-            started[0] = False
-            if data.strip(b"\0") == b"":
-                break
-        return b"".join(out)
-
-    return feed

@@ -1,0 +1,236 @@
+"""The verification frontier: which blobs are verified, failed, or not yet, and getting there.
+
+Owns ``Verifier``: per blob, the running digest of its chunks fed in order as they arrive
+(``_Frontier``: a cold sequential read is verified as its last chunk lands), the decision
+to fetch the rest of a nearly complete blob and check it (eventual mode), the whole-blob
+check (strict mode, ``kitfs cache verify``; single-flight per blob), what this process
+knows verified or failed, how often it asks the cache whether another process found a blob
+failing, and ``fail``: a mismatch purges the blob, records the failure in the cache and
+raises ``IntegrityError``. ``VerifyState`` names the cache's ``verified`` column (0 not yet,
+1 verified, -1 failed; the database keeps those values). The ``BlobReader`` owns one and hands
+it the cache, its chunk size per content, a way to fetch a chunk's bytes (its single-flight
+read path), a look into its chunk memory and a way to drop a blob from that memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import trio
+
+from kitfs.cache.identity import piece_ids
+from kitfs.cache.store import BlobState, ChunkStore
+from kitfs.core.content import Content
+from kitfs.core.flight import Flights, collapse_groups
+from kitfs.errors import IntegrityError
+from kitfs.format.ranges import chunk_count, chunk_span
+
+log = logging.getLogger("kitfs.core.reader")  # the reader's log lines, as before the split
+
+# "Nearly complete": when a read reaches the end of a file and at most this much (or a quarter)
+# of its blob is missing, fetch the rest and verify before answering.
+NEARLY_COMPLETE_BYTES = 16 * 1024 * 1024
+# How often a reader asks the cache whether another process found a blob failing its digest.
+FAILED_CHECK_INTERVAL_S = 1.0
+
+
+class VerifyState(enum.Enum):
+    """A blob's verification state, as the cache records it (``BlobState.verified``)."""
+
+    NOT_YET = 0
+    VERIFIED = 1
+    FAILED = -1
+
+    @classmethod
+    def of(cls, state: BlobState | None) -> VerifyState | None:
+        """The state of a blob the cache knows (None when it does not know the blob)."""
+        return None if state is None else cls(state.verified)
+
+
+@dataclass
+class _Frontier:
+    """The digest of a blob's chunks 0..next-1, fed in order as they arrive, so that the
+    blob is verified about when its last chunk lands, without reading it all back."""
+
+    hasher: Any
+    next: int = 0
+    per_chunk: list[tuple[int, bytes]] = field(default_factory=list)  # piece identities
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+
+class Verifier:
+    """Verification of the blobs one ``BlobReader`` reads."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        *,
+        chunk_size: Callable[[Content], int],
+        fetch_slice: Callable[[Content, int, int, int], Awaitable[bytes]],
+        in_memory: Callable[[str, int], bytes | bytearray | None],
+        forget_memory: Callable[[str], None],
+    ) -> None:
+        self.store = store
+        self._chunk_size = chunk_size
+        self._fetch_slice = fetch_slice  # bytes [start, start+length) of a chunk, fetched if need be
+        self._in_memory = in_memory  # a whole chunk the reader holds (no copy), or None
+        self._forget_memory = forget_memory
+        self._frontiers: dict[str, _Frontier] = {}
+        self.verified: set[str] = set()  # keys known verified (a verified blob stays so)
+        self.failed: set[str] = set()  # keys this reader found failing their digest
+        self._not_failed_until: dict[str, float] = {}  # key -> monotonic time to ask again
+        self._piece_digests: dict[tuple[str, int], bytes] = {}  # piece ids of chunks just fetched
+        self._verifying: Flights[str] = Flights()
+
+    def note_piece_ids(self, key: str, idx: int, ids: bytes) -> None:
+        """Keep the piece identities a fetch computed for chunk ``idx``, if the frontier has
+        yet to pass it (so it is not hashed a second time)."""
+        frontier = self._frontiers.get(key)
+        if key not in self.verified and (frontier is None or frontier.next <= idx):
+            self._piece_digests[(key, idx)] = ids
+
+    def forget(self, key: str) -> None:
+        """Drop what is kept for ``key``: its frontier and the piece identities waiting for it."""
+        for entry in [e for e in self._piece_digests if e[0] == key]:
+            del self._piece_digests[entry]
+        self._frontiers.pop(key, None)
+
+    def check_not_failed(self, content: Content) -> None:
+        """Raise if the blob failed verification, here or in another process (which this asks
+        the cache about at most every FAILED_CHECK_INTERVAL_S: not on every read)."""
+        now = time.monotonic()
+        if content.key not in self.failed and now < self._not_failed_until.get(content.key, 0.0):
+            return
+        state = self.store.blob_state(content.key)
+        if state is None or VerifyState.of(state) is not VerifyState.FAILED:
+            self._not_failed_until[content.key] = now + FAILED_CHECK_INTERVAL_S
+        else:
+            self._not_failed_until.pop(content.key, None)
+            raise IntegrityError(
+                f"layer {content.blob_digest} failed verification earlier and is not served: "
+                f"{state.failure}"
+            )
+
+    def still_failed(self, key: str) -> bool:
+        state = self.store.blob_state(key)
+        if VerifyState.of(state) is VerifyState.FAILED:
+            return True
+        self.failed.discard(key)  # the failure was cleared (kitfs cache clear)
+        return False
+
+    async def maybe_verify(self, content: Content, reaches_file_end: bool) -> None:
+        state = VerifyState.of(self.store.blob_state(content.key))
+        if state is VerifyState.VERIFIED:
+            self.verified.add(content.key)
+        if state is not VerifyState.NOT_YET:
+            return
+        chunk = self._chunk_size(content)
+        total = chunk_count(content.blob_size, chunk)
+        if self.store.cached_chunk_count(content.key) >= total:
+            await self.ensure_verified(content)
+            return
+        if not reaches_file_end:
+            return
+        cached = self.store.cached_chunks(content.key)
+        missing_bytes = sum(
+            chunk_span(i, content.blob_size, chunk).length
+            for i in range(total) if i not in cached
+        )
+        if missing_bytes <= max(NEARLY_COMPLETE_BYTES, content.blob_size // 4):
+            await self.ensure_verified(content)
+
+    async def ensure_verified(self, content: Content) -> None:
+        """Fetch all missing chunks, hash in order, compare; single-flight per key."""
+        key = content.key
+        while True:
+            if VerifyState.of(self.store.blob_state(key)) is VerifyState.VERIFIED:
+                self.verified.add(key)
+                return
+            self.check_not_failed(content)
+            if not self._verifying.busy(key):
+                break
+            await self._verifying.join(key)
+        async with self._verifying.leader(key):
+            total = chunk_count(content.blob_size, self._chunk_size(content))
+            missing = sorted(set(range(total)) - self.store.cached_chunks(key))
+            limiter = trio.CapacityLimiter(4)
+
+            async def fetch(idx: int) -> None:
+                async with limiter:
+                    await self._fetch_slice(content, idx, 0, 0)
+
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    for idx in missing:
+                        nursery.start_soon(fetch, idx)
+            await self.advance_frontier(content, fetch_missing=True)
+            if key not in self.verified:  # the chunks hashed so far were dropped meanwhile
+                self.check_not_failed(content)
+                self._frontiers.pop(key, None)
+                await self.advance_frontier(content, fetch_missing=True)
+
+    async def advance_frontier(self, content: Content, *, fetch_missing: bool) -> None:
+        """Feed the blob's digest with its chunks in order, from where it stopped, and check
+        it when the last chunk is in. Without ``fetch_missing`` it stops at the first chunk
+        not in memory or the cache (it runs after each fetch: a cold sequential read is
+        verified as its last chunk lands); with it, missing chunks are fetched (through the
+        single-flight path), which ``ensure_verified`` uses to finish the job."""
+        key = content.key
+        frontier = self._frontiers.get(key)
+        if frontier is None:
+            frontier = self._frontiers[key] = _Frontier(content.blob_digest.hasher())
+        if frontier.lock.locked() and not fetch_missing:
+            return  # another task is advancing it; it will find this chunk too
+        async with frontier.lock:
+            if self._frontiers.get(key) is not frontier:
+                return  # purged or restarted meanwhile
+            chunk = self._chunk_size(content)
+            total = chunk_count(content.blob_size, chunk)
+            while frontier.next < total:
+                span = chunk_span(frontier.next, content.blob_size, chunk)
+                data = self._in_memory(key, frontier.next)
+                if data is None:  # not in memory (no copy needed when it is)
+                    data = self.store.read(key, frontier.next, 0, span.length)
+                if data is None:
+                    if not fetch_missing:
+                        return
+                    data = await self._fetch_slice(content, frontier.next, 0, span.length)
+                known = self._piece_digests.pop((key, frontier.next), None)
+                ids = await trio.to_thread.run_sync(_feed, frontier.hasher, data, known)
+                if self._frontiers.get(key) is not frontier:
+                    return  # the blob failed or was purged meanwhile
+                frontier.per_chunk.append((frontier.next, ids))
+                frontier.next += 1
+            del self._frontiers[key]
+            actual = frontier.hasher.hexdigest()
+            if actual != content.blob_digest.hex:
+                self.fail(content, f"content is {content.blob_digest.algorithm}:{actual}, "
+                                    f"expected {content.blob_digest}")
+            self.store.mark_verified(key, frontier.per_chunk)
+            self.verified.add(key)
+            log.info("layer %s verified (%d bytes)", content.blob_digest, content.blob_size)
+
+    def fail(self, content: Content, reason: str) -> NoReturn:
+        """Record that ``content`` failed its digest (logged; purged; in the cache) and raise."""
+        log.error("layer %s failed verification: %s; purged from the cache",
+                  content.blob_digest, reason)
+        self._forget_memory(content.key)
+        self.forget(content.key)
+        self.failed.add(content.key)
+        self.store.mark_failed(content.key, reason)
+        raise IntegrityError(f"layer {content.blob_digest} failed verification: {reason}")
+
+
+def _feed(hasher: Any, data: bytes | bytearray, known_ids: bytes | None) -> bytes:
+    """Add ``data`` to the blob's running digest; return the chunk's piece identities (kept,
+    so a chunk fetched again later is checked on its own), computed unless the fetch already
+    did. Runs in a worker thread: hashlib and blake3 release the GIL for large buffers."""
+    hasher.update(data)
+    return known_ids or piece_ids(data)
+
