@@ -46,10 +46,11 @@ RECV_SIZE_BYTES = 256 * 1024
 # (and copied) on the trio thread, so not too much; a 4 KiB range still comes in one piece.
 HEAD_RECV_BYTES = 16 * 1024
 IDLE_CONNECTIONS_PER_ORIGIN = 8
-# A body at least this long is received by a worker thread. Measured on 2 cores with the
-# registry on them, 4 MiB ranges: the trio thread's CPU per GiB fell from about 0.5-0.6 s to
-# 0.2 s, the process's stayed the same or fell; the hand-off to the thread and back costs
-# about 0.2-0.3 ms of CPU per body, more than it saves the trio thread below about 1 MiB.
+# A body at least this long is received by a worker thread. Measured (2 cores shared with the
+# registry; CPU seconds per GiB fetched in ranges, trio thread / whole process): 4 MiB ranges
+# 0.65-0.8 / 0.65-0.8 on the trio thread, 0.15-0.25 / 0.45-0.55 in a thread; 1 MiB 1.1-1.3 /
+# 1.1-1.3 against 0.6-0.7 / 1.0-1.1; at 256-512 KiB the hand-off costs the process 0.2-0.5 s
+# more than it saves the trio thread (0.1-0.3 s).
 THREAD_RECEIVE_MIN_BYTES = 1024 * 1024
 
 _T = TypeVar("_T")
