@@ -247,7 +247,7 @@ async def test_concurrent_reads_of_one_evicted_chunk_share_one_fetch(
             offset = 5 * CHUNK + 1000  # inside chunk 5
 
             async def read(n: int, reader: BlobReader) -> None:
-                results[n] = await reader.read(content, offset + n * 4096, 4096)
+                results[n] = bytes(await reader.read(content, offset + n * 4096, 4096))
 
             async with trio.open_nursery() as nursery:
                 reader = BlobReader(store, nursery, VerifyMode.EVENTUAL)

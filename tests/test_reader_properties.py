@@ -208,8 +208,8 @@ def test_concurrent_overlapping_reads_fetch_each_chunk_once(
     async def body(reader: BlobReader, store: ChunkStore) -> None:
         async def reader_task(plan: list[tuple[int, int]]) -> None:
             for offset, length in plan:
-                results.append((offset, length, await reader.read(
-                    content, offset, length, file_end=size if offset + length >= size else None)))
+                results.append((offset, length, bytes(await reader.read(
+                    content, offset, length, file_end=size if offset + length >= size else None))))
 
         async with trio.open_nursery() as nursery:
             for plan in plans:
@@ -317,7 +317,7 @@ def test_strict_mode_never_returns_a_byte_of_a_tampered_blob(
         async def reader_task(plan: list[tuple[int, int]]) -> None:
             for offset, length in plan:
                 try:
-                    returned.append(await reader.read(content, offset, length))
+                    returned.append(bytes(await reader.read(content, offset, length)))
                 except IntegrityError:
                     pass
                 else:
@@ -572,7 +572,7 @@ def test_evicted_gzip_chunks_are_made_from_checkpoints_with_the_right_bytes(
             results: list[bytes] = []
 
             async def read(at: int, into: list[bytes]) -> None:
-                into.append(await reader.read(content, at, 3000))
+                into.append(bytes(await reader.read(content, at, 3000)))
 
             async with trio.open_nursery() as nursery:
                 for _ in range(3):

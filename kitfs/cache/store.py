@@ -60,7 +60,9 @@ trio thread, as s3ql does. Nothing here knows about registries or trio.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import mmap
 import os
 import shutil
 import sqlite3
@@ -89,6 +91,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_SIZE_BYTES = 64 * 1024  # checksum granularity: a 4 KiB read checks at most 2 blocks
 _SUM = struct.Struct("<Q")  # one block's xxh3 in a row's ``xxh3`` column
+_DIRECT_ALIGN_BYTES = 4096  # O_DIRECT: buffer address, file offset and length multiples of it
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How many chunk reads to remember before writing their access times to the database.
 _ACCESS_FLUSH_EVERY = 256
@@ -189,6 +192,8 @@ class ChunkStore:
         # another process removed meanwhile shows up as a missing file, as before.
         self._rows: OrderedDict[tuple[str, int], tuple[int, bytes, bytes | None]] = OrderedDict()
         self._writes_paused_until = 0.0  # time.monotonic(): see _pause_writes
+        # chunk files are written with O_DIRECT where the file system takes it (see _write_all)
+        self._direct_writes: bool | None = None  # not known yet
 
     def close(self) -> None:
         self._flush_access_times()
@@ -401,9 +406,9 @@ class ChunkStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                if self._direct_writes is None:
+                    self._direct_writes = _direct_writes_work(tmp.parent)
+                _write_all(fd, memoryview(data), self._direct_writes)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -985,6 +990,52 @@ def _read_checked(path: Path, file_length: int, sums: bytes, offset: int, length
     if offset == start and end == stop:
         return data
     return data[offset - start : end - start]
+
+
+def _direct_writes_work(directory: Path) -> bool:
+    """Whether files in ``directory`` take O_DIRECT writes (tmpfs does not), tried once."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = directory / f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}-direct"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+        try:
+            with mmap.mmap(-1, _DIRECT_ALIGN_BYTES) as page:  # page-aligned
+                os.write(fd, page)
+        finally:
+            os.close(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        _unlink_quietly(probe)
+
+
+def _write_all(fd: int, view: memoryview, direct: bool) -> None:
+    """Write ``view`` to the new file ``fd``: with ``direct``, its whole 4 KiB blocks with
+    O_DIRECT (the kernel takes them only from a page-aligned buffer: the reader receives
+    chunks into anonymous mmaps; from any other it refuses at once, and the write goes through
+    the page cache), then the rest through the page cache.
+
+    Why O_DIRECT: a chunk's bytes are already on their way into the kernel's page cache of the
+    FUSE file that reads them; writing them through the page cache again made a second copy in
+    memory and cost the most CPU of any step of a cold read here (3.4 s per GiB right after the
+    page cache was dropped, 0.44 s once warm), where O_DIRECT costs 0.1 s per GiB."""
+    done = 0
+    aligned = len(view) // _DIRECT_ALIGN_BYTES * _DIRECT_ALIGN_BYTES
+    if direct and aligned:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            while done < aligned:
+                done += os.write(fd, view[done:aligned])
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: not an aligned buffer
+                raise
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    while done < len(view):
+        done += os.write(fd, view[done:])
 
 
 def _has_pieces(present: bytes, offset: int, length: int) -> bool:

@@ -27,7 +27,7 @@ import zstandard
 from kitfs.cache.identity import piece_ids
 from kitfs.cache.store import ChunkStore, PreparedChunk
 from kitfs.core import gunzip, unzstd
-from kitfs.core.content import Content
+from kitfs.core.content import ChunkBuffer, Content
 from kitfs.core.flight import Flights, collapse_groups
 from kitfs.errors import FormatError, IntegrityError, KitfsError, copy_for_waiter
 from kitfs.format import gzindex
@@ -71,9 +71,9 @@ class DecompressedStreams:
         chunk_size_bytes: int,
         register: Callable[[Content], int],
         chunk_size: Callable[[Content], int],
-        lookup: Callable[[str, int, int, int], bytes | None],
-        remember: Callable[[str, int, bytearray], None],
-        recent: OrderedDict[tuple[str, int], bytearray],
+        lookup: Callable[[str, int, int, int], bytes | memoryview | None],
+        remember: Callable[[str, int, ChunkBuffer], None],
+        recent: OrderedDict[tuple[str, int], ChunkBuffer],
         fail: Callable[[Content, str], NoReturn],
     ) -> None:
         self.store = store
@@ -278,11 +278,11 @@ class DecompressedStreams:
         log.info("layer %s decompressed and verified (%d bytes); %d checkpoints kept (%d bytes)",
                  content.blob_digest, result.size_bytes, len(table.points), len(result.index))
 
-    async def _remake(self, content: Content, idx: int) -> bytearray | None:
+    async def _remake(self, content: Content, idx: int) -> ChunkBuffer | None:
         """Chunk ``idx`` of a verified gzip layer, made again from the checkpoint before it:
         only the compressed bytes between the checkpoints around the chunk are fetched, and
-        the chunk is checked against the piece identities the first pass kept. Concurrent calls for one
-        chunk share one fetch. None when there is no usable checkpoint index (or the layer
+        the chunk is checked against the piece identities the first pass kept. Concurrent
+        calls for one chunk share one fetch. None when there is no usable checkpoint index (or the layer
         was never verified): the caller then decompresses the layer from the start, which
         makes a new index.
 

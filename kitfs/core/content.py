@@ -1,5 +1,5 @@
 """What the read path reads: ``Content`` (a blob as stored, or a compressed blob's
-decompressed stream, and where it is kept in the cache) and ``VerifyMode``."""
+decompressed stream, and where it is kept in the cache), ``VerifyMode`` and ``ChunkBuffer``."""
 
 from __future__ import annotations
 
@@ -42,3 +42,7 @@ class Content:
         prefix = "gunzip" if self.compression is Compression.GZIP else "unzstd"
         return f"{prefix}:{self.blob_digest}"
 
+
+# A chunk held in memory: the buffer its range was received into, or a view of it when one
+# range brought several chunks. Never mutated once fetched.
+ChunkBuffer = bytearray | memoryview

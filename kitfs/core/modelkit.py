@@ -416,7 +416,7 @@ class KitSession:
 
     # --- reading ----------------------------------------------------------------------------
 
-    async def read_file(self, kit: ModelKit, node: Node, offset: int, length: int) -> bytes:
+    async def read_file(self, kit: ModelKit, node: Node, offset: int, length: int) -> bytes | memoryview:
         """Bytes ``[offset, offset+length)`` of a file of the kit (short at end of file)."""
         if node.is_dir or node.source is None:
             raise IsADirectoryError(node.path)

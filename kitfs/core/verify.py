@@ -25,7 +25,7 @@ import trio
 
 from kitfs.cache.identity import piece_ids
 from kitfs.cache.store import BlobState, ChunkStore
-from kitfs.core.content import Content
+from kitfs.core.content import ChunkBuffer, Content
 from kitfs.core.flight import Flights, collapse_groups
 from kitfs.errors import IntegrityError
 from kitfs.format.ranges import chunk_count, chunk_span
@@ -37,6 +37,10 @@ log = logging.getLogger("kitfs.core.reader")  # the reader's log lines, as befor
 NEARLY_COMPLETE_BYTES = 16 * 1024 * 1024
 # How often a reader asks the cache whether another process found a blob failing its digest.
 FAILED_CHECK_INTERVAL_S = 1.0
+# Chunks fetched ahead of the frontier (out of order, or faster than it hashes) whose bytes it
+# keeps, so that it hashes them from memory rather than read them back from the cache file
+# (written with O_DIRECT: a read from the disk, on the trio thread).
+KEPT_FOR_FRONTIER = 16
 
 
 class VerifyState(enum.Enum):
@@ -72,8 +76,8 @@ class Verifier:
         store: ChunkStore,
         *,
         chunk_size: Callable[[Content], int],
-        fetch_slice: Callable[[Content, int, int, int], Awaitable[bytes]],
-        in_memory: Callable[[str, int], bytes | bytearray | None],
+        fetch_slice: Callable[[Content, int, int, int], Awaitable[bytes | memoryview]],
+        in_memory: Callable[[str, int], ChunkBuffer | None],
         forget_memory: Callable[[str], None],
     ) -> None:
         self.store = store
@@ -85,20 +89,34 @@ class Verifier:
         self.verified: set[str] = set()  # keys known verified (a verified blob stays so)
         self.failed: set[str] = set()  # keys this reader found failing their digest
         self._not_failed_until: dict[str, float] = {}  # key -> monotonic time to ask again
-        self._piece_digests: dict[tuple[str, int], bytes] = {}  # piece ids of chunks just fetched
+        # chunks just fetched that the frontier has yet to pass: their piece identities (not
+        # computed twice) and, for the nearest ones, their bytes (not read back from the cache)
+        self._fetched: dict[tuple[str, int], tuple[bytes, ChunkBuffer | None]] = {}
         self._verifying: Flights[str] = Flights()
 
-    def note_piece_ids(self, key: str, idx: int, ids: bytes) -> None:
-        """Keep the piece identities a fetch computed for chunk ``idx``, if the frontier has
-        yet to pass it (so it is not hashed a second time)."""
+    def note_fetched(self, key: str, idx: int, ids: bytes, data: ChunkBuffer) -> None:
+        """Keep what the frontier needs of chunk ``idx``, just fetched, if it has yet to pass
+        it: the piece identities computed (so it is not hashed twice) and, for at most
+        ``KEPT_FOR_FRONTIER`` chunks, the bytes (so they are not read back from the cache)."""
         frontier = self._frontiers.get(key)
-        if key not in self.verified and (frontier is None or frontier.next <= idx):
-            self._piece_digests[(key, idx)] = ids
+        if key in self.verified or (frontier is not None and frontier.next > idx):
+            return
+        self._fetched[(key, idx)] = (ids, data)
+        holding = [entry for entry, (_, kept) in self._fetched.items() if kept is not None]
+        if len(holding) > KEPT_FOR_FRONTIER:  # let go of the bytes of the one furthest ahead
+            furthest = max(holding, key=lambda entry: entry[1])
+            self._fetched[furthest] = (self._fetched[furthest][0], None)
+
+    def hashing_at(self, key: str) -> int | None:
+        """The chunk the frontier of ``key`` is hashing its way to while it is at work, else
+        None (verified, not started, or waiting for a chunk nobody has fetched)."""
+        frontier = self._frontiers.get(key)
+        return frontier.next if frontier is not None and frontier.lock.locked() else None
 
     def forget(self, key: str) -> None:
         """Drop what is kept for ``key``: its frontier and the piece identities waiting for it."""
-        for entry in [e for e in self._piece_digests if e[0] == key]:
-            del self._piece_digests[entry]
+        for entry in [e for e in self._fetched if e[0] == key]:
+            del self._fetched[entry]
         self._frontiers.pop(key, None)
 
     def check_not_failed(self, content: Content) -> None:
@@ -194,14 +212,19 @@ class Verifier:
             total = chunk_count(content.blob_size, chunk)
             while frontier.next < total:
                 span = chunk_span(frontier.next, content.blob_size, chunk)
-                data = self._in_memory(key, frontier.next)
+                fetched = self._fetched.pop((key, frontier.next), None)
+                known = fetched[0] if fetched is not None else None
+                data: bytes | ChunkBuffer | None = fetched[1] if fetched is not None else None
                 if data is None:  # not in memory (no copy needed when it is)
+                    data = self._in_memory(key, frontier.next)
+                if data is None:
                     data = self.store.read(key, frontier.next, 0, span.length)
                 if data is None:
                     if not fetch_missing:
+                        if known is not None:  # for when the chunk is here
+                            self._fetched[(key, frontier.next)] = (known, None)
                         return
                     data = await self._fetch_slice(content, frontier.next, 0, span.length)
-                known = self._piece_digests.pop((key, frontier.next), None)
                 ids = await trio.to_thread.run_sync(_feed, frontier.hasher, data, known)
                 if self._frontiers.get(key) is not frontier:
                     return  # the blob failed or was purged meanwhile
@@ -227,7 +250,7 @@ class Verifier:
         raise IntegrityError(f"layer {content.blob_digest} failed verification: {reason}")
 
 
-def _feed(hasher: Any, data: bytes | bytearray, known_ids: bytes | None) -> bytes:
+def _feed(hasher: Any, data: bytes | ChunkBuffer, known_ids: bytes | None) -> bytes:
     """Add ``data`` to the blob's running digest; return the chunk's piece identities (kept,
     so a chunk fetched again later is checked on its own), computed unless the fetch already
     did. Runs in a worker thread: hashlib and blake3 release the GIL for large buffers."""

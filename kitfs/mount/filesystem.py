@@ -216,7 +216,9 @@ class KitFilesystem(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        # pyfuse3 replies with any buffer (PyObject_GetBuffer, fuse_reply_buf): a view of a
+        # chunk held in memory goes to the kernel without a copy of its own
         node = self._node(fh)
         try:
             data = await self.session.read_file(self.kit, node, off, size)
