@@ -332,7 +332,7 @@ def test_cache_verify_does_not_count_chunks_another_process_evicts_meanwhile(
         calls: list[int] = []
 
         def read_while_another_process_evicts(key: str, idx: int, offset: int,
-                                              length: int) -> bytes | None:
+                                              length: int) -> bytes | memoryview | None:
             calls.append(idx)
             if len(calls) == 2:
                 evictor.evict(0)  # everything goes, the two chunks not yet checked too

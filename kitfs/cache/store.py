@@ -357,7 +357,7 @@ class ChunkStore:
             return 0
         return -1 if row[0] is None else int.from_bytes(row[0], "little")
 
-    def read(self, key: str, idx: int, offset: int, length: int) -> bytes | None:
+    def read(self, key: str, idx: int, offset: int, length: int) -> bytes | memoryview | None:
         """Bytes ``[offset, offset+length)`` of chunk ``idx``, checked; None on a miss (also
         when the chunk is partial and lacks a piece the range touches).
 
@@ -671,7 +671,8 @@ class ChunkStore:
         if row is None:
             return None
         try:
-            data = _read_checked(self.checkpoints_path(blob), row[0], row[1], offset, length)
+            data = bytes(_read_checked(self.checkpoints_path(blob), row[0], row[1], offset,
+                                       length))
         except FileNotFoundError:
             if self.has_checkpoints(blob) and not self.checkpoints_path(blob).exists():
                 self.drop_checkpoints(blob, "its file is missing")
@@ -954,9 +955,11 @@ class _Damaged(Exception):
     """A cached file that is short, unreadable, or fails its checksums (the message says how)."""
 
 
-def _read_checked(path: Path, file_length: int, sums: bytes, offset: int, length: int) -> bytes:
+def _read_checked(path: Path, file_length: int, sums: bytes, offset: int,
+                  length: int) -> bytes | memoryview:
     """Bytes ``[offset, offset+length)`` of a cached file of ``file_length`` bytes, each 64 KiB
-    block they touch checked against ``sums``.
+    block they touch checked against ``sums`` (a view of the blocks read when the range does
+    not start and end on blocks: no copy).
 
     Raises:
         FileNotFoundError: the file is not there.
@@ -989,7 +992,7 @@ def _read_checked(path: Path, file_length: int, sums: bytes, offset: int, length
             raise _Damaged(f"block {block} fails its xxh3 checksum")
     if offset == start and end == stop:
         return data
-    return data[offset - start : end - start]
+    return view[offset - start : end - start]
 
 
 def _direct_writes_work(directory: Path) -> bool:
