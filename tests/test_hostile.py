@@ -587,7 +587,8 @@ def test_hostile_kits_leave_another_mount_and_the_cache_untouched(
     with running(FaultProxy(registry.host)) as proxy:
         proxy.add(Rule("forward", path="/isolation/big/manifests/", times=None,
                        body=b'{"schemaVersion":2,"pad":"' + b"x" * (8 * MiB) + b'"}'))
-        forged = weights[:MiB] + b"\0" + weights[MiB + 1 :]  # the victim's layer, one byte off
+        # the victim's layer, one byte off (flipped: a byte set to 0 may have been 0 already)
+        forged = weights[:MiB] + bytes([weights[MiB] ^ 0xFF]) + weights[MiB + 1 :]
         proxy.add(Rule("forward", path=f"/blobs/{good.digest}", times=None,
                        body=good.data.replace(weights, forged)))
         via_proxy = victim_reference.replace(registry.host, proxy.host)
@@ -625,7 +626,8 @@ def test_a_verified_layer_refetched_from_a_forging_registry_is_refused_chunk_by_
     chunk_files = sorted(p for p in (cache_dir / "chunks").rglob("*") if p.is_file())
     assert len(chunk_files) == 3
     chunk_files[1].unlink()  # chunk 1 (bytes 4-8 MiB) must come from the registry again
-    forged = layer.data.replace(weights, weights[: 5 * MiB] + b"\0" + weights[5 * MiB + 1 :])
+    flipped = bytes([weights[5 * MiB] ^ 0xFF])  # not b"\0": one time in 256 that is the byte
+    forged = layer.data.replace(weights, weights[: 5 * MiB] + flipped + weights[5 * MiB + 1 :])
     with running(FaultProxy(registry.host)) as proxy:
         proxy.add(Rule("forward", path=f"/blobs/{layer.digest}", body=forged, times=None))
         result = run_kitfs(cache_dir, "cat", reference.replace(registry.host, proxy.host),
