@@ -43,6 +43,17 @@ class Mount:
         record: dict[str, Any] = json.loads((self.runtime_dir / f"{self.pid}.json").read_text())
         return record
 
+    def settled_status(self, field: str, tries: int = 5) -> dict[str, Any]:
+        """The status record once ``field`` stopped moving between two records (a busy daemon
+        may write its record late: one read just after a read ends can miss its tail)."""
+        record = self.status()
+        for _ in range(tries):
+            again = self.status()
+            if again[field] == record[field]:
+                return again
+            record = again
+        return record
+
     @property
     def mounted(self) -> bool:
         found = find_mount(self.path)

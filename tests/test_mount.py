@@ -433,7 +433,7 @@ def test_page_cache_is_kept_between_opens(mounter: Mounter, kit: str) -> None:
     mount = mounter.mount(kit)
     path = mount.path / "data/table.parquet"
     assert path.read_bytes() == PARQUET
-    served = mount.status()["bytes_served"]
+    served = mount.settled_status("bytes_served")["bytes_served"]
     assert path.read_bytes() == PARQUET  # second open: from the kernel's page cache
     # Almost all of it: now and then the kernel asks the daemon again for a few pages (seen:
     # 1 and 7 pages of 16,657). Not kitfs: this VM runs DAMON (kdamond.0, paddr "pageout"
