@@ -40,7 +40,7 @@ FAILED_CHECK_INTERVAL_S = 1.0
 # Chunks fetched ahead of the frontier (out of order, or faster than it hashes) whose bytes it
 # keeps, so that it hashes them from memory rather than read them back from the cache file
 # (written with O_DIRECT: a read from the disk, on the trio thread).
-KEPT_FOR_FRONTIER = 16
+KEPT_FOR_FRONTIER = 12
 
 
 class VerifyState(enum.Enum):
@@ -107,11 +107,14 @@ class Verifier:
             furthest = max(holding, key=lambda entry: entry[1])
             self._fetched[furthest] = (self._fetched[furthest][0], None)
 
-    def hashing_at(self, key: str) -> int | None:
-        """The chunk the frontier of ``key`` is hashing its way to while it is at work, else
-        None (verified, not started, or waiting for a chunk nobody has fetched)."""
+    def frontier_at(self, key: str) -> int | None:
+        """The next chunk the digest of ``key`` needs, or None (verified, or not started)."""
         frontier = self._frontiers.get(key)
-        return frontier.next if frontier is not None and frontier.lock.locked() else None
+        return frontier.next if frontier is not None else None
+
+    def holds(self, key: str, idx: int) -> bool:
+        """Whether chunk ``idx`` waits here for the frontier (fetched ahead of it)."""
+        return (key, idx) in self._fetched
 
     def forget(self, key: str) -> None:
         """Drop what is kept for ``key``: its frontier and the piece identities waiting for it."""
