@@ -57,8 +57,9 @@ class FakeRegistry:
         self._random = random.Random(self.seed)
 
     async def fetch_range(self, repository: str, digest: Digest, blob_size: int, offset: int,
-                          into: memoryview) -> None:
-        length = len(into)
+                          into: memoryview | tuple[memoryview, ...]) -> None:
+        views = (into,) if isinstance(into, memoryview) else into
+        length = sum(len(view) for view in views)
         if length == 0:
             return
         assert blob_size == len(self.served)
@@ -66,7 +67,9 @@ class FakeRegistry:
         self.requests.append((offset, length))
         # a checkpoint at least: other readers run meanwhile, in a seeded random order
         await trio.sleep(self._random.random() * self.delay_s)
-        into[:] = self.served[offset : offset + length]
+        for view in views:  # several buffers are filled one after the other
+            view[:] = self.served[offset : offset + len(view)]
+            offset += len(view)
 
 
 def make_content(fake: FakeRegistry, genuine: bytes) -> Content:
@@ -382,7 +385,7 @@ class GatedRegistry(FakeRegistry):
     gates: list[tuple[int, trio.Event]] = field(default_factory=list)
 
     async def fetch_range(self, repository: str, digest: Digest, blob_size: int, offset: int,
-                          into: memoryview) -> None:
+                          into: memoryview | tuple[memoryview, ...]) -> None:
         gate = trio.Event()
         self.gates.append((offset, gate))
         await gate.wait()

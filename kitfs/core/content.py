@@ -43,6 +43,6 @@ class Content:
         return f"{prefix}:{self.blob_digest}"
 
 
-# A chunk held in memory: the buffer its range was received into, or a view of it when one
-# range brought several chunks. Never mutated once fetched.
+# A chunk held in memory: the buffer it was received into (a view of it, or of the cache
+# blocks it was read from). Never mutated once fetched.
 ChunkBuffer = bytearray | memoryview

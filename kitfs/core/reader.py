@@ -89,9 +89,7 @@ MAX_PREFETCH_CHUNKS = 8
 # Read-ahead asks for several chunks in one range once the window is wide enough (half the
 # window, at most this many): the registry spends about 4.6 ms of CPU per request here, on
 # the cores kitfs shares with it (1.84 s per GiB in 4 MiB ranges, 1.10 in 16 MiB ranges).
-# Not more than 2: a chunk kept in memory is a view of its range's buffer and keeps all of
-# it alive; with runs of 4 the daemon's peak RSS went from ~160 to ~250 MiB.
-MAX_RUN_CHUNKS = 2
+MAX_RUN_CHUNKS = 4
 # Read-ahead waits while the blob's digest (hashed in order, on one core) is this many chunks
 # behind what was fetched: fetching further only made chunks the digest then had to read
 # back from the cache, on the trio thread. Reads themselves never wait for it.
@@ -390,20 +388,20 @@ class BlobReader:
 
     async def _fetch_chunks(self, content: Content, first: int, count: int) -> list[ChunkBuffer]:
         """Fetch chunks ``first`` .. ``first + count - 1`` in one range (none of them may be in
-        flight) and hand each to ``_accept``; their buffers are views of one bytearray."""
+        flight) and hand each to ``_accept``."""
         key = content.key
         chunk = self._chunk_size(content)
         spans = [chunk_span(i, content.blob_size, chunk) for i in range(first, first + count)]
         with self._inflight.leading([(key, span.index) for span in spans]):
-            # page-aligned, so the cache can write chunks from it with O_DIRECT (no copy)
-            buffer = memoryview(mmap.mmap(-1, spans[-1].end - spans[0].start,
-                                          flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+            # a buffer per chunk (a chunk kept in memory keeps no other alive), page-aligned so
+            # that the cache writes it with O_DIRECT (no copy); one range fills them in turn
+            buffers = tuple(memoryview(mmap.mmap(-1, span.length,
+                                                 flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+                            for span in spans)
             await content.registry.fetch_range(content.repository, content.blob_digest,
-                                               content.blob_size, spans[0].start, buffer)
-            at = spans[0].start
-            return [await self._accept(content, span.index,
-                                       buffer[span.start - at : span.end - at])
-                    for span in spans]
+                                               content.blob_size, spans[0].start, buffers)
+            return [await self._accept(content, span.index, buffer)
+                    for span, buffer in zip(spans, buffers, strict=True)]
 
     async def _accept(self, content: Content, idx: int, buffer: ChunkBuffer) -> ChunkBuffer:
         """A chunk just fetched: served at once and stored behind the reads, or, for a

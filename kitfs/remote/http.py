@@ -54,6 +54,8 @@ IDLE_CONNECTIONS_PER_ORIGIN = 8
 THREAD_RECEIVE_MIN_BYTES = 1024 * 1024
 
 _T = TypeVar("_T")
+# Where a body goes: one buffer, or several filled one after the other.
+Into = memoryview | tuple[memoryview, ...]
 
 
 class TransportError(Exception):
@@ -179,7 +181,7 @@ class HttpClient:
         url: str,
         headers: dict[str, str],
         *,
-        into: memoryview | None = None,
+        into: Into | None = None,
         skip_on_200: int = 0,
         max_body_bytes: int = 64 * 1024 * 1024,
         progress: Progress | None = None,
@@ -188,6 +190,8 @@ class HttpClient:
 
         With ``into``, a successful (2xx) body of exactly ``len(into)`` bytes is read into it
         (a longer body is cut there and the connection is dropped, a shorter one is an error);
+        ``into`` may be several buffers, filled one after the other (one range for several
+        chunks, each in a buffer of its own);
         other bodies are returned in ``Response.body`` up to ``max_body_bytes``. When a Range
         request is answered 200 (the whole blob), ``skip_on_200`` bytes are read and dropped
         first, so ``into`` still receives the bytes that were asked for.
@@ -284,7 +288,7 @@ class HttpClient:
         conn: _Connection,
         request_bytes: bytes,
         method: str,
-        into: memoryview | None,
+        into: Into | None,
         skip_on_200: int,
         max_body_bytes: int,
     ) -> Response:
@@ -341,7 +345,7 @@ class HttpClient:
         conn: _Connection,
         response: Response,
         method: str,
-        into: memoryview | None,
+        into: Into | None,
         skip_on_200: int,
         max_body_bytes: int,
     ) -> None:
@@ -352,28 +356,37 @@ class HttpClient:
             return
         chunked = "chunked" in response.headers.get("transfer-encoding", "").lower()
         length_text = response.headers.get("content-length")
-        if (chunked or length_text is None) and into is not None and 200 <= response.status < 300:
+        views = (into,) if isinstance(into, memoryview) else into
+        total = sum(len(view) for view in views) if views is not None else 0
+        if (chunked or length_text is None) and views is not None and 200 <= response.status < 300:
             # A body of unknown length is streamed like a sized one: the bytes before the
             # range (a 200 to a Range request) dropped, then ``into`` filled, the rest unread.
-            sink = _Sink(into, skip_on_200 if response.status == 200 else 0)
+            # (Rare: through one buffer, then copied to several.)
+            whole = views[0] if len(views) == 1 else memoryview(bytearray(total))
+            sink = _Sink(whole, skip_on_200 if response.status == 200 else 0)
             if chunked:
                 await self._read_chunked(conn, max_body_bytes, sink)
             else:
                 conn.reusable = False
                 await self._read_to_eof(conn, max_body_bytes, sink)
-            if sink.filled < len(into):
-                raise TransportError(f"body ended {len(into) - sink.filled} bytes short of the "
-                                     f"{len(into)} expected")
-            response.body_length = len(into)
+            if sink.filled < total:
+                raise TransportError(f"body ended {total - sink.filled} bytes short of the "
+                                     f"{total} expected")
+            if len(views) > 1:
+                at = 0
+                for view in views:
+                    view[:] = whole[at : at + len(view)]
+                    at += len(view)
+            response.body_length = total
             return
         try:
             length = int(length_text) if length_text is not None and not chunked else None
         except ValueError:
             raise TransportError(f"bad Content-Length {length_text!r}") from None
-        if into is not None and length is not None and 200 <= response.status < 300:
+        if views is not None and length is not None and 200 <= response.status < 300:
             skip = skip_on_200 if response.status == 200 else 0
-            if length < skip + len(into):
-                raise TransportError(f"body of {length} bytes is shorter than the {len(into)} "
+            if length < skip + total:
+                raise TransportError(f"body of {length} bytes is shorter than the {total} "
                                      "expected", response=response)
             conn.reusable = conn.reusable and skip == 0
             scratch = memoryview(bytearray(min(skip, RECV_SIZE_BYTES * 16) or 1))
@@ -382,9 +395,10 @@ class HttpClient:
                 await self._fill(conn, scratch[:step])
                 skip -= step
                 length -= step
-            await self._fill(conn, into)
-            response.body_length = len(into)
-            if length > len(into):
+            for view in views:
+                await self._fill(conn, view)
+            response.body_length = total
+            if length > total:
                 conn.reusable = False  # the rest is not wanted: drop the connection
             return
         answered = 200 <= response.status < 300

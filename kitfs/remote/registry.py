@@ -52,7 +52,14 @@ from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import MANIFEST_ACCEPT
 from kitfs.format.oci import MAX_MANIFEST_BYTES
 from kitfs.remote.auth import Credentials, find_credentials, parse_challenge
-from kitfs.remote.http import BodyTooLargeError, HttpClient, Progress, Response, TransportError
+from kitfs.remote.http import (
+    BodyTooLargeError,
+    HttpClient,
+    Into,
+    Progress,
+    Response,
+    TransportError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +140,14 @@ class RegistryClient:
         return bytes(buffer)
 
     async def fetch_range(
-        self, repository: str, digest: Digest, blob_size: int, offset: int, into: memoryview
+        self, repository: str, digest: Digest, blob_size: int, offset: int, into: Into
     ) -> None:
-        """Read blob bytes ``[offset, offset+len(into))`` into ``into``.
+        """Read blob bytes ``[offset, offset+len(into))`` into ``into`` (one buffer, or several
+        filled one after the other, each as long as it is).
 
         The range must lie inside the blob (callers clamp). An empty range sends nothing.
         """
-        length = len(into)
+        length = len(into) if isinstance(into, memoryview) else sum(len(view) for view in into)
         if length == 0:
             return
         if offset < 0 or offset + length > blob_size:
@@ -186,7 +194,7 @@ class RegistryClient:
         headers: dict[str, str],
         *,
         what: str,
-        into: memoryview | None = None,
+        into: Into | None = None,
         skip_on_200: int = 0,
         max_body_bytes: int = 1 << 20,
         timeout_s: float | None = None,
@@ -283,7 +291,7 @@ class RegistryClient:
             ) from None
 
     async def _follow(
-        self, method: str, url: str, headers: dict[str, str], into: memoryview | None,
+        self, method: str, url: str, headers: dict[str, str], into: Into | None,
         skip_on_200: int, max_body_bytes: int, progress: Progress | None = None,
     ) -> Response:
         origin_host = urlsplit(url).netloc
