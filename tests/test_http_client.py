@@ -114,6 +114,25 @@ async def test_whole_blob_and_chunked_answers_give_the_right_bytes(
     assert buffer == BLOB[offset : offset + len(buffer)]
 
 
+@pytest.mark.parametrize("rule", [None, Rule("ignore_range"), Rule("forward", chunked=True)],
+                         ids=["206", "200-for-a-range", "chunked"])
+async def test_a_body_fills_several_buffers_in_turn(
+    proxy: FaultProxy, blob_path: str, client: MakeClient, rule: Rule | None
+) -> None:
+    """One range for several chunks, a buffer each (what a stream's read-ahead asks for)."""
+    http = client()
+    if rule is not None:
+        proxy.add(rule)
+    offset = MiB + 11
+    buffers = (bytearray(2 * MiB), bytearray(3 * MiB - 3), bytearray(4096))
+    total = sum(len(buffer) for buffer in buffers)
+    response = await http.request(
+        "GET", f"http://{proxy.host}{blob_path}", {"Range": f"bytes={offset}-{offset + total - 1}"},
+        into=tuple(memoryview(buffer) for buffer in buffers), skip_on_200=offset)
+    assert response.body_length == total
+    assert b"".join(buffers) == BLOB[offset : offset + total]
+
+
 async def test_a_body_that_stalls_in_a_thread_times_out_and_the_connection_is_dropped(
     proxy: FaultProxy, blob_path: str, client: MakeClient
 ) -> None:
