@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import pytest
 
+import kitfs.cache.database as database_module
 import kitfs.cache.schema as schema_module
 import kitfs.cache.store as store_module
 from kitfs.cache.store import ChunkStore
@@ -273,7 +274,7 @@ def _remove_as_corrupt(store: ChunkStore, key: str) -> None:
 
 
 def _remove_as_orphan(store: ChunkStore, key: str) -> None:
-    store._execute("DELETE FROM chunks")  # the file is now an orphan, as after a kill -9
+    store.database.execute("DELETE FROM chunks")  # the file is now an orphan, as after a kill -9
     store.collect_garbage()
 
 
@@ -402,12 +403,12 @@ def test_a_process_whose_database_was_deleted_keeps_working_until_it_can_open_a_
         def refused(directory: Path) -> Any:
             raise sqlite3.OperationalError("disk I/O error")
 
-        monkeypatch.setattr(store_module, "open_database", refused)
-        store._next_database_check = 0
+        monkeypatch.setattr(database_module, "open_database", refused)
+        store.database._next_database_check = 0
         assert store.put(key, 1, b"b" * 100_000)  # recorded in memory only
         assert store.read(key, 1, 0, 3) == b"bbb"
-        monkeypatch.setattr(store_module, "open_database", real_open)
-        store._next_database_check = 0
+        monkeypatch.setattr(database_module, "open_database", real_open)
+        store.database._next_database_check = 0
         assert store.put(key, 2, b"c" * 100_000)
         other = ChunkStore(tmp_path / "cache")  # another process sees the new database
         try:

@@ -39,19 +39,8 @@ Invariants (what a ``kill -9`` at any instant cannot break):
   every evicted chunk of it cheap to rebuild).
 - A full disk is not an error: ``put`` returns False and logs a warning, and the caller serves
   the bytes it already holds without caching them.
-- Neither is a database another program keeps locked: a write waits at most ``BUSY_WAIT_S``
-  for the lock (kitfs's own transactions take milliseconds), then is abandoned, and for
-  ``BUSY_BACKOFF_S`` this process records nothing (chunks are served uncached, indexes and
-  verification results kept in memory) rather than make every read wait. Reads of the
-  database are not blocked by a writer (WAL).
-- ``kitfs.db`` deleted (or replaced) under a running process: SQLite would go on with the
-  deleted file, and its journal files (``-wal``, ``-shm``) would keep every other process
-  out of the directory ("disk I/O error"). ``check_database`` (on every chunk put and every
-  second in a daemon) notices, lets go of the deleted database, removes its journal from the
-  directory (processes still holding it keep their unlinked copies) and opens the directory's
-  database (a new, empty one, or one another process made meanwhile): the chunk files the
-  deleted one listed are orphans for ``gc``. Should that open fail, this process keeps its
-  records in a private in-memory database and tries again at the next check.
+- Neither is a database another program keeps locked, nor ``kitfs.db`` deleted under a
+  running process: see ``kitfs.cache.database``, which owns the connection.
 
 The API is synchronous and fast (SQLite and local files); the reader calls it inline from the
 trio thread, as s3ql does. Nothing here knows about registries or trio.
@@ -70,21 +59,19 @@ import struct
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
 
-from kitfs.cache.identity import PIECE_SIZE_BYTES, ids_of_pieces, piece_count, piece_ids
-from kitfs.cache.schema import (
-    DATABASE_NAME,
-    cache_lock,
-    discard_stale_journal,
-    open_database,
-    private_database,
+from kitfs.cache.database import (
+    CacheDatabase,
+    DatabaseFullError,
+    DatabaseLockedError,
 )
+from kitfs.cache.identity import PIECE_SIZE_BYTES, ids_of_pieces, piece_count, piece_ids
 from kitfs.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -96,21 +83,6 @@ _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # How many chunk reads to remember before writing their access times to the database.
 _ACCESS_FLUSH_EVERY = 256
 _ROWS_KEPT = 4096  # chunk rows remembered by read(): 16 GiB of 4 MiB chunks, ~2.5 MiB
-# How long a write waits for another process's write lock on the database, and how long
-# writes are then skipped (a daemon answers every request on one thread: it must not wait
-# BUSY_WAIT_S per chunk while another program holds the database).
-BUSY_WAIT_S = 2.0
-BUSY_BACKOFF_S = 5.0
-# How often ``check_database`` looks whether kitfs.db is still the file this process opened.
-DATABASE_CHECK_INTERVAL_S = 1.0
-
-
-class DatabaseLockedError(CacheError):
-    """Another process held the cache database's write lock for longer than ``BUSY_WAIT_S``."""
-
-
-class DatabaseFullError(CacheError):
-    """The cache database could not grow: its file system is full."""
 
 
 @dataclass(frozen=True)
@@ -175,70 +147,35 @@ class ChunkStore:
             _make_private(directory)
             (directory / "chunks").mkdir(mode=0o700, exist_ok=True)
             (directory / "tmp").mkdir(mode=0o700, exist_ok=True)
-            self._conn = self._open_shared()
+            self.database = CacheDatabase(directory)
         except (OSError, sqlite3.Error) as exc:
             raise CacheError(f"cannot open the cache in {directory}: {exc}") from exc
-        self._database_inode: int | None = _inode(directory / DATABASE_NAME)  # None: private
-        self._next_database_check = time.monotonic() + DATABASE_CHECK_INTERVAL_S
+        self.database.when_reopened(self._record_again)
         self._registered: dict[str, tuple[int, int]] = {}  # key -> (size, chunk size) asked
-        self._warned_private = False
         self._pins: Counter[tuple[str, int]] = Counter()
         self._over_quota = False  # the last eviction stopped short because of pins
         self._dropped = 0  # chunks found damaged and dropped (``verify_chunks`` counts them)
         self._touched: dict[tuple[str, int], float] = {}
-        self._warned_full = False
         # (length, xxh3 sums, present pieces) of chunks read lately: a chunk's row never changes while it is
         # cached (content-addressed), so a FUSE read of a cached chunk costs no query. A chunk
         # another process removed meanwhile shows up as a missing file, as before.
         self._rows: OrderedDict[tuple[str, int], tuple[int, bytes, bytes | None]] = OrderedDict()
-        self._writes_paused_until = 0.0  # time.monotonic(): see _pause_writes
         # chunk files are written with O_DIRECT where the file system takes it (see _write_all)
         self._direct_writes: bool | None = None  # not known yet
 
     def close(self) -> None:
         self._flush_access_times()
-        self._conn.close()
-
-    def _open_shared(self) -> sqlite3.Connection:
-        conn = open_database(self.directory)
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT_S * 1000)}")
-        return conn
+        self.database.close()
 
     def check_database(self) -> None:
-        """Move to the directory's database if ``kitfs.db`` was deleted or replaced under this
-        process (see the module docstring); at most once per ``DATABASE_CHECK_INTERVAL_S``."""
-        now = time.monotonic()
-        if now < self._next_database_check:
-            return
-        self._next_database_check = now + DATABASE_CHECK_INTERVAL_S
-        path = self.directory / DATABASE_NAME
-        if self._database_inode is not None:
-            if _inode(path) == self._database_inode:
-                return
-            log.warning("cache: %s was deleted or replaced under this process; moving to the "
-                        "one now in the directory (the chunk files the old one listed are "
-                        "orphans until kitfs cache gc)", path)
-            self._conn.close()  # SQLite leaves the journal of a deleted database alone
-            self._conn = private_database()
-            self._database_inode = None
-        try:
-            discard_stale_journal(self.directory)
-            conn = self._open_shared()
-        except (OSError, sqlite3.Error) as exc:
-            if not self._warned_private:  # once: it is tried again every check
-                self._warned_private = True
-                log.warning("cache: cannot open %s yet (%s): another process may still hold "
-                            "the deleted database; this process keeps its cache records to "
-                            "itself meanwhile", path, exc)
-            return
-        self._warned_private = False
-        self._conn.close()
-        self._conn = conn
-        self._database_inode = _inode(path)
+        """See ``CacheDatabase.check_database``."""
+        self.database.check_database()
+
+    def _record_again(self) -> None:
+        """What this process recorded in a database deleted under it, in the new one."""
         self._touched.clear()
         for key, (size, chunk_size_bytes) in self._registered.items():
             self.register_blob(key, size, chunk_size_bytes)
-        log.info("cache: now using the database %s", path)
 
     # --- blobs --------------------------------------------------------------------------------
 
@@ -248,7 +185,7 @@ class ChunkStore:
         self._registered.setdefault(key, (size, chunk_size_bytes))
         with self.optional_write(f"blob {key}") as writable:
             if writable:
-                self._execute(
+                self.database.execute(
                     "INSERT OR IGNORE INTO blobs (key, size, chunk_size) VALUES (?, ?, ?)",
                     (key, size, chunk_size_bytes),
                 )
@@ -256,7 +193,7 @@ class ChunkStore:
         return state if state is not None else BlobState(size, chunk_size_bytes, 0, None)
 
     def blob_state(self, key: str) -> BlobState | None:
-        row = self._execute(
+        row = self.database.execute(
             "SELECT size, chunk_size, verified, failure FROM blobs WHERE key = ?", (key,)
         ).fetchone()
         return BlobState(*row) if row else None
@@ -266,9 +203,9 @@ class ChunkStore:
         identities (``kitfs.cache.identity.piece_ids``)."""
         with self.optional_write(f"the verification of {key}") as writable:
             if writable:
-                self._execute("UPDATE blobs SET verified = 1, failure = NULL WHERE key = ?",
+                self.database.execute("UPDATE blobs SET verified = 1, failure = NULL WHERE key = ?",
                               (key,))
-                self._executemany(
+                self.database.executemany(
                     "INSERT OR REPLACE INTO chunk_ids (key, idx, blake3) VALUES (?, ?, ?)",
                     [(key, idx, ids) for idx, ids in chunk_ids],
                 )
@@ -277,35 +214,35 @@ class ChunkStore:
         """Record a decompressed stream's size once it and its blob matched their digests."""
         with self.optional_write(f"the verification of {key}") as writable:
             if writable:
-                self._execute("UPDATE blobs SET size = ?, verified = 1 WHERE key = ?",
+                self.database.execute("UPDATE blobs SET size = ?, verified = 1 WHERE key = ?",
                               (size, key))
 
     def mark_failed(self, key: str, reason: str) -> None:
         """Record a digest mismatch and drop every cached chunk of ``key`` and its tar index,
         which was read from those bytes (while the database is locked, only logged: the
         caller's process remembers the failure)."""
-        if self._writes_paused():
+        if self.database.writes_paused():
             log.warning("cache: the failure of %s is not recorded: the database is locked", key)
             return
         try:
             self.purge_chunks(key)
-            self._execute("DELETE FROM layer_indexes WHERE key = ?", (key,))
-            self._execute("UPDATE blobs SET verified = -1, failure = ? WHERE key = ?",
+            self.database.execute("DELETE FROM layer_indexes WHERE key = ?", (key,))
+            self.database.execute("UPDATE blobs SET verified = -1, failure = ? WHERE key = ?",
                           (reason, key))
         except DatabaseLockedError as exc:
-            self._pause_writes(f"the failure of {key}", exc)
+            self.database.pause_writes(f"the failure of {key}", exc)
 
     def chunk_ids(self, key: str, idx: int) -> bytes | None:
         """The piece identities a verified blob's chunk ``idx`` had, or None."""
-        row = self._execute(
+        row = self.database.execute(
             "SELECT blake3 FROM chunk_ids WHERE key = ? AND idx = ?", (key, idx)
         ).fetchone()
         return bytes(row[0]) if row else None
 
     def purge_chunks(self, key: str) -> None:
-        with self._lock():
-            rows = self._execute("SELECT idx FROM chunks WHERE key = ?", (key,)).fetchall()
-            self._execute("DELETE FROM chunks WHERE key = ?", (key,))
+        with self.database.lock():
+            rows = self.database.execute("SELECT idx FROM chunks WHERE key = ?", (key,)).fetchall()
+            self.database.execute("DELETE FROM chunks WHERE key = ?", (key,))
             for (idx,) in rows:
                 self._unlink(key, idx)
 
@@ -318,12 +255,12 @@ class ChunkStore:
 
     def cached_chunk_count(self, key: str) -> int:
         """Whole chunks of ``key`` in the cache (partial ones do not count)."""
-        return int(self._execute("SELECT COUNT(*) FROM chunks WHERE key = ? AND present IS NULL",
+        return int(self.database.execute("SELECT COUNT(*) FROM chunks WHERE key = ? AND present IS NULL",
                                  (key,)).fetchone()[0])
 
     def cached_chunks(self, key: str) -> set[int]:
         """The whole chunks of ``key`` in the cache."""
-        rows = self._execute("SELECT idx FROM chunks WHERE key = ? AND present IS NULL",
+        rows = self.database.execute("SELECT idx FROM chunks WHERE key = ? AND present IS NULL",
                              (key,)).fetchall()
         return {idx for (idx,) in rows}
 
@@ -341,17 +278,17 @@ class ChunkStore:
     @property
     def conn(self) -> sqlite3.Connection:
         """The cache database (for ``kitfs.cache.index``; the store's own queries use it too)."""
-        return self._conn
+        return self.database.conn
 
     def has_chunk(self, key: str, idx: int) -> bool:
         """Whether chunk ``idx`` of ``key`` is cached whole."""
-        return self._execute(
+        return self.database.execute(
             "SELECT 1 FROM chunks WHERE key = ? AND idx = ? AND present IS NULL", (key, idx)
         ).fetchone() is not None
 
     def pieces_present(self, key: str, idx: int) -> int:
         """Bitmap of the pieces of chunk ``idx`` in the cache (-1: the whole chunk)."""
-        row = self._execute("SELECT present FROM chunks WHERE key = ? AND idx = ?",
+        row = self.database.execute("SELECT present FROM chunks WHERE key = ? AND idx = ?",
                             (key, idx)).fetchone()
         if row is None:
             return 0
@@ -368,7 +305,7 @@ class ChunkStore:
         if row is not None and row[2] is not None and not _has_pieces(row[2], offset, length):
             row = None  # another process may have added the pieces since: ask again
         if row is None:
-            row = self._execute(
+            row = self.database.execute(
                 "SELECT length, xxh3, present FROM chunks WHERE key = ? AND idx = ?", (key, idx)
             ).fetchone()
             if row is None:
@@ -447,8 +384,8 @@ class ChunkStore:
         if offset % PIECE_SIZE_BYTES or (len(data) % PIECE_SIZE_BYTES
                                          and offset + len(data) != chunk_length):
             raise ValueError(f"pieces {offset}+{len(data)} are not whole pieces")
-        self.check_database()
-        if self._writes_paused():
+        self.database.check_database()
+        if self.database.writes_paused():
             return False
         self._rows.pop((key, idx), None)
         sums = block_checksums(data)
@@ -457,8 +394,8 @@ class ChunkStore:
         victims: list[tuple[str, int, int]] = []
         indexes: list[tuple[str, int]] = []
         try:
-            with self._lock():
-                row = self._execute("SELECT length, xxh3, present FROM chunks WHERE key = ? "
+            with self.database.lock():
+                row = self.database.execute("SELECT length, xxh3, present FROM chunks WHERE key = ? "
                                     "AND idx = ?", (key, idx)).fetchone()
                 if row is not None and row[2] is None:
                     return True  # cached whole meanwhile
@@ -487,21 +424,21 @@ class ChunkStore:
                 finally:
                     os.close(fd)
                 whole = present == (1 << pieces) - 1
-                self._execute(
+                self.database.execute(
                     "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access, "
                     "present, stored) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (key, idx, chunk_length, bytes(all_sums), time.time(),
                      None if whole else present.to_bytes(-(-pieces // 8), "little"), stored))
         except OSError as exc:
             if exc.errno in _FULL_ERRNOS:
-                self._warn_full(str(exc))
+                self.database.warn_full(str(exc))
                 return False
             raise CacheError(f"cannot write {what}: {exc}") from exc
         except DatabaseFullError as exc:
-            self._warn_full(str(exc))
+            self.database.warn_full(str(exc))
             return False
         except DatabaseLockedError as exc:
-            self._pause_writes(what, exc)
+            self.database.pause_writes(what, exc)
             return False
         finally:
             _log_evicted(victims, indexes, self.quota_bytes)
@@ -515,16 +452,16 @@ class ChunkStore:
         (logged) when the disk is full or the database locked. ``listed`` finds a row that
         already lists the file; ``keep`` is a chunk being replaced, never evicted for it."""
         if prepared.tmp is None:
-            self._warn_full(prepared.full_reason)
+            self.database.warn_full(prepared.full_reason)
             return False
-        self.check_database()
-        if self._writes_paused():
+        self.database.check_database()
+        if self.database.writes_paused():
             self.discard(prepared)
             return False
         victims: list[tuple[str, int, int]] = []
         indexes: list[tuple[str, int]] = []
         try:
-            with self._lock():
+            with self.database.lock():
                 if self.quota_bytes is not None:  # make room first: never over the quota
                     self._flush_access_times()
                     victims, indexes = self._evict_locked(self.quota_bytes - prepared.length,
@@ -532,26 +469,26 @@ class ChunkStore:
                 _make_dirs_0700(path.parent, self.directory)
                 os.replace(prepared.tmp, path)
                 try:
-                    self._execute(*insert)
+                    self.database.execute(*insert)
                 except CacheError:
                     # Not recorded: the file is an orphan unless a row already lists it (then
                     # it holds the same bytes: the name is the content's). No other process
                     # can record it meanwhile: we hold the lock.
-                    if not self._execute(*listed).fetchone():
+                    if not self.database.execute(*listed).fetchone():
                         _unlink_quietly(path)
                     raise
         except OSError as exc:
             _unlink_quietly(prepared.tmp)
             if exc.errno in _FULL_ERRNOS:
-                self._warn_full(str(exc))
+                self.database.warn_full(str(exc))
                 return False
             raise CacheError(f"cannot write {what}: {exc}") from exc
         except DatabaseFullError as exc:
             _unlink_quietly(prepared.tmp)
-            self._warn_full(str(exc))
+            self.database.warn_full(str(exc))
             return False
         except DatabaseLockedError as exc:
-            self._pause_writes(what, exc)
+            self.database.pause_writes(what, exc)
             return False
         finally:
             _log_evicted(victims, indexes, self.quota_bytes)
@@ -571,7 +508,7 @@ class ChunkStore:
 
     def used_bytes(self) -> int:
         """Bytes of chunk files and checkpoint index files (what the quota counts)."""
-        row = self._execute(
+        row = self.database.execute(
             "SELECT (SELECT COALESCE(SUM(stored), 0) FROM chunks) + "
             "(SELECT COALESCE(SUM(length), 0) FROM checkpoints)").fetchone()
         return int(row[0])
@@ -581,15 +518,15 @@ class ChunkStore:
         then, if that is not enough, checkpoint indexes. Returns the bytes freed.
         """
         self._flush_access_times()
-        if self._writes_paused():
+        if self.database.writes_paused():
             self._over_quota = True  # evict once writes resume
             return 0
         try:
-            with self._lock():
+            with self.database.lock():
                 victims, indexes = self._evict_locked(target_bytes)
         except DatabaseLockedError as exc:
             self._over_quota = True
-            self._pause_writes("eviction", exc)
+            self.database.pause_writes("eviction", exc)
             return 0
         _log_evicted(victims, indexes, target_bytes)
         return sum(length for *_, length in victims) + sum(length for _, length in indexes)
@@ -601,7 +538,7 @@ class ChunkStore:
         chunk about to be replaced in place, never a victim."""
         used = self.used_bytes()
         if keep is not None:  # a chunk being replaced frees what its file held
-            row = self._execute("SELECT stored FROM chunks WHERE key = ? AND idx = ?",
+            row = self.database.execute("SELECT stored FROM chunks WHERE key = ? AND idx = ?",
                                 keep).fetchone()
             used -= row[0] if row else 0
         if used <= target_bytes:
@@ -609,7 +546,7 @@ class ChunkStore:
             return [], []
         freed = 0
         victims: list[tuple[str, int, int]] = []
-        rows = self._execute("SELECT key, idx, stored FROM chunks ORDER BY last_access").fetchall()
+        rows = self.database.execute("SELECT key, idx, stored FROM chunks ORDER BY last_access").fetchall()
         for key, idx, length in rows:
             if used - freed <= target_bytes:
                 break
@@ -619,17 +556,17 @@ class ChunkStore:
             freed += length
         indexes: list[tuple[str, int]] = []
         if used - freed > target_bytes:
-            for blob, length in self._execute(
+            for blob, length in self.database.execute(
                     "SELECT blob, length FROM checkpoints ORDER BY last_access").fetchall():
                 if used - freed <= target_bytes:
                     break
                 indexes.append((blob, length))
                 freed += length
         self._over_quota = used - freed > target_bytes
-        with self._transaction():
-            self._executemany("DELETE FROM chunks WHERE key = ? AND idx = ?",
+        with self.database.transaction():
+            self.database.executemany("DELETE FROM chunks WHERE key = ? AND idx = ?",
                               [(key, idx) for key, idx, _ in victims])
-            self._executemany("DELETE FROM checkpoints WHERE blob = ?",
+            self.database.executemany("DELETE FROM checkpoints WHERE blob = ?",
                               [(blob,) for blob, _ in indexes])
         for key, idx, _ in victims:
             self._unlink(key, idx)
@@ -660,13 +597,13 @@ class ChunkStore:
         return placed
 
     def has_checkpoints(self, blob: str) -> bool:
-        return self._execute(
+        return self.database.execute(
             "SELECT 1 FROM checkpoints WHERE blob = ?", (blob,)).fetchone() is not None
 
     def read_checkpoints(self, blob: str, offset: int, length: int) -> bytes | None:
         """Bytes ``[offset, offset+length)`` of ``blob``'s checkpoint index, checked; None when
         there is none, or it is damaged (then it is dropped and logged, as a chunk is)."""
-        row = self._execute(
+        row = self.database.execute(
             "SELECT length, xxh3 FROM checkpoints WHERE blob = ?", (blob,)).fetchone()
         if row is None:
             return None
@@ -680,21 +617,21 @@ class ChunkStore:
         except _Damaged as exc:
             self.drop_checkpoints(blob, str(exc))
             return None
-        self._execute("UPDATE checkpoints SET last_access = ? WHERE blob = ?", (time.time(), blob))
+        self.database.execute("UPDATE checkpoints SET last_access = ? WHERE blob = ?", (time.time(), blob))
         return data
 
     def drop_checkpoints(self, blob: str, why: str) -> None:
         """Forget a damaged or unusable checkpoint index (logged)."""
         log.warning("cache: dropping the checkpoint index of %s: %s", blob, why)
         self._dropped += 1
-        with self._lock():
-            self._execute("DELETE FROM checkpoints WHERE blob = ?", (blob,))
+        with self.database.lock():
+            self.database.execute("DELETE FROM checkpoints WHERE blob = ?", (blob,))
             _unlink_quietly(self.checkpoints_path(blob))
 
     # --- maintenance ----------------------------------------------------------------------
 
     def statistics(self) -> CacheStatistics:
-        one = self._execute
+        one = self.database.execute
         return CacheStatistics(
             directory=str(self.directory),
             quota_bytes=self.quota_bytes,
@@ -716,7 +653,7 @@ class ChunkStore:
         """
         good = 0
         dropped_before = self._dropped
-        rows = self._execute("SELECT key, idx, length, present FROM chunks").fetchall()
+        rows = self.database.execute("SELECT key, idx, length, present FROM chunks").fetchall()
         for key, idx, length, present in rows:
             mask = int.from_bytes(present, "little") if present is not None else -1
             expected = self.chunk_ids(key, idx)
@@ -736,7 +673,7 @@ class ChunkStore:
                 self._drop_bad_chunk(key, idx, "a piece differs from the verified one")
             elif not gone:
                 good += 1
-        for blob, length in self._execute("SELECT blob, length FROM checkpoints").fetchall():
+        for blob, length in self.database.execute("SELECT blob, length FROM checkpoints").fetchall():
             if self.read_checkpoints(blob, 0, length) is not None:
                 good += 1
         return good, self._dropped - dropped_before
@@ -747,13 +684,13 @@ class ChunkStore:
         Returns the number of files removed.
         """
         removed = 0
-        with self._lock():  # no chunk is put (file, then row) while we look for orphans
+        with self.database.lock():  # no chunk is put (file, then row) while we look for orphans
             known = {
                 str(self.chunk_path(key, idx))
-                for key, idx in self._execute("SELECT key, idx FROM chunks").fetchall()
+                for key, idx in self.database.execute("SELECT key, idx FROM chunks").fetchall()
             }
             known |= {str(self.checkpoints_path(blob))
-                      for (blob,) in self._execute("SELECT blob FROM checkpoints").fetchall()}
+                      for (blob,) in self.database.execute("SELECT blob FROM checkpoints").fetchall()}
             for path in [*_walk_files(self.directory / "chunks"),
                          *_walk_files(self.directory / "checkpoints")]:
                 if str(path) not in known:
@@ -774,11 +711,11 @@ class ChunkStore:
     def clear(self) -> None:
         """Drop everything: chunks, verification records, tar and checkpoint indexes,
         documents."""
-        with self._lock():
-            with self._transaction():
+        with self.database.lock():
+            with self.database.transaction():
                 for table in ("chunks", "chunk_ids", "blobs", "documents", "layer_indexes",
                               "checkpoints"):
-                    self._execute(f"DELETE FROM {table}")
+                    self.database.execute(f"DELETE FROM {table}")
             self._rows.clear()
             shutil.rmtree(self.directory / "chunks", ignore_errors=True)
             shutil.rmtree(self.directory / "checkpoints", ignore_errors=True)
@@ -787,102 +724,21 @@ class ChunkStore:
     # --- documents (manifests and configs) ------------------------------------------------
 
     def get_document(self, digest: str) -> bytes | None:
-        row = self._execute("SELECT data FROM documents WHERE digest = ?", (digest,)).fetchone()
+        row = self.database.execute("SELECT data FROM documents WHERE digest = ?", (digest,)).fetchone()
         return bytes(row[0]) if row else None
 
     def put_document(self, digest: str, data: bytes) -> None:
         """Store a manifest or config the caller has checked against ``digest``."""
         with self.optional_write(f"document {digest}") as writable:
             if writable:
-                self._execute("INSERT OR IGNORE INTO documents (digest, data) VALUES (?, ?)",
+                self.database.execute("INSERT OR IGNORE INTO documents (digest, data) VALUES (?, ?)",
                               (digest, data))
 
-    @contextmanager
-    def optional_write(self, what: str) -> Iterator[bool]:
-        """One transaction for a record the cache can do without (an index, a document, a
-        verification result, access times): ``with store.optional_write("x") as writable:``
-        and write only if ``writable``. A locked database or a full disk rolls it back and
-        is logged, never raised (a read must not fail for the cache alone); other database
-        errors are raised as ``CacheError``."""
-        writable = False
-        if not self._writes_paused():
-            try:
-                self._execute("BEGIN IMMEDIATE")
-                writable = True
-            except CacheError as exc:
-                if not self._absorb(what, exc):
-                    raise
-        if not writable:
-            yield False
-            return
-        try:
-            yield True
-            self._execute("COMMIT")
-        except (sqlite3.Error, CacheError) as exc:
-            self._rollback()
-            if self._absorb(what, exc):
-                return
-            if isinstance(exc, sqlite3.Error):
-                raise _cache_error(exc) from exc
-            raise
-        except BaseException:
-            self._rollback()
-            raise
+    def optional_write(self, what: str) -> AbstractContextManager[bool]:
+        """See ``CacheDatabase.optional_write``."""
+        return self.database.optional_write(what)
 
     # --- internals ------------------------------------------------------------------------
-
-    def _execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
-        try:
-            return self._conn.execute(sql, params)
-        except sqlite3.Error as exc:
-            raise _cache_error(exc) from exc
-
-    def _executemany(self, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
-        try:
-            self._conn.executemany(sql, rows)
-        except sqlite3.Error as exc:
-            raise _cache_error(exc) from exc
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._rollback()
-            raise
-        self._execute("COMMIT")
-
-    def _rollback(self) -> None:
-        if self._conn.in_transaction:
-            try:
-                self._conn.execute("ROLLBACK")
-            except sqlite3.Error as exc:
-                log.warning("cache: rolling back failed: %s", exc)
-
-    def _writes_paused(self) -> bool:
-        return time.monotonic() < self._writes_paused_until
-
-    def _pause_writes(self, what: str, exc: Exception) -> None:
-        """Another process holds the database: record nothing for ``BUSY_BACKOFF_S``."""
-        self._writes_paused_until = time.monotonic() + BUSY_BACKOFF_S
-        log.warning("cache: %s not recorded (%s); for %g s this process records nothing in "
-                    "the cache and serves reads from the registry and memory", what, exc,
-                    BUSY_BACKOFF_S)
-
-    def _absorb(self, what: str, exc: sqlite3.Error | CacheError) -> bool:
-        """Log a locked database or a full disk met by an optional write; False otherwise."""
-        error = _cache_error(exc) if isinstance(exc, sqlite3.Error) else exc
-        if isinstance(error, DatabaseLockedError):
-            self._pause_writes(what, error)
-            return True
-        if isinstance(error, DatabaseFullError):
-            self._warn_full(str(error))
-            return True
-        return False
-
-    def _lock(self) -> AbstractContextManager[None]:
-        return cache_lock(self.directory)
 
     def _touch(self, key: str, idx: int) -> None:
         self._touched[(key, idx)] = time.time()
@@ -897,7 +753,7 @@ class ChunkStore:
         try:
             with self.optional_write("chunk access times") as writable:
                 if writable:
-                    self._executemany(
+                    self.database.executemany(
                         "UPDATE chunks SET last_access = ? WHERE key = ? AND idx = ?", rows
                     )
         except CacheError as exc:  # access times are a hint; never fail a read for them
@@ -906,41 +762,18 @@ class ChunkStore:
     def _drop_bad_chunk(self, key: str, idx: int, why: str) -> None:
         log.warning("cache: dropping chunk %d of %s: %s", idx, key, why)
         self._dropped += 1
-        if self._writes_paused():
+        if self.database.writes_paused():
             return  # its row stays until writes resume; every read checks it again
         try:
-            with self._lock():
-                self._execute("DELETE FROM chunks WHERE key = ? AND idx = ?", (key, idx))
+            with self.database.lock():
+                self.database.execute("DELETE FROM chunks WHERE key = ? AND idx = ?", (key, idx))
                 self._unlink(key, idx)
         except DatabaseLockedError as exc:
-            self._pause_writes(f"dropping chunk {idx} of {key}", exc)
+            self.database.pause_writes(f"dropping chunk {idx} of {key}", exc)
 
     def _unlink(self, key: str, idx: int) -> None:
         self._rows.pop((key, idx), None)
         _unlink_quietly(self.chunk_path(key, idx))
-
-    def _warn_full(self, detail: str) -> None:
-        if not self._warned_full:
-            self._warned_full = True
-            log.warning("cache %s is full (%s): serving reads without caching them",
-                        self.directory, detail)
-
-
-def _cache_error(exc: sqlite3.Error) -> CacheError:
-    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # the primary result code
-    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "locked" in str(exc):
-        return DatabaseLockedError(f"cache database is locked by another process: {exc}")
-    if code == sqlite3.SQLITE_FULL or "full" in str(exc):
-        return DatabaseFullError(f"cache database is full: {exc}")
-    return CacheError(f"cache database error: {exc}")
-
-
-def _inode(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
-        return None
-
 
 def _log_evicted(victims: list[tuple[str, int, int]], indexes: list[tuple[str, int]],
                  target_bytes: int | None) -> None:
