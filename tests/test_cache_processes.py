@@ -27,9 +27,10 @@ from typing import IO, Any
 
 import pytest
 
+import kitfs.cache.chunks as chunks_module
 import kitfs.cache.database as database_module
 import kitfs.cache.schema as schema_module
-import kitfs.cache.store as store_module
+from kitfs.cache.files import unlink_quietly
 from kitfs.cache.store import ChunkStore
 from kitfs.sample import Pusher, Registry, sample_kit
 
@@ -293,7 +294,7 @@ def test_a_chunk_put_back_while_another_process_removes_it_stays_consistent(
     remover = ChunkStore(tmp_path / "cache")  # process B
     writer.put(key, 0, data)
     threads: list[threading.Thread] = []
-    original = store_module._unlink_quietly
+    original = unlink_quietly
 
     def unlink_after_a_racing_put(path: Path) -> None:
         if path == writer.chunk_path(key, 0) and not threads:
@@ -303,7 +304,7 @@ def test_a_chunk_put_back_while_another_process_removes_it_stays_consistent(
             threads.append(thread)
         original(path)
 
-    monkeypatch.setattr(store_module, "_unlink_quietly", unlink_after_a_racing_put)
+    monkeypatch.setattr(chunks_module, "unlink_quietly", unlink_after_a_racing_put)
     try:
         remove(remover, key)
         assert threads, "the removal never unlinked the chunk's file"
