@@ -27,8 +27,10 @@ from typing import IO, Any
 
 import pytest
 
+import kitfs.cache.chunks as chunks_module
+import kitfs.cache.database as database_module
 import kitfs.cache.schema as schema_module
-import kitfs.cache.store as store_module
+from kitfs.cache.files import unlink_quietly
 from kitfs.cache.store import ChunkStore
 from kitfs.sample import Pusher, Registry, sample_kit
 
@@ -273,7 +275,7 @@ def _remove_as_corrupt(store: ChunkStore, key: str) -> None:
 
 
 def _remove_as_orphan(store: ChunkStore, key: str) -> None:
-    store._execute("DELETE FROM chunks")  # the file is now an orphan, as after a kill -9
+    store.database.execute("DELETE FROM chunks")  # the file is now an orphan, as after a kill -9
     store.collect_garbage()
 
 
@@ -292,7 +294,7 @@ def test_a_chunk_put_back_while_another_process_removes_it_stays_consistent(
     remover = ChunkStore(tmp_path / "cache")  # process B
     writer.put(key, 0, data)
     threads: list[threading.Thread] = []
-    original = store_module._unlink_quietly
+    original = unlink_quietly
 
     def unlink_after_a_racing_put(path: Path) -> None:
         if path == writer.chunk_path(key, 0) and not threads:
@@ -302,7 +304,7 @@ def test_a_chunk_put_back_while_another_process_removes_it_stays_consistent(
             threads.append(thread)
         original(path)
 
-    monkeypatch.setattr(store_module, "_unlink_quietly", unlink_after_a_racing_put)
+    monkeypatch.setattr(chunks_module, "unlink_quietly", unlink_after_a_racing_put)
     try:
         remove(remover, key)
         assert threads, "the removal never unlinked the chunk's file"
@@ -402,12 +404,12 @@ def test_a_process_whose_database_was_deleted_keeps_working_until_it_can_open_a_
         def refused(directory: Path) -> Any:
             raise sqlite3.OperationalError("disk I/O error")
 
-        monkeypatch.setattr(store_module, "open_database", refused)
-        store._next_database_check = 0
+        monkeypatch.setattr(database_module, "open_database", refused)
+        store.database._next_database_check = 0
         assert store.put(key, 1, b"b" * 100_000)  # recorded in memory only
         assert store.read(key, 1, 0, 3) == b"bbb"
-        monkeypatch.setattr(store_module, "open_database", real_open)
-        store._next_database_check = 0
+        monkeypatch.setattr(database_module, "open_database", real_open)
+        store.database._next_database_check = 0
         assert store.put(key, 2, b"c" * 100_000)
         other = ChunkStore(tmp_path / "cache")  # another process sees the new database
         try:

@@ -574,10 +574,10 @@ def test_an_unreadable_stored_index_means_indexing_again(tmp_path: Path,
     try:
         members = [TarMember(name="a/b.bin", typeflag=b"0", mode=0o644, size=3, data_offset=512,
                              header_offset=-1)]
-        store_members(store, "sha256:" + "ab" * 32, members)
-        assert load_members(store, "sha256:" + "ab" * 32) == members
+        store_members(store.database, "sha256:" + "ab" * 32, members)
+        assert load_members(store.database, "sha256:" + "ab" * 32) == members
         store.conn.execute("UPDATE layer_indexes SET packed = ?", (b"not zstd",))
-        assert load_members(store, "sha256:" + "ab" * 32) is None
+        assert load_members(store.database, "sha256:" + "ab" * 32) is None
         assert "unreadable" in caplog.text and "indexing it again" in caplog.text
     finally:
         store.close()

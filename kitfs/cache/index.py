@@ -1,4 +1,5 @@
-"""Persisted tar indexes: the members of a layer, keyed by the content key of its tar stream.
+"""Persisted tar indexes (table ``layer_indexes``): the members of a layer, keyed by the content
+key of its tar stream.
 
 A layer's index is written once, as one row, after it has been fully parsed; so a second
 listing of the same layer, by any process, needs no blob request. The row holds the members
@@ -23,7 +24,7 @@ from itertools import repeat
 
 import zstandard
 
-from kitfs.cache.store import ChunkStore
+from kitfs.cache.database import CacheDatabase
 from kitfs.format.tar import TarMember
 
 log = logging.getLogger(__name__)
@@ -91,9 +92,9 @@ def unpack_members(packed: bytes, count: int) -> list[TarMember]:
     return [tuple.__new__(TarMember, row) for row in rows]
 
 
-def load_members(store: ChunkStore, key: str) -> list[TarMember] | None:
+def load_members(db: CacheDatabase, key: str) -> list[TarMember] | None:
     """The stored members of ``key``, or None if it has not been indexed."""
-    row = store.conn.execute(
+    row = db.conn.execute(
         "SELECT member_count, packed FROM layer_indexes WHERE key = ?", (key,)
     ).fetchone()
     if row is None:
@@ -106,13 +107,19 @@ def load_members(store: ChunkStore, key: str) -> list[TarMember] | None:
         return None
 
 
-def store_members(store: ChunkStore, key: str, members: list[TarMember]) -> None:
+def store_members(db: CacheDatabase, key: str, members: list[TarMember]) -> None:
     """Persist a layer's index as one row; skipped (the caller keeps its index in memory)
     while another process keeps the database locked or its disk is full."""
-    with store.optional_write(f"the index of {key}") as writable:
+    with db.optional_write(f"the index of {key}") as writable:
         if not writable:
             return
-        store.conn.execute(
+        db.conn.execute(
             "INSERT OR REPLACE INTO layer_indexes (key, member_count, packed) VALUES (?, ?, ?)",
             (key, len(members), pack_members(members)),
         )
+
+
+def forget_members(db: CacheDatabase, key: str) -> None:
+    """Drop the index of ``key`` (its blob failed verification: the index was read from bad
+    bytes). Raises ``DatabaseLockedError`` like any write."""
+    db.execute("DELETE FROM layer_indexes WHERE key = ?", (key,))

@@ -240,7 +240,7 @@ def discard_stale_journal(cache_dir: Path) -> None:
 
 def private_database() -> sqlite3.Connection:
     """An in-memory database with the cache's tables, for a process that cannot open the
-    directory's database for a while (``ChunkStore.check_database``)."""
+    directory's database for a while (``CacheDatabase.check_database``)."""
     conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
     for migration in MIGRATIONS:
         migration(conn)

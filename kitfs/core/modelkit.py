@@ -382,7 +382,7 @@ class KitSession:
         """A tar layer's members: from the cache index, or by reading its headers."""
         key = source.content.key
         with _collector_paused():
-            cached = load_members(self.store, key)
+            cached = load_members(self.store.database, key)
         # another process may have built it from bytes not verified yet: strict mode trusts
         # only the index of a verified blob (and builds its own from verified bytes)
         if (cached is not None and self.reader.verify is VerifyMode.STRICT
@@ -411,7 +411,7 @@ class KitSession:
                 found = scanner.feed(data)
             members.extend(found)
             ahead_chunks = min(max(1, 2 * ahead_chunks), MAX_INDEX_AHEAD_CHUNKS) if len(found) > 1 else 0
-        store_members(self.store, key, members)
+        store_members(self.store.database, key, members)
         return members
 
     # --- reading ----------------------------------------------------------------------------
