@@ -42,6 +42,8 @@ import shutil
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kitfs.cache.database import CacheDatabase, DatabaseFullError, DatabaseLockedError
@@ -227,58 +229,41 @@ class ChunkFiles:
         sums = block_checksums(data)
         path = self.chunk_path(key, idx)
         what = f"pieces of chunk {idx} of {key}"
-        victims: list[tuple[str, int, int]] = []
-        indexes: list[tuple[str, int]] = []
-        try:
-            with self._db.lock():
-                row = self._db.execute("SELECT length, xxh3, present FROM chunks WHERE key = ? "
-                                       "AND idx = ?", (key, idx)).fetchone()
-                if row is not None and row[2] is None:
-                    return True  # cached whole meanwhile
-                pieces = piece_count(chunk_length)
-                if row is None or row[0] != chunk_length:  # a new file: no stale bytes in it
-                    blocks = -(-chunk_length // BLOCK_SIZE_BYTES)
-                    present, all_sums, flags = 0, bytearray(8 * blocks), os.O_TRUNC
-                else:
-                    present, all_sums, flags = int.from_bytes(row[2], "little"), bytearray(row[1]), 0
-                present |= ((1 << count) - 1) << first
-                at = offset // BLOCK_SIZE_BYTES * 8
-                all_sums[at : at + len(sums)] = sums
-                stored = sum(min(PIECE_SIZE_BYTES, chunk_length - p * PIECE_SIZE_BYTES)
-                             for p in range(pieces) if present >> p & 1)
-                if self.quota_bytes is not None:
-                    self.flush_access_times()
-                    victims, indexes = self._evict_locked(self.quota_bytes - stored,
-                                                          keep=(key, idx))
-                make_dirs_0700(path.parent, self.directory)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
-                try:
-                    view = memoryview(data)
-                    written = 0
-                    while written < len(view):
-                        written += os.pwrite(fd, view[written:], offset + written)
-                finally:
-                    os.close(fd)
-                whole = present == (1 << pieces) - 1
-                self._db.execute(
-                    "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access, "
-                    "present, stored) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (key, idx, chunk_length, bytes(all_sums), time.time(),
-                     None if whole else present.to_bytes(-(-pieces // 8), "little"), stored))
-        except OSError as exc:
-            if exc.errno in FULL_ERRNOS:
-                self._db.warn_full(str(exc))
-                return False
-            raise CacheError(f"cannot write {what}: {exc}") from exc
-        except DatabaseFullError as exc:
-            self._db.warn_full(str(exc))
-            return False
-        except DatabaseLockedError as exc:
-            self._db.pause_writes(what, exc)
-            return False
-        finally:
-            _log_evicted(victims, indexes, self.quota_bytes)
-        return True
+
+        def write(room: _Room) -> None:
+            row = self._db.execute("SELECT length, xxh3, present FROM chunks WHERE key = ? "
+                                   "AND idx = ?", (key, idx)).fetchone()
+            if row is not None and row[2] is None:
+                return  # cached whole meanwhile
+            pieces = piece_count(chunk_length)
+            if row is None or row[0] != chunk_length:  # a new file: no stale bytes in it
+                blocks = -(-chunk_length // BLOCK_SIZE_BYTES)
+                present, all_sums, flags = 0, bytearray(8 * blocks), os.O_TRUNC
+            else:
+                present, all_sums, flags = int.from_bytes(row[2], "little"), bytearray(row[1]), 0
+            present |= ((1 << count) - 1) << first
+            at = offset // BLOCK_SIZE_BYTES * 8
+            all_sums[at : at + len(sums)] = sums
+            stored = sum(min(PIECE_SIZE_BYTES, chunk_length - p * PIECE_SIZE_BYTES)
+                         for p in range(pieces) if present >> p & 1)
+            self._make_room(room, stored, keep=(key, idx))
+            make_dirs_0700(path.parent, self.directory)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+            try:
+                view = memoryview(data)
+                written = 0
+                while written < len(view):
+                    written += os.pwrite(fd, view[written:], offset + written)
+            finally:
+                os.close(fd)
+            whole = present == (1 << pieces) - 1
+            self._db.execute(
+                "INSERT OR REPLACE INTO chunks (key, idx, length, xxh3, last_access, "
+                "present, stored) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key, idx, chunk_length, bytes(all_sums), time.time(),
+                 None if whole else present.to_bytes(-(-pieces // 8), "little"), stored))
+
+        return self._write_locked(what, write)
 
     def place(self, prepared: PreparedChunk, path: Path, what: str,
                insert: tuple[str, tuple[object, ...]], listed: tuple[str, tuple[object, ...]],
@@ -294,41 +279,57 @@ class ChunkFiles:
         if self._db.writes_paused():
             self.discard(prepared)
             return False
-        victims: list[tuple[str, int, int]] = []
-        indexes: list[tuple[str, int]] = []
+        tmp = prepared.tmp
+
+        def write(room: _Room) -> None:
+            self._make_room(room, prepared.length, keep=keep)  # never over the quota
+            make_dirs_0700(path.parent, self.directory)
+            os.replace(tmp, path)
+            try:
+                self._db.execute(*insert)
+            except CacheError:
+                # Not recorded: the file is an orphan unless a row already lists it (then it
+                # holds the same bytes: the name is the content's). No other process can
+                # record it meanwhile: we hold the lock.
+                if not self._db.execute(*listed).fetchone():
+                    unlink_quietly(path)
+                raise
+
+        return self._write_locked(what, write, on_failure=lambda: unlink_quietly(tmp))
+
+    def _write_locked(self, what: str, write: Callable[[_Room], None],
+                      on_failure: Callable[[], None] = lambda: None) -> bool:
+        """Run ``write`` under the cache lock: a full disk or database is False (warned once),
+        as is a locked database (writes paused); ``on_failure`` cleans up after either. What
+        ``write`` evicted to make room is logged whatever happens."""
+        room = _Room()
         try:
             with self._db.lock():
-                if self.quota_bytes is not None:  # make room first: never over the quota
-                    self.flush_access_times()
-                    victims, indexes = self._evict_locked(self.quota_bytes - prepared.length,
-                                                          keep=keep)
-                make_dirs_0700(path.parent, self.directory)
-                os.replace(prepared.tmp, path)
-                try:
-                    self._db.execute(*insert)
-                except CacheError:
-                    # Not recorded: the file is an orphan unless a row already lists it (then
-                    # it holds the same bytes: the name is the content's). No other process
-                    # can record it meanwhile: we hold the lock.
-                    if not self._db.execute(*listed).fetchone():
-                        unlink_quietly(path)
-                    raise
+                write(room)
         except OSError as exc:
-            unlink_quietly(prepared.tmp)
+            on_failure()
             if exc.errno in FULL_ERRNOS:
                 self._db.warn_full(str(exc))
                 return False
             raise CacheError(f"cannot write {what}: {exc}") from exc
         except DatabaseFullError as exc:
-            unlink_quietly(prepared.tmp)
+            on_failure()
             self._db.warn_full(str(exc))
             return False
         except DatabaseLockedError as exc:
             self._db.pause_writes(what, exc)
             return False
         finally:
-            _log_evicted(victims, indexes, self.quota_bytes)
+            _log_evicted(room.victims, room.indexes, self.quota_bytes)
         return True
+
+    def _make_room(self, room: _Room, needed_bytes: int, keep: tuple[str, int] | None) -> None:
+        """Evict (cache lock held) so that ``needed_bytes`` more fit in the quota; ``keep`` is
+        the chunk being replaced (its file's bytes are freed by the replacement)."""
+        if self.quota_bytes is not None:
+            self.flush_access_times()
+            room.victims, room.indexes = self._evict_locked(self.quota_bytes - needed_bytes,
+                                                            keep=keep)
 
     # --- pins and eviction ----------------------------------------------------------------
 
@@ -493,6 +494,14 @@ class ChunkFiles:
     def _unlink(self, key: str, idx: int) -> None:
         self._rows.pop((key, idx), None)
         unlink_quietly(self.chunk_path(key, idx))
+
+
+@dataclass
+class _Room:
+    """What a locked write evicted to make room: chunks (key, idx, bytes), indexes (blob, bytes)."""
+
+    victims: list[tuple[str, int, int]] = field(default_factory=list)
+    indexes: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _log_evicted(victims: list[tuple[str, int, int]], indexes: list[tuple[str, int]],
