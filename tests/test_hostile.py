@@ -569,6 +569,10 @@ def test_hostile_kits_leave_another_mount_and_the_cache_untouched(
     push_one_layer_kit(pusher, victim_reference, good, "model", "models/w.bin")
     victim = mounter.mount(victim_reference, name="victim")
     assert (victim.path / "models/w.bin").read_bytes() == weights
+    # the read is answered as chunks arrive; their cache files and the digest follow
+    for _ in range(10):
+        if [blob["state"] for blob in victim.status()["blobs"]] == ["verified"]:
+            break
     before = cache_files(cache_dir)
     assert len(before) == 3  # the layer's three 4 MiB chunks
 
