@@ -426,7 +426,7 @@ def test_verification_refetches_an_evicted_chunk_through_single_flight(tmp_path:
             nursery.start_soon(reader.verify_now, content)  # fetches chunk 0, then hashes
             await trio.testing.wait_all_tasks_blocked()
             other_process.evict(0)  # chunk 1 is gone from the cache
-            reader._recent.clear()  # and from the reader's memory (as if others came since)
+            reader._memory.recent.clear()  # and from the reader's memory (as if others came since)
             nursery.start_soon(reader.read, content, CHUNK + 5, 10)  # fetching chunk 1 again
             assert await fake.open_next() == 0
             while fake.gates:

@@ -15,7 +15,7 @@ Tasks and shared state (all on the one trio thread; no locks)
     and the flight ends however the fetch ends) or joins the flight and then looks in the cache
     again: so concurrent readers never fetch the same bytes twice (single-flight). A fetched
     chunk answers its read at once; its hashing, its cache file and the digest frontier follow
-    in a background task (``_store_fetched``), with the chunk in ``_storing`` meanwhile. A
+    in a background task (``_store_fetched``), the chunk held in memory meanwhile. A
     decompression job per compressed layer streams the layer once and wakes readers as chunks
     appear (``kitfs.core.compressed``, which the reader delegates compressed content to).
     No ``await`` sits between a cache lookup and the decision it feeds, except where the code
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import trio
@@ -57,6 +56,7 @@ from kitfs.cache.store import ChunkStore, PreparedChunk
 from kitfs.core.compressed import DecompressedStreams
 from kitfs.core.content import ChunkBuffer, Content, VerifyMode
 from kitfs.core.flight import Flights, collapse_groups
+from kitfs.core.memory import ChunkMemory
 from kitfs.core.verify import Verifier
 from kitfs.errors import IntegrityError, KitfsError
 from kitfs.format.mediatypes import Compression
@@ -71,11 +71,6 @@ log = logging.getLogger(__name__)
 # (5-7 ms), so small chunks waste round trips; 4 MiB keeps a 4 KiB read's cost under the
 # 8 MiB budget while large reads stay near wire speed. See benchmarks/README.md.
 DEFAULT_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
-# Chunks just fetched are kept in memory (also by prefetch), so the reads that follow the one
-# that fetched a chunk are answered without a trip through the cache file, and the digest
-# frontier finds chunks that arrived out of order: the read-ahead window (8) and the chunks
-# being read (with only 8, prefetched chunks pushed the one being read out of memory).
-RECENT_CHUNKS = 12
 # Sequential read-ahead (as mountpoint-s3's prefetcher): a read that continues a stream (starts
 # within STREAM_SLACK_BYTES of where an earlier read of the same content ended; the kernel's
 # own read-ahead reorders a little) keeps chunks fetched ahead of it in parallel, a quarter as many
@@ -140,23 +135,20 @@ class BlobReader:
         self._pieces_inflight: Flights[tuple[str, int, int]] = Flights()
         self.stats = ReaderStatistics()
         self._chunk_sizes: dict[str, int] = {}  # per content key, as recorded in the cache
-        # never mutated once fetched, so kept as the buffer the body was received into (a
-        # view of it when one range brought several chunks)
-        self._recent: OrderedDict[tuple[str, int], ChunkBuffer] = OrderedDict()
+        # chunks just fetched, read, or on their way to the cache (kitfs.core.memory)
+        self._memory = ChunkMemory()
         self._streams: dict[str, list[_Stream]] = {}
         self._prefetching: set[tuple[str, int]] = set()
         self._seen: set[str] = set()  # keys read at least once by this reader
-        # chunks fetched and served, being hashed and stored behind the reads (_store_fetched)
-        self._storing: dict[tuple[str, int], ChunkBuffer] = {}
         self._background_stores = 0
         self._stores_done = trio.Event()
         self._verifier = Verifier(
             store, chunk_size=self._chunk_size, fetch_slice=self._chunk_slice,
-            in_memory=self._whole_in_memory, forget_memory=self._forget)
+            in_memory=self._memory.whole, forget_memory=self._memory.forget)
         self._decompressed = DecompressedStreams(
             store, nursery, chunk_size_bytes=chunk_size_bytes, register=self._register,
             chunk_size=self._chunk_size, lookup=self._from_memory_or_cache,
-            remember=self._remember, recent=self._recent, fail=self._verifier.fail)
+            remember=self._memory.remember, recent=self._memory.recent, fail=self._verifier.fail)
 
     # --- public -------------------------------------------------------------------------------
 
@@ -273,7 +265,7 @@ class BlobReader:
         key = content.key
         self.store.pin(key, idx)
         try:
-            data: bytes | memoryview | None = self._from_memory(key, idx, start, length)
+            data: bytes | memoryview | None = self._memory.view(key, idx, start, length)
             if data is None and (key, idx) not in self._inflight:  # in flight: not cached yet
                 data = self.store.read(key, idx, start, length)
             if data is not None:
@@ -351,37 +343,8 @@ class BlobReader:
 
     def _from_memory_or_cache(self, key: str, idx: int, start: int,
                               length: int) -> bytes | memoryview | None:
-        data = self._from_memory(key, idx, start, length)
+        data = self._memory.view(key, idx, start, length)
         return data if data is not None else self.store.read(key, idx, start, length)
-
-    def _from_memory(self, key: str, idx: int, start: int, length: int) -> memoryview | None:
-        """A view of bytes ``[start, start+length)`` of chunk ``idx`` if it is in memory (the
-        buffers are never written once fetched, so a view is as good as a copy)."""
-        kept = self._recent.get((key, idx))
-        if kept is not None:
-            self._recent.move_to_end((key, idx))
-            return memoryview(kept)[start : start + length]
-        kept = self._storing.get((key, idx))
-        if kept is not None:
-            return memoryview(kept)[start : start + length]
-        return None
-
-    def _remember(self, key: str, idx: int, data: ChunkBuffer) -> None:
-        self._recent[(key, idx)] = data
-        self._recent.move_to_end((key, idx))
-        while len(self._recent) > RECENT_CHUNKS:
-            self._recent.popitem(last=False)
-
-    def _whole_in_memory(self, key: str, idx: int) -> ChunkBuffer | None:
-        """Chunk ``idx`` as held in memory (no copy), or None."""
-        return self._recent.get((key, idx)) or self._storing.get((key, idx))
-
-    def _forget(self, key: str) -> None:
-        """Drop ``key``'s chunks from memory (the blob failed its digest)."""
-        for entry in [e for e in self._recent if e[0] == key]:
-            del self._recent[entry]
-        for entry in [e for e in self._storing if e[0] == key]:
-            del self._storing[entry]
 
     async def _fetch_chunk(self, content: Content, idx: int) -> ChunkBuffer:
         return (await self._fetch_chunks(content, idx, 1))[0]
@@ -412,7 +375,7 @@ class BlobReader:
         if expected is None:
             # Nothing to check the chunk against before serving it (eventual mode serves
             # bytes as they arrive): answer now, hash and store it behind the read.
-            self._storing[(key, idx)] = buffer
+            self._memory.begin_storing(key, idx, buffer)
             if not self._background_stores:
                 self._stores_done = trio.Event()
             self._background_stores += 1
@@ -427,7 +390,7 @@ class BlobReader:
                       "(BLAKE3 of its pieces)")
             log.error("layer %s: %s", content.blob_digest, reason)
             raise IntegrityError(f"layer {content.blob_digest}: {reason}")
-        self._remember(key, idx, buffer)
+        self._memory.remember(key, idx, buffer)
         self.store.commit(key, idx, prepared)
         return buffer
 
@@ -436,7 +399,7 @@ class BlobReader:
         """A fetched chunk's slow half, after the read it served: its piece identities
         (BLAKE3), its xxh3 sums and
         its file (in a worker thread, so the trio thread goes on serving reads), its row in the
-        cache, then the blob's digest frontier. Until it is stored, ``_storing`` answers for it."""
+        cache, then the blob's digest frontier. Until it is stored, memory answers for it."""
         try:
             await self._store_and_advance(content, idx, buffer, hashing)
         finally:
@@ -451,11 +414,11 @@ class BlobReader:
             prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, buffer, hashing)
             if actual is not None:  # for the frontier: no second hash
                 self._verifier.note_fetched(key, idx, actual, buffer)
-            self._remember(key, idx, buffer)
+            self._memory.remember(key, idx, buffer)
             if key in self._verifier.failed and self._verifier.still_failed(key):
                 # the blob failed verification while this chunk was on its way: keep nothing
                 self.store.discard(prepared)
-                self._forget(key)
+                self._memory.forget(key)
                 self._verifier.forget(key)
                 return
             self.store.commit(key, idx, prepared)
@@ -466,8 +429,7 @@ class BlobReader:
             log.exception("layer %s: storing chunk %d failed unexpectedly", content.blob_digest, idx)
             return
         finally:
-            if self._storing.get((key, idx)) is buffer:
-                del self._storing[(key, idx)]
+            self._memory.end_storing(key, idx, buffer)
         if hashing and key not in self._verifier.verified:
             try:
                 await self._verifier.advance_frontier(content, fetch_missing=False)
@@ -505,12 +467,14 @@ class BlobReader:
         if self._digest_is_behind(key, stream.ahead):
             return True  # fetch no further until the digest catches up
         # chunks up to stream.ahead were dealt with by earlier reads of this stream; the
-        # window is topped up a run at a time, so each request asks for ``run`` chunks
+        # window is topped up a run at a time, so each request asks for ``run`` chunks, as far
+        # as the read-ahead budget all streams share allows (kitfs.core.memory)
         stream.ahead = max(stream.ahead, last_idx)
-        while stream.ahead < last and last_idx + window - stream.ahead >= run:
+        room = self._memory.read_ahead_room()
+        while stream.ahead < last and last_idx + window - stream.ahead >= run and room > 0:
             first = stream.ahead + 1
-            stream.ahead = min(stream.ahead + run, last)
-            self._start_prefetch(content, first, stream.ahead - first + 1)
+            stream.ahead = min(stream.ahead + min(run, room), last)
+            room -= self._start_prefetch(content, first, stream.ahead - first + 1)
         return True
 
     def _digest_is_behind(self, key: str, ahead: int) -> bool:
@@ -521,8 +485,7 @@ class BlobReader:
         if at is None or ahead - at < MAX_UNHASHED_CHUNKS:
             return False
         entry = (key, at)
-        return (entry in self._inflight or entry in self._storing or entry in self._recent
-                or self._verifier.holds(key, at))
+        return entry in self._inflight or entry in self._memory or self._verifier.holds(key, at)
 
     def prefetch(self, content: Content, offset: int, length: int) -> None:
         """Start fetching the chunks of ``[offset, offset+length)`` in the background (index
@@ -533,14 +496,14 @@ class BlobReader:
         if spans:
             self._start_prefetch(content, spans[0].index, len(spans))
 
-    def _start_prefetch(self, content: Content, first: int, count: int) -> None:
+    def _start_prefetch(self, content: Content, first: int, count: int) -> int:
         """Fetch, in the background, those of chunks ``first`` .. ``first + count - 1`` that
-        are not in memory, in flight or cached: each run of consecutive ones in one range."""
+        are not in memory, in flight or cached: each run of consecutive ones in one range.
+        Returns how many it asked for (each held in memory until read, or expired)."""
         runs: list[list[int]] = []
         for idx in range(first, first + count):
             entry = (content.key, idx)
-            if (entry in self._inflight or entry in self._prefetching or entry in self._recent
-                    or entry in self._storing):
+            if entry in self._inflight or entry in self._prefetching or entry in self._memory:
                 continue
             if self.store.has_chunk(content.key, idx):
                 # cached: have the kernel read its file ahead, so the read finds it in memory
@@ -551,23 +514,29 @@ class BlobReader:
             else:
                 runs.append([idx])
         for run in runs:
-            self._prefetching.update((content.key, idx) for idx in run)
+            entries = [(content.key, idx) for idx in run]
+            self._prefetching.update(entries)
+            self._memory.expect(entries)
             self._nursery.start_soon(self._prefetch, content, run, name=f"prefetch {run[0]}")
+        return sum(len(run) for run in runs)
 
     def _missing(self, key: str, idx: int) -> bool:
         """Chunk ``idx`` is neither in memory, nor in flight, nor cached whole."""
         entry = (key, idx)
-        return not (entry in self._inflight or entry in self._recent or entry in self._storing
+        return not (entry in self._inflight or entry in self._memory
                     or self.store.has_chunk(key, idx))
 
     async def _prefetch(self, content: Content, run: list[int]) -> None:
+        key = content.key
+        fetched: set[int] = set()
         try:
             # what a read fetched, or started to, before this task ran is left out
-            todo = [idx for idx in run if self._missing(content.key, idx)]
+            todo = [idx for idx in run if self._missing(key, idx)]
             while todo:
                 count = next((n for n, idx in enumerate(todo) if idx != todo[0] + n), len(todo))
                 await self._fetch_chunks(content, todo[0], count)
-                todo = [idx for idx in todo[count:] if self._missing(content.key, idx)]
+                fetched.update(range(todo[0], todo[0] + count))
+                todo = [idx for idx in todo[count:] if self._missing(key, idx)]
         except KitfsError as exc:  # the read that needs it will try again and report
             log.debug("prefetch of chunks %d-%d of %s failed: %s", run[0], run[-1],
                       content.blob_digest, exc)
@@ -575,7 +544,11 @@ class BlobReader:
             log.exception("prefetch of chunks %d-%d of %s failed unexpectedly", run[0], run[-1],
                           content.blob_digest)
         finally:
-            self._prefetching.difference_update((content.key, idx) for idx in run)
+            self._prefetching.difference_update((key, idx) for idx in run)
+            # not fetched here (a read fetched it, it was cached, or the fetch failed): not
+            # held for the stream either
+            self._memory.unexpect([(key, idx) for idx in run
+                                   if idx not in fetched and (key, idx) not in self._memory])
 
 
 def _prepare(store: ChunkStore, data: ChunkBuffer,

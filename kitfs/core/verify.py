@@ -37,9 +37,9 @@ log = logging.getLogger("kitfs.core.reader")  # the reader's log lines, as befor
 NEARLY_COMPLETE_BYTES = 16 * 1024 * 1024
 # How often a reader asks the cache whether another process found a blob failing its digest.
 FAILED_CHECK_INTERVAL_S = 1.0
-# Chunks fetched ahead of the frontier (out of order, or faster than it hashes) whose bytes it
-# keeps, so that it hashes them from memory rather than read them back from the cache file
-# (written with O_DIRECT: a read from the disk, on the trio thread).
+# Chunks fetched ahead of a blob's frontier (out of order, or faster than it hashes) whose bytes
+# it keeps, per blob, so that it hashes them from memory rather than read them back from the
+# cache file (written with O_DIRECT: a read from the disk, on the trio thread).
 KEPT_FOR_FRONTIER = 12
 
 
@@ -97,12 +97,13 @@ class Verifier:
     def note_fetched(self, key: str, idx: int, ids: bytes, data: ChunkBuffer) -> None:
         """Keep what the frontier needs of chunk ``idx``, just fetched, if it has yet to pass
         it: the piece identities computed (so it is not hashed twice) and, for at most
-        ``KEPT_FOR_FRONTIER`` chunks, the bytes (so they are not read back from the cache)."""
+        ``KEPT_FOR_FRONTIER`` chunks of the blob, the bytes (so they are not read back from the cache)."""
         frontier = self._frontiers.get(key)
         if key in self.verified or (frontier is not None and frontier.next > idx):
             return
         self._fetched[(key, idx)] = (ids, data)
-        holding = [entry for entry, (_, kept) in self._fetched.items() if kept is not None]
+        holding = [entry for entry, (_, kept) in self._fetched.items()
+                   if kept is not None and entry[0] == key]
         if len(holding) > KEPT_FOR_FRONTIER:  # let go of the bytes of the one furthest ahead
             furthest = max(holding, key=lambda entry: entry[1])
             self._fetched[furthest] = (self._fetched[furthest][0], None)

@@ -1,0 +1,73 @@
+"""ChunkMemory: what the reader keeps in memory while several streams read ahead at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from kitfs.core import memory
+from kitfs.core.memory import ChunkMemory
+
+
+def chunk(i: int) -> bytearray:
+    return bytearray([i % 256]) * 16
+
+
+def test_chunks_fetched_ahead_outlive_chunks_already_read() -> None:
+    mem = ChunkMemory(recent_chunks=4, ahead_budget_chunks=8)
+    for i in range(4):  # four chunks fetched by reads, and read
+        mem.remember("a", i, chunk(i))
+        assert mem.view("a", i, 0, 1) is not None
+    mem.expect([("b", 0), ("b", 1), ("b", 2)])  # read-ahead for another stream
+    for i in range(3):
+        mem.remember("b", i, chunk(i))
+    mem.remember("a", 4, chunk(4))
+    # the read-ahead chunks stay; the oldest read ones went
+    assert all(("b", i) in mem for i in range(3))
+    assert ("a", 4) in mem
+    assert [i for i in range(5) if ("a", i) in mem] == [1, 2, 3, 4]
+    # once read, they are ordinary recent chunks again
+    for i in range(3):
+        assert bytes(mem.view("b", i, 0, 2)) == bytes([i, i])
+    for i in range(5, 9):
+        mem.remember("a", i, chunk(i))
+    assert len(mem.recent) == 4  # all read now: back to recent_chunks
+
+
+def test_read_ahead_shares_one_budget_and_gets_it_back_as_chunks_are_read() -> None:
+    mem = ChunkMemory(recent_chunks=2, ahead_budget_chunks=5)
+    assert mem.read_ahead_room() == 5
+    mem.expect([("a", 1), ("a", 2), ("a", 3)])
+    mem.expect([("b", 1), ("b", 2)])
+    assert mem.read_ahead_room() == 0
+    for entry in [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("b", 2)]:
+        mem.remember(*entry, chunk(entry[1]))
+    assert len(mem.recent) == 5  # all unread: none let go
+    mem.view("a", 1, 0, 1)
+    assert mem.read_ahead_room() == 1
+    mem.unexpect([("b", 2)])  # fetched by a read instead
+    assert mem.read_ahead_room() == 2
+
+
+def test_an_abandoned_stream_gives_its_budget_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    mem = ChunkMemory(recent_chunks=1, ahead_budget_chunks=2)
+    now = [100.0]
+    monkeypatch.setattr(memory.time, "monotonic", lambda: now[0])
+    mem.expect([("a", 1), ("a", 2)])
+    mem.remember("a", 1, chunk(1))
+    mem.remember("a", 2, chunk(2))
+    assert mem.read_ahead_room() == 0
+    now[0] += memory.UNREAD_EXPIRY_S + 1
+    assert mem.read_ahead_room() == 2
+    mem.remember("b", 0, chunk(0))
+    assert len(mem.recent) == 1
+
+
+def test_a_blob_that_failed_is_forgotten_whole() -> None:
+    mem = ChunkMemory()
+    mem.expect([("a", 0)])
+    mem.remember("a", 0, chunk(0))
+    mem.begin_storing("a", 1, chunk(1))
+    mem.remember("b", 0, chunk(0))
+    mem.forget("a")
+    assert ("a", 0) not in mem and ("a", 1) not in mem and ("b", 0) in mem
+    assert mem.read_ahead_room() == memory.AHEAD_BUDGET_CHUNKS
