@@ -27,7 +27,8 @@ def test_chunks_fetched_ahead_outlive_chunks_already_read() -> None:
     assert [i for i in range(5) if ("a", i) in mem] == [1, 2, 3, 4]
     # once read, they are ordinary recent chunks again
     for i in range(3):
-        assert bytes(mem.view("b", i, 0, 2)) == bytes([i, i])
+        view = mem.view("b", i, 0, 2)
+        assert view is not None and bytes(view) == bytes([i, i])
     for i in range(5, 9):
         mem.remember("a", i, chunk(i))
     assert len(mem.recent) == 4  # all read now: back to recent_chunks
@@ -51,7 +52,7 @@ def test_read_ahead_shares_one_budget_and_gets_it_back_as_chunks_are_read() -> N
 def test_an_abandoned_stream_gives_its_budget_back(monkeypatch: pytest.MonkeyPatch) -> None:
     mem = ChunkMemory(recent_chunks=1, ahead_budget_chunks=2)
     now = [100.0]
-    monkeypatch.setattr(memory.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("kitfs.core.memory.time.monotonic", lambda: now[0])
     mem.expect([("a", 1), ("a", 2)])
     mem.remember("a", 1, chunk(1))
     mem.remember("a", 2, chunk(2))
