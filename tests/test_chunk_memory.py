@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from kitfs.core import memory
 from kitfs.core.memory import ChunkMemory
 
@@ -49,10 +47,9 @@ def test_read_ahead_shares_one_budget_and_gets_it_back_as_chunks_are_read() -> N
     assert mem.read_ahead_room() == 2
 
 
-def test_an_abandoned_stream_gives_its_budget_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    mem = ChunkMemory(recent_chunks=1, ahead_budget_chunks=2)
+def test_an_abandoned_stream_gives_its_budget_back() -> None:
     now = [100.0]
-    monkeypatch.setattr("kitfs.core.memory.time.monotonic", lambda: now[0])
+    mem = ChunkMemory(recent_chunks=1, ahead_budget_chunks=2, clock=lambda: now[0])
     mem.expect([("a", 1), ("a", 2)])
     mem.remember("a", 1, chunk(1))
     mem.remember("a", 2, chunk(2))

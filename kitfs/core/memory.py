@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from kitfs.core.content import ChunkBuffer
 
@@ -45,7 +46,9 @@ class ChunkMemory:
     """Chunks in memory, by (content key, chunk index). Trio thread only: no locks."""
 
     def __init__(self, recent_chunks: int = RECENT_CHUNKS,
-                 ahead_budget_chunks: int = AHEAD_BUDGET_CHUNKS) -> None:
+                 ahead_budget_chunks: int = AHEAD_BUDGET_CHUNKS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self.recent_chunks = recent_chunks
         self.ahead_budget_chunks = ahead_budget_chunks
         self.recent: OrderedDict[Entry, ChunkBuffer] = OrderedDict()
@@ -99,7 +102,7 @@ class ChunkMemory:
 
     def expect(self, entries: list[Entry]) -> None:
         """Mark chunks read-ahead is about to fetch as unread (kept until read or expired)."""
-        now = time.monotonic()
+        now = self._clock()
         for entry in entries:
             self._unread[entry] = now
 
@@ -125,6 +128,6 @@ class ChunkMemory:
     def _expire(self) -> None:
         if not self._unread:
             return
-        too_old = time.monotonic() - UNREAD_EXPIRY_S
+        too_old = self._clock() - UNREAD_EXPIRY_S
         for entry in [e for e, t in self._unread.items() if t < too_old]:
             del self._unread[entry]
