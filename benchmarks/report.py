@@ -122,7 +122,9 @@ def targets(results: Results, quota_bytes: int) -> list[dict[str, Any]]:
                        v("concurrent", "kitfs", "4 readers, cold", "mb_s"), 0.8 * curls4, "MB/s", True,
                        curls4, "4 parallel curls",
                        cpu_s_per_gib=cpu("concurrent", "kitfs", "4 readers, cold"),
-                       limit_cpu_s_per_gib=cpu("concurrent", "curl→/dev/null", "4 readers")))
+                       limit_cpu_s_per_gib=cpu("concurrent", "curl→/dev/null", "4 readers"),
+                       note=_known("4 verifying floors at once: {:.0f} MB/s",
+                                   v("concurrent", "verifying floor", "4 readers", "mb_s"))))
     out.append(_target("  4 readers of one file share every fetch (fetched ÷ file ≤ 1.02)",
                        v("concurrent", "kitfs", "4 readers of one file, cold", "fetch_ratio"), 1.02, "×",
                        False))

@@ -369,6 +369,31 @@ def verifying_floor(b: Bench, workload: str, blob: Blob) -> None:
     b.record(workload, FLOOR, "cold, 2 workers, sha256 + pwrite", runs)
 
 
+def floors_parallel(b: Bench, blobs: list[Blob]) -> dict[str, float]:
+    """One verifying floor (``floor.py``) per blob, all at once: what N verified cold reads
+    reach here without FUSE; wall time to the last, CPU of all their pipelines together."""
+    start = time.perf_counter()
+    procs = [(blob, b.path(f"floor-{i}.cache"), subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("floor.py")), b.kit.blob_url(blob),
+         str(blob.size_bytes), str(b.path(f"floor-{i}.cache")), "--workers", "2"],
+        stdout=subprocess.PIPE, text=True)) for i, blob in enumerate(blobs)]
+    cpu_s = 0.0
+    for blob, cache_file, proc in procs:
+        out, _ = proc.communicate()
+        remove(cache_file)
+        if proc.returncode != 0:
+            raise RuntimeError(f"floor.py exited {proc.returncode}")
+        done = json.loads(out)
+        if done["digest"] != blob.digest:
+            raise RuntimeError(f"floor read {done['digest']}, the blob is {blob.digest}")
+        cpu_s += done["cpu_s"]
+    elapsed_s = time.perf_counter() - start
+    size_bytes = sum(blob.size_bytes for blob in blobs)
+    return {"readers": len(blobs), "size_bytes": size_bytes, "elapsed_s": elapsed_s,
+            "mb_s": mb_per_s(size_bytes, elapsed_s), "cpu_s": cpu_s,
+            "cpu_s_per_gib": cpu_s / (size_bytes / GiB)}
+
+
 def passthrough(b: Bench, workload: str, local_file: Path) -> None:
     """benchmarks/passfs.py over the local copy (read-ahead 1 MiB): a sequential read with the
     page cache dropped, then again from the page cache; the CPU of its process."""
@@ -700,15 +725,18 @@ def concurrent(b: Bench) -> None:
             b.record(w, "kitfs", f"{n} readers, cold", runs, readers=n)
 
         def limits(n: int = n) -> None:
-            curl_runs, local_runs = [], []
+            curl_runs, local_runs, floor_runs = [], [], []
             for _ in range(b.repeat):
                 drop_caches()
                 curl_runs.append(b.metered(lambda n=n: curl_parallel([kit.blob_url(kit.parts[i])
                                                                       for i in range(n)]), children=True))
                 drop_caches()
                 local_runs.append(read_many_concurrently([kit.local[f"part-{i}"] for i in range(n)]))
+                drop_caches()
+                floor_runs.append(floors_parallel(b, kit.parts[:n]))
             b.record(w, "curl→/dev/null", f"{n} readers", curl_runs, readers=n)
             b.record(w, "local file", f"{n} readers, page cache dropped", local_runs, readers=n)
+            b.record(w, FLOOR, f"{n} readers", floor_runs, readers=n)
 
         b.guarded(w, "kitfs", kitfs)
         b.guarded(w, "limits", limits)

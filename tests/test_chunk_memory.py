@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kitfs.core import memory
-from kitfs.core.memory import ChunkMemory
+from kitfs.core.memory import BufferPool, ChunkMemory
 
 
 def chunk(i: int) -> bytearray:
@@ -69,3 +69,22 @@ def test_a_blob_that_failed_is_forgotten_whole() -> None:
     mem.forget("a")
     assert ("a", 0) not in mem and ("a", 1) not in mem and ("b", 0) in mem
     assert mem.read_ahead_room() == memory.AHEAD_BUDGET_CHUNKS
+
+
+def test_a_buffer_is_reused_only_once_no_view_of_it_is_left() -> None:
+    pool = BufferPool(4096, max_buffers=2)
+    first = pool.take(4096)
+    first[:3] = b"abc"
+    kept = first[1:2]  # a slice held elsewhere (memory, a reply) keeps it busy
+    del first
+    second = pool.take(4096)
+    second[:3] = b"xyz"
+    third = pool.take(100)  # over max_buffers in use: a fresh mapping
+    assert bytes(kept) == b"b" and pool.reused == 0
+    assert len(third) == 100
+    del kept
+    again = pool.take(1000)  # the first buffer, free now
+    assert pool.reused == 1 and len(again) == 1000
+    assert bytes(second[:3]) == b"xyz"
+    too_big = pool.take(8192)  # not the pool's size: a fresh mapping of its own
+    assert len(too_big) == 8192 and pool.reused == 1

@@ -46,7 +46,6 @@ Fetch sizes
 from __future__ import annotations
 
 import logging
-import mmap
 from dataclasses import dataclass
 
 import trio
@@ -56,7 +55,7 @@ from kitfs.cache.store import ChunkStore, PreparedChunk
 from kitfs.core.compressed import DecompressedStreams
 from kitfs.core.content import ChunkBuffer, Content, VerifyMode
 from kitfs.core.flight import Flights, collapse_groups
-from kitfs.core.memory import ChunkMemory
+from kitfs.core.memory import BufferPool, ChunkMemory
 from kitfs.core.verify import Verifier
 from kitfs.errors import IntegrityError, KitfsError
 from kitfs.format.mediatypes import Compression
@@ -135,8 +134,10 @@ class BlobReader:
         self._pieces_inflight: Flights[tuple[str, int, int]] = Flights()
         self.stats = ReaderStatistics()
         self._chunk_sizes: dict[str, int] = {}  # per content key, as recorded in the cache
-        # chunks just fetched, read, or on their way to the cache (kitfs.core.memory)
+        # chunks just fetched, read, or on their way to the cache, and the buffers they are
+        # received into (kitfs.core.memory)
         self._memory = ChunkMemory()
+        self._buffers = BufferPool(chunk_size_bytes)
         self._streams: dict[str, list[_Stream]] = {}
         self._prefetching: set[tuple[str, int]] = set()
         self._seen: set[str] = set()  # keys read at least once by this reader
@@ -358,9 +359,7 @@ class BlobReader:
         with self._inflight.leading([(key, span.index) for span in spans]):
             # a buffer per chunk (a chunk kept in memory keeps no other alive), page-aligned so
             # that the cache writes it with O_DIRECT (no copy); one range fills them in turn
-            buffers = tuple(memoryview(mmap.mmap(-1, span.length,
-                                                 flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
-                            for span in spans)
+            buffers = tuple(self._buffers.take(span.length) for span in spans)
             await content.registry.fetch_range(content.repository, content.blob_digest,
                                                content.blob_size, spans[0].start, buffers)
             return [await self._accept(content, span.index, buffer)

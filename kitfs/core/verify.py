@@ -37,10 +37,11 @@ log = logging.getLogger("kitfs.core.reader")  # the reader's log lines, as befor
 NEARLY_COMPLETE_BYTES = 16 * 1024 * 1024
 # How often a reader asks the cache whether another process found a blob failing its digest.
 FAILED_CHECK_INTERVAL_S = 1.0
-# Chunks fetched ahead of a blob's frontier (out of order, or faster than it hashes) whose bytes
-# it keeps, per blob, so that it hashes them from memory rather than read them back from the
-# cache file (written with O_DIRECT: a read from the disk, on the trio thread).
-KEPT_FOR_FRONTIER = 12
+# Chunks fetched ahead of their blob's frontier (out of order, or faster than it hashes) whose
+# bytes the frontiers keep, all blobs together, so that they hash them from memory rather than
+# read them back from the cache file (written with O_DIRECT: a read from the disk, on the trio
+# thread). Beyond that, the chunk furthest ahead of its own blob's frontier lets go first.
+KEPT_FOR_FRONTIER = 16
 
 
 class VerifyState(enum.Enum):
@@ -97,16 +98,19 @@ class Verifier:
     def note_fetched(self, key: str, idx: int, ids: bytes, data: ChunkBuffer) -> None:
         """Keep what the frontier needs of chunk ``idx``, just fetched, if it has yet to pass
         it: the piece identities computed (so it is not hashed twice) and, for at most
-        ``KEPT_FOR_FRONTIER`` chunks of the blob, the bytes (so they are not read back from the cache)."""
+        ``KEPT_FOR_FRONTIER`` chunks of all blobs, the bytes (so they are not read back from the cache)."""
         frontier = self._frontiers.get(key)
         if key in self.verified or (frontier is not None and frontier.next > idx):
             return
         self._fetched[(key, idx)] = (ids, data)
-        holding = [entry for entry, (_, kept) in self._fetched.items()
-                   if kept is not None and entry[0] == key]
+        holding = [entry for entry, (_, kept) in self._fetched.items() if kept is not None]
         if len(holding) > KEPT_FOR_FRONTIER:  # let go of the bytes of the one furthest ahead
-            furthest = max(holding, key=lambda entry: entry[1])
+            furthest = max(holding, key=lambda entry: entry[1] - self._next_needed(entry[0]))
             self._fetched[furthest] = (self._fetched[furthest][0], None)
+
+    def _next_needed(self, key: str) -> int:
+        frontier = self._frontiers.get(key)
+        return frontier.next if frontier is not None else 0
 
     def frontier_at(self, key: str) -> int | None:
         """The next chunk the digest of ``key`` needs, or None (verified, or not started)."""
