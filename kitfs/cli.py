@@ -34,6 +34,7 @@ from kitfs.mount.daemon import (
     unmount,
 )
 from kitfs.mount.status import all_mounts, runtime_dir
+from kitfs.remote.hostsdir import DEFAULT_HOSTS_DIR
 
 log = logging.getLogger("kitfs")
 
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give up on an unresponsive registry after this long (default 30)")
     remote.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
                         help="pick an image-index entry by label (repeatable)")
+    remote.add_argument("--hosts-dir", type=Path, default=None, metavar="DIR",
+                        help="containerd registry host configuration (mirrors): "
+                        "DIR/<registry>/hosts.toml (default /etc/containerd/certs.d)")
     verify = argparse.ArgumentParser(add_help=False)
     verify.add_argument("--verify", choices=[m.value for m in VerifyMode], default="eventual",
                         help="strict: never return unverified bytes; eventual (default): verify "
@@ -177,6 +181,7 @@ def _options(args: argparse.Namespace) -> SessionOptions:
         ca_file=args.ca_file,
         timeout_s=args.timeout,
         select=_labels(args.select),
+        hosts_dir=args.hosts_dir or DEFAULT_HOSTS_DIR,
     )
 
 
@@ -425,7 +430,8 @@ _IGNORED_MOUNT_OPTIONS = {"ro", "rw", "defaults", "auto", "noauto", "user", "nou
 # -o NAME=VALUE (or bare NAME) → kitfs mount option.
 _VALUE_MOUNT_OPTIONS = {"uid": "--uid", "gid": "--gid", "cache_dir": "--cache-dir",
                         "cache_size": "--cache-size", "verify": "--verify", "timeout": "--timeout",
-                        "ca_file": "--ca-file", "log_file": "--log-file", "select": "--select"}
+                        "ca_file": "--ca-file", "log_file": "--log-file", "select": "--select",
+                        "hosts_dir": "--hosts-dir"}
 _FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http",
                        "debug": "--debug"}
 
