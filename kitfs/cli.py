@@ -30,6 +30,7 @@ from kitfs.mount.daemon import (
     STATUS_INTERVAL_S,
     MountOptions,
     run_foreground,
+    sd_notify,
     start_background,
     unmount,
 )
@@ -39,6 +40,7 @@ from kitfs.remote.hostsdir import DEFAULT_HOSTS_DIR
 log = logging.getLogger("kitfs")
 
 CAT_READ_BYTES = 16 * 1024 * 1024
+METRICS_LISTEN = "127.0.0.1:9464"  # kitfs metrics' default (9464: unassigned in Prometheus' list)
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)$", re.IGNORECASE)
 
 
@@ -125,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
     p = sub.add_parser("status", help="every kitfs mount on this machine")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("metrics", help="serve Prometheus metrics of every kitfs mount on this "
+                       "machine and of their caches, until stopped")
+    p.add_argument("--listen", default=METRICS_LISTEN, metavar="HOST:PORT",
+                   help=f"where to serve /metrics (default {METRICS_LISTEN})")
+    p.add_argument("--cache-dir", type=Path, action="append", default=[],
+                   help="a cache to report besides those of the running mounts (repeatable; "
+                   "default: the default cache, when it exists)")
+    p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     cache = sub.add_parser("cache", help="look after the local cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     p = cache_sub.add_parser("stats", parents=[common], help="size, quota, blobs, chunks")
@@ -141,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # the background mount re-runs itself with the same arguments
     debug = getattr(args, "debug", False)
-    if args.command == "mount" and args.foreground:  # the daemon: one line per event
+    if (args.command == "mount" and args.foreground) or args.command == "metrics":
+        # a daemon (the mount's, or the metrics server): one line per event
         journald = "JOURNAL_STREAM" in os.environ  # journald stamps time and pid itself
         logging.basicConfig(
             level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
@@ -158,6 +169,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return unmount(args.mountpoint, lazy=args.lazy)
         if args.command == "status":
             return _status(args)
+        if args.command == "metrics":  # prometheus_client is imported for this command only
+            from kitfs.mount.metrics import serve as serve_metrics
+
+            return serve_metrics(args.listen, args.cache_dir or [default_cache_dir()],
+                                 on_ready=lambda: sd_notify("READY=1"))
         if args.command == "cache":
             return _cache(args)
         if args.command == "demo":

@@ -39,7 +39,7 @@ from kitfs.core.modelkit import KitSession, ModelKit, SessionOptions, open_sessi
 from kitfs.errors import KitfsError, UsageError
 from kitfs.format.reference import Reference
 from kitfs.mount import status
-from kitfs.mount.filesystem import KitFilesystem
+from kitfs.mount.filesystem import READ_SECONDS_BUCKETS, KitFilesystem
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,31 @@ def status_record(options: MountOptions, kit: ModelKit, session: KitSession,
         # chunk accesses (of uncompressed layers) answered from the cache; None before any
         "cache_hit_ratio": session.reader.stats.hit_ratio,
         "blobs": blobs,
+        "metrics": metrics_record(options, session, fs),
+    }
+
+
+def metrics_record(options: MountOptions, session: KitSession, fs: KitFilesystem) -> dict[str, Any]:
+    """The figures ``kitfs metrics`` exposes for this mount (``kitfs.mount.metrics``)."""
+    fetched = session.registry_statistics()
+    counters = fs.counters
+    chunks = session.store.chunks
+    return {
+        "fetched_bytes_by_host": fetched.blob_bytes_by_host,
+        "registry_requests": fetched.requests,
+        "registry_retries": fetched.retries,
+        "registry_fallbacks": fetched.fallbacks,
+        "fetches_in_flight": fetched.in_flight,
+        "served_bytes": counters.bytes_served,
+        "requests_by_outcome": counters.outcomes,
+        "read_seconds": {"bounds": list(READ_SECONDS_BUCKETS), "counts": counters.read_buckets,
+                         "sum": counters.read_seconds},
+        "cache_hits": session.reader.stats.chunk_hits,
+        "cache_misses": session.reader.stats.chunk_misses,
+        "verification_failures": counters.verification_failures,
+        "cache_quota_bytes": options.session.cache_size_bytes,
+        "cache_evicted_files": chunks.evicted_files,
+        "cache_evicted_bytes": chunks.evicted_bytes,
     }
 
 
