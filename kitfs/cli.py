@@ -20,12 +20,13 @@ from pathlib import Path
 
 import trio
 
-from kitfs import __version__
+from kitfs import __version__, audit
 from kitfs.cache.store import ChunkStore, default_cache_dir
 from kitfs.core.modelkit import KitSession, SessionOptions, open_session
 from kitfs.core.reader import VerifyMode
 from kitfs.errors import KitfsError, UsageError
 from kitfs.format.reference import Reference
+from kitfs.mount.auditing import audit_log_path, record_event
 from kitfs.mount.daemon import (
     STATUS_INTERVAL_S,
     MountOptions,
@@ -84,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--hosts-dir", type=Path, default=None, metavar="DIR",
                         help="containerd registry host configuration (mirrors): "
                         "DIR/<registry>/hosts.toml (default /etc/containerd/certs.d)")
+    audited = argparse.ArgumentParser(add_help=False)
+    audited.add_argument("--audit-log", type=Path, default=None, metavar="FILE",
+                         help="where the event is recorded (default: $KITFS_AUDIT_LOG, else "
+                         "/var/log/kitfs/audit.jsonl for root, else RUNTIME_DIR/audit.jsonl)")
     verify = argparse.ArgumentParser(add_help=False)
     verify.add_argument("--verify", choices=[m.value for m in VerifyMode], default="eventual",
                         help="strict: never return unverified bytes; eventual (default): verify "
@@ -109,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to mount the sample kit (default: a new temporary directory)")
     p.add_argument("--cleanup", action="store_true",
                    help="unmount and stop the registry at the end instead of leaving them running")
-    p = sub.add_parser("mount", parents=[common, remote, verify],
+    p = sub.add_parser("mount", parents=[common, remote, verify, audited],
                        help="mount a kit read-only at MOUNTPOINT (returns when the mount is ready)")
     p.add_argument("reference")
     p.add_argument("mountpoint", type=Path)
@@ -141,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     cache_sub.add_parser("gc", parents=[common], help="remove orphans, evict down to --cache-size")
     cache_sub.add_parser("verify", parents=[common], help="check every cached chunk's checksums")
-    cache_sub.add_parser("clear", parents=[common], help="delete everything in the cache")
+    cache_sub.add_parser("clear", parents=[common, audited], help="delete everything in the cache")
     return parser
 
 
@@ -317,7 +322,7 @@ def _mount(args: argparse.Namespace) -> int:
         mountpoint=args.mountpoint, session=_options(args),
         uid=os.getuid() if args.uid is None else args.uid,
         gid=os.getgid() if args.gid is None else args.gid,
-        allow_other=args.allow_other, debug=args.debug,
+        allow_other=args.allow_other, debug=args.debug, audit_log=audit_log_path(args.audit_log),
     )
     return run_foreground(options, args.ready_fd)
 
@@ -364,6 +369,7 @@ def _cache(args: argparse.Namespace) -> int:
             return 1 if dropped else 0
         elif args.cache_command == "clear":
             store.clear()
+            record_event(args.audit_log, audit.CACHE_CLEAR, cache_dir=str(store.directory.absolute()))
             print(f"cleared {store.directory}")
     finally:
         store.close()
@@ -447,7 +453,7 @@ _IGNORED_MOUNT_OPTIONS = {"ro", "rw", "defaults", "auto", "noauto", "user", "nou
 _VALUE_MOUNT_OPTIONS = {"uid": "--uid", "gid": "--gid", "cache_dir": "--cache-dir",
                         "cache_size": "--cache-size", "verify": "--verify", "timeout": "--timeout",
                         "ca_file": "--ca-file", "log_file": "--log-file", "select": "--select",
-                        "hosts_dir": "--hosts-dir"}
+                        "hosts_dir": "--hosts-dir", "audit_log": "--audit-log"}
 _FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http",
                        "debug": "--debug"}
 

@@ -40,6 +40,7 @@ import pyfuse3
 import xxhash
 
 from kitfs.core.modelkit import KitSession, ModelKit
+from kitfs.core.verify import VerifyState
 from kitfs.errors import IntegrityError, KitfsError, NotFoundError
 from kitfs.format.tree import Node
 
@@ -324,11 +325,16 @@ class KitFilesystem(pyfuse3.Operations):
                          name="invalidate-pages", daemon=True).start()
 
     def _note_verification_failure(self, layer_index: int, message: str) -> None:
-        """Count a failure once per mount (a failed layer fails every later read with the same
-        message) and tell the daemon's hook."""
-        if (layer_index, message) in self._failures_seen:
+        """Count a failure once per mount and tell the daemon's hook: a layer that failed its
+        digest is one failure however often it is refused after; a piece that failed its
+        identity (the layer stays good) is one per message."""
+        source = self.kit.layers[layer_index] if layer_index >= 0 else None
+        state = self.session.store.blob_state(source.content.key) if source else None
+        failed = VerifyState.of(state) is VerifyState.FAILED
+        seen = (layer_index, "" if failed else message)
+        if seen in self._failures_seen:
             return
-        self._failures_seen.add((layer_index, message))
+        self._failures_seen.add(seen)
         self.counters.verification_failures += 1
         if self.on_verification_failure is not None and layer_index >= 0:
             digest = str(self.kit.layers[layer_index].placement.descriptor.digest)
