@@ -7,6 +7,7 @@ the mirror's own (to the registry) by their User-Agent.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 import urllib.request
@@ -22,7 +23,7 @@ from kitfs.format.digest import Digest
 from kitfs.format.hosts import parse_hosts_toml
 from kitfs.remote.registry import RegistryClient, RegistryConfig
 from kitfs.sample import KIT, Layer, Pusher, Registry, tar_layer, with_layer_info
-from tests.faultproxy import FaultProxy, Rule, running
+from tests.faultproxy import FaultProxy, Rule, issue, make_ca, running, server_context
 from tests.mounts import Mounter
 
 MiB = 1024 * 1024
@@ -162,7 +163,8 @@ def test_a_stalled_mirror_falls_through_within_the_timeout(
         kitfs: Any, registry: Registry, pusher: Pusher, tmp_path: Path) -> None:
     """A mirror that accepts connections and never answers: with ``--timeout 6`` it gets a
     share of the 6 s and the registry the rest, so the read succeeds (had the mirror taken
-    the whole budget, nothing would be left for the registry)."""
+    the whole budget, nothing would be left for the registry); then it is left out for 10 s,
+    so the blobs are not asked of it."""
     kit = push_kit(pusher, registry.host, "stalled", os.urandom(MiB))
     with running(FaultProxy(registry.host)) as stalled:
         stalled.add(Rule("stall", path="/v2/", delay_s=60, times=None))
@@ -170,8 +172,39 @@ def test_a_stalled_mirror_falls_through_within_the_timeout(
         done = kitfs("cat", kit.reference, "model.bin", "--timeout", "6", "--hosts-dir",
                      str(directory))
         assert done.stdout == kit.weights
-        assert stalled.requests("/manifests/")  # it was asked first
+        assert stalled.requests("/manifests/")  # it was asked first,
+        assert not stalled.requests("/blobs/")  # then left out: not asked for the blobs
     assert f"{stalled.host}: manifest {kit.repository}:v1: no answer within 3 s" in done.stderr
+    assert f"leaving {stalled.host} out for 10 s" in done.stderr
+
+
+def test_a_tls_mirror_is_trusted_through_its_ca_or_skip_verify_and_gets_its_headers(
+        kitfs: Any, registry: Registry, pusher: Pusher, tmp_path: Path) -> None:
+    """``ca`` (a path relative to hosts.toml) or ``skip_verify`` let kitfs talk to a mirror
+    whose certificate a private CA signed; its ``header`` goes with each request to it.
+    Without either, the mirror is refused (named in a warning) and the registry serves."""
+    kit = push_kit(pusher, registry.host, "tls", os.urandom(MiB))
+    ca = make_ca(tmp_path / "tls", "mirror-ca")
+    leaf = issue(ca, tmp_path / "tls", "mirror", ["127.0.0.1"])
+    directory = tmp_path / "certs.d" / registry.host
+    directory.mkdir(parents=True)
+    shutil.copy(ca.cert, directory / "mirror-ca.crt")
+    with running(FaultProxy(registry.host, context=server_context(leaf))) as tls_mirror:
+        host = f'[host."https://{tls_mirror.host}"]'
+        for run, settings in enumerate(('ca = "mirror-ca.crt"', "skip_verify = true", "")):
+            (directory / "hosts.toml").write_text(
+                f'{host}\n  capabilities = ["pull", "resolve"]\n  {settings}\n'
+                f'{host[:-1]}.header]\n  x-fleet = ["a", "b"]\n')
+            asked = len(tls_mirror.requests("/blobs/"))
+            done = kitfs("cat", kit.reference, "model.bin", "--hosts-dir",
+                         str(tmp_path / "certs.d"), "--cache-dir", str(tmp_path / f"cache-{run}"))
+            assert done.stdout == kit.weights
+            served = tls_mirror.requests("/blobs/")[asked:]
+            if settings:
+                assert served and all(seen.headers["x-fleet"] == "a, b" for seen in served)
+            else:
+                assert not served
+                assert f"{tls_mirror.host}" in done.stderr and "is not trusted" in done.stderr
 
 
 def test_a_mirror_serving_wrong_bytes_is_caught_by_the_digest(
