@@ -225,6 +225,7 @@ class RegistryClient:
                                 f"asked for it (capabilities {needed.name})")
         deadline = trio.current_time() + timeout_s
         passed: list[str] = []  # what each mirror said, for the last host's error
+        asked = False
         for position, host in enumerate(hosts):
             last = position == len(hosts) - 1
             now = trio.current_time()
@@ -233,9 +234,11 @@ class RegistryClient:
                 if why:
                     passed.append(f"{host.name}: {why}")
                     continue
-            share_s = (deadline - now) / (1 if last else len(hosts) - position)
+            left_s = deadline - now if asked else timeout_s  # (messages say "4 s", not "3.99")
+            share_s = left_s / (1 if last else len(hosts) - position)
             if share_s <= 0:
                 break
+            asked = True
             try:
                 return await operation(host, share_s, last)
             except KitfsError as exc:
