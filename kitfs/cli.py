@@ -20,24 +20,28 @@ from pathlib import Path
 
 import trio
 
-from kitfs import __version__
+from kitfs import __version__, audit
 from kitfs.cache.store import ChunkStore, default_cache_dir
 from kitfs.core.modelkit import KitSession, SessionOptions, open_session
 from kitfs.core.reader import VerifyMode
 from kitfs.errors import KitfsError, UsageError
 from kitfs.format.reference import Reference
+from kitfs.mount.auditing import audit_log_path, record_event
 from kitfs.mount.daemon import (
     STATUS_INTERVAL_S,
     MountOptions,
     run_foreground,
+    sd_notify,
     start_background,
     unmount,
 )
 from kitfs.mount.status import all_mounts, runtime_dir
+from kitfs.remote.hostsdir import DEFAULT_HOSTS_DIR
 
 log = logging.getLogger("kitfs")
 
 CAT_READ_BYTES = 16 * 1024 * 1024
+METRICS_LISTEN = "127.0.0.1:9464"  # kitfs metrics' default (9464: unassigned in Prometheus' list)
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)$", re.IGNORECASE)
 
 
@@ -78,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give up on an unresponsive registry after this long (default 30)")
     remote.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
                         help="pick an image-index entry by label (repeatable)")
+    remote.add_argument("--hosts-dir", type=Path, default=None, metavar="DIR",
+                        help="containerd registry host configuration (mirrors): "
+                        "DIR/<registry>/hosts.toml (default /etc/containerd/certs.d)")
+    audited = argparse.ArgumentParser(add_help=False)
+    audited.add_argument("--audit-log", type=Path, default=None, metavar="FILE",
+                         help="where the event is recorded (default: $KITFS_AUDIT_LOG, else "
+                         "/var/log/kitfs/audit.jsonl for root, else RUNTIME_DIR/audit.jsonl)")
     verify = argparse.ArgumentParser(add_help=False)
     verify.add_argument("--verify", choices=[m.value for m in VerifyMode], default="eventual",
                         help="strict: never return unverified bytes; eventual (default): verify "
@@ -103,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to mount the sample kit (default: a new temporary directory)")
     p.add_argument("--cleanup", action="store_true",
                    help="unmount and stop the registry at the end instead of leaving them running")
-    p = sub.add_parser("mount", parents=[common, remote, verify],
+    p = sub.add_parser("mount", parents=[common, remote, verify, audited],
                        help="mount a kit read-only at MOUNTPOINT (returns when the mount is ready)")
     p.add_argument("reference")
     p.add_argument("mountpoint", type=Path)
@@ -121,13 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
     p = sub.add_parser("status", help="every kitfs mount on this machine")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("metrics", help="serve Prometheus metrics of every kitfs mount on this "
+                       "machine and of their caches, until stopped")
+    p.add_argument("--listen", default=METRICS_LISTEN, metavar="HOST:PORT",
+                   help=f"where to serve /metrics (default {METRICS_LISTEN})")
+    p.add_argument("--cache-dir", type=Path, action="append", default=[],
+                   help="a cache to report besides those of the running mounts (repeatable; "
+                   "default: the default cache, when it exists)")
+    p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     cache = sub.add_parser("cache", help="look after the local cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     p = cache_sub.add_parser("stats", parents=[common], help="size, quota, blobs, chunks")
     p.add_argument("--json", action="store_true")
     cache_sub.add_parser("gc", parents=[common], help="remove orphans, evict down to --cache-size")
     cache_sub.add_parser("verify", parents=[common], help="check every cached chunk's checksums")
-    cache_sub.add_parser("clear", parents=[common], help="delete everything in the cache")
+    cache_sub.add_parser("clear", parents=[common, audited], help="delete everything in the cache")
     return parser
 
 
@@ -137,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # the background mount re-runs itself with the same arguments
     debug = getattr(args, "debug", False)
-    if args.command == "mount" and args.foreground:  # the daemon: one line per event
+    if (args.command == "mount" and args.foreground) or args.command == "metrics":
+        # a daemon (the mount's, or the metrics server): one line per event
         journald = "JOURNAL_STREAM" in os.environ  # journald stamps time and pid itself
         logging.basicConfig(
             level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
@@ -154,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return unmount(args.mountpoint, lazy=args.lazy)
         if args.command == "status":
             return _status(args)
+        if args.command == "metrics":  # prometheus_client is imported for this command only
+            from kitfs.mount.metrics import serve as serve_metrics
+
+            return serve_metrics(args.listen, args.cache_dir or [default_cache_dir()],
+                                 on_ready=lambda: sd_notify("READY=1"))
         if args.command == "cache":
             return _cache(args)
         if args.command == "demo":
@@ -177,6 +202,7 @@ def _options(args: argparse.Namespace) -> SessionOptions:
         ca_file=args.ca_file,
         timeout_s=args.timeout,
         select=_labels(args.select),
+        hosts_dir=args.hosts_dir or DEFAULT_HOSTS_DIR,
     )
 
 
@@ -296,7 +322,7 @@ def _mount(args: argparse.Namespace) -> int:
         mountpoint=args.mountpoint, session=_options(args),
         uid=os.getuid() if args.uid is None else args.uid,
         gid=os.getgid() if args.gid is None else args.gid,
-        allow_other=args.allow_other, debug=args.debug,
+        allow_other=args.allow_other, debug=args.debug, audit_log=audit_log_path(args.audit_log),
     )
     return run_foreground(options, args.ready_fd)
 
@@ -343,6 +369,7 @@ def _cache(args: argparse.Namespace) -> int:
             return 1 if dropped else 0
         elif args.cache_command == "clear":
             store.clear()
+            record_event(args.audit_log, audit.CACHE_CLEAR, cache_dir=str(store.directory.absolute()))
             print(f"cleared {store.directory}")
     finally:
         store.close()
@@ -425,7 +452,8 @@ _IGNORED_MOUNT_OPTIONS = {"ro", "rw", "defaults", "auto", "noauto", "user", "nou
 # -o NAME=VALUE (or bare NAME) → kitfs mount option.
 _VALUE_MOUNT_OPTIONS = {"uid": "--uid", "gid": "--gid", "cache_dir": "--cache-dir",
                         "cache_size": "--cache-size", "verify": "--verify", "timeout": "--timeout",
-                        "ca_file": "--ca-file", "log_file": "--log-file", "select": "--select"}
+                        "ca_file": "--ca-file", "log_file": "--log-file", "select": "--select",
+                        "hosts_dir": "--hosts-dir", "audit_log": "--audit-log"}
 _FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http",
                        "debug": "--debug"}
 

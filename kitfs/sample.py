@@ -70,10 +70,16 @@ _AUTH_CONFIG = """auth:
     realm: {realm}
     path: {path}
 """
+# Appended for a pull-through cache of another registry (distribution's proxy mode): it fetches
+# what it does not hold from ``remoteurl`` and keeps it in its own storage.
+_PROXY_CONFIG = """proxy:
+  remoteurl: {url}
+"""
 _WRITTEN_RE = re.compile(r'http\.response\.written=(\d+)')
 # logfmt quotes a value only when it must (a blob URI holds ':'); a manifest by tag is bare.
 _URI_RE = re.compile(r'http\.request\.uri=(?:"([^"]+)"|([^\s"]+))')
 _METHOD_RE = re.compile(r'http\.request\.method=(\w+)')
+_AGENT_RE = re.compile(r'http\.request\.useragent=(?:"([^"]*)"|([^\s"]*))')
 
 
 def free_port() -> int:
@@ -98,10 +104,13 @@ class Registry:
 
     With ``users`` (name → password) the registry wants HTTP Basic credentials for every
     request (distribution's htpasswd access controller, realm ``realm``); without, it is open.
+    With ``proxy_of`` (another registry's ``host:port``) it is a pull-through cache of that
+    registry (read-only, as distribution's proxy mode is).
     """
 
     def __init__(self, workdir: Path, port: int | None = None, *,
-                 users: dict[str, str] | None = None, realm: str = "kitfs-test") -> None:
+                 users: dict[str, str] | None = None, realm: str = "kitfs-test",
+                 proxy_of: str | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -111,6 +120,7 @@ class Registry:
         self.users = dict(users or {})
         self.realm = realm
         self.htpasswd_path = workdir / "htpasswd"
+        self.proxy_of = proxy_of
 
     def start(self) -> Registry:
         if not os.path.exists(REGISTRY_BINARY):
@@ -123,6 +133,8 @@ class Registry:
                 "".join(htpasswd_line(u, p) + "\n" for u, p in self.users.items()))
             self.htpasswd_path.chmod(0o600)
             text += _AUTH_CONFIG.format(realm=self.realm, path=self.htpasswd_path)
+        if self.proxy_of:
+            text += _PROXY_CONFIG.format(url=f"http://{self.proxy_of}")
         config.write_text(text)
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
             self.process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=log,
@@ -159,8 +171,9 @@ class Registry:
         """A position in the log; ``blob_bytes_served(since=mark)`` counts after it."""
         return self.log_path.stat().st_size if self.log_path.exists() else 0
 
-    def requests(self, since: int = 0) -> list[tuple[str, str, int]]:
-        """(method, uri, bytes written) of every completed request after ``since``."""
+    def requests(self, since: int = 0, agent: str | None = None) -> list[tuple[str, str, int]]:
+        """(method, uri, bytes written) of every completed request after ``since``; with
+        ``agent``, only those whose User-Agent starts with it (``kitfs/``: not a mirror's)."""
         time.sleep(0.2)  # the registry writes its line just after the response
         with open(self.log_path, "rb") as f:
             f.seek(since)
@@ -170,17 +183,21 @@ class Registry:
             if "response completed" not in line:
                 continue
             uri, method, written = _URI_RE.search(line), _METHOD_RE.search(line), _WRITTEN_RE.search(line)
+            if agent is not None:
+                found = _AGENT_RE.search(line)
+                if not found or not (found.group(1) or found.group(2) or "").startswith(agent):
+                    continue
             if uri and method:
                 out.append((method.group(1), uri.group(1) or uri.group(2),
                             int(written.group(1)) if written else 0))
         return out
 
-    def blob_bytes_served(self, since: int = 0) -> int:
-        return sum(n for method, uri, n in self.requests(since)
+    def blob_bytes_served(self, since: int = 0, agent: str | None = None) -> int:
+        return sum(n for method, uri, n in self.requests(since, agent)
                    if method == "GET" and "/blobs/" in uri)
 
-    def blob_requests(self, since: int = 0) -> int:
-        return sum(1 for method, uri, _ in self.requests(since)
+    def blob_requests(self, since: int = 0, agent: str | None = None) -> int:
+        return sum(1 for method, uri, _ in self.requests(since, agent)
                    if method == "GET" and "/blobs/" in uri)
 
     def blob_file(self, digest: str) -> Path:

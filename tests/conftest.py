@@ -28,6 +28,17 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         raise pytest.UsageError(f"the mount tests need {' and '.join(missing)} (apt install fuse3)")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def audit_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every kitfs the tests start appends its audit events here (``$KITFS_AUDIT_LOG``), not
+    to root's ``/var/log/kitfs/audit.jsonl`` on this machine; tests that check the audit log
+    give their own ``--audit-log`` (or, for the default, a private mount namespace)."""
+    path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KITFS_AUDIT_LOG", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     reg = Registry(tmp_path_factory.mktemp("registry")).start()

@@ -82,6 +82,8 @@ class ChunkFiles:
         self._pins: Counter[tuple[str, int]] = Counter()
         self._over_quota = False  # the last eviction stopped short because of pins
         self.dropped = 0  # chunks and indexes found damaged and dropped (verify counts them)
+        self.evicted_files = 0  # chunks and indexes this process evicted (kitfs metrics)
+        self.evicted_bytes = 0
         self._touched: dict[tuple[str, int], float] = {}
         # (length, xxh3 sums, present pieces) of chunks read lately: a chunk's row never changes while it is
         # cached (content-addressed), so a FUSE read of a cached chunk costs no query. A chunk
@@ -321,6 +323,7 @@ class ChunkFiles:
             return False
         finally:
             _log_evicted(room.victims, room.indexes, self.quota_bytes)
+            self._count_evicted(room.victims, room.indexes)
         return True
 
     def _make_room(self, room: _Room, needed_bytes: int, keep: tuple[str, int] | None) -> None:
@@ -366,7 +369,13 @@ class ChunkFiles:
             self._db.pause_writes("eviction", exc)
             return 0
         _log_evicted(victims, indexes, target_bytes)
+        self._count_evicted(victims, indexes)
         return sum(length for *_, length in victims) + sum(length for _, length in indexes)
+
+    def _count_evicted(self, victims: list[tuple[str, int, int]],
+                       indexes: list[tuple[str, int]]) -> None:
+        self.evicted_files += len(victims) + len(indexes)
+        self.evicted_bytes += sum(length for *_, length in victims) + sum(n for _, n in indexes)
 
     def _evict_locked(self, target_bytes: int, keep: tuple[str, int] | None = None
                       ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:

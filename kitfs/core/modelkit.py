@@ -50,6 +50,7 @@ from kitfs.format.oci import MAX_CONFIG_BYTES, Index, Manifest, parse_document
 from kitfs.format.reference import Reference
 from kitfs.format.tar import TarMember, TarScanner
 from kitfs.format.tree import FileSource, Node, Tree, TreeBuilder
+from kitfs.remote.hostsdir import DEFAULT_HOSTS_DIR, load_hosts
 from kitfs.remote.registry import RegistryClient, RegistryConfig, RegistryStatistics
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class SessionOptions:
     timeout_s: float = 30.0
     chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
     select: dict[str, str] = field(default_factory=dict)
+    hosts_dir: Path = DEFAULT_HOSTS_DIR  # containerd's hosts.toml files: mirrors per registry
 
 
 class KitSession:
@@ -159,16 +161,15 @@ class KitSession:
             plain = self.options.plain_http if self.options.plain_http is not None else default_plain
             config = RegistryConfig(plain_http=plain, ca_file=self.options.ca_file,
                                     timeout_s=self.options.timeout_s)
-            client = self._registries[host] = RegistryClient(host, config)
+            client = self._registries[host] = RegistryClient(
+                host, config, hosts=load_hosts(self.options.hosts_dir, host))
         return client
 
     def registry_statistics(self) -> RegistryStatistics:
         """Requests and blob bytes fetched so far, summed over every registry."""
         total = RegistryStatistics()
         for client in self._registries.values():
-            total.requests += client.stats.requests
-            total.retries += client.stats.retries
-            total.blob_bytes += client.stats.blob_bytes
+            total.add(client.stats)
         return total
 
     async def aclose(self) -> None:

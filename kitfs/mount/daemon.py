@@ -39,7 +39,8 @@ from kitfs.core.modelkit import KitSession, ModelKit, SessionOptions, open_sessi
 from kitfs.errors import KitfsError, UsageError
 from kitfs.format.reference import Reference
 from kitfs.mount import status
-from kitfs.mount.filesystem import KitFilesystem
+from kitfs.mount.auditing import MountAudit
+from kitfs.mount.filesystem import READ_SECONDS_BUCKETS, KitFilesystem
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class MountOptions:
     allow_other: bool = False
     read_ahead_kb: int = READ_AHEAD_KB
     debug: bool = False
+    audit_log: Path | None = None  # kitfs.audit's file; None: no audit log
 
 
 # --- readiness ---------------------------------------------------------------------------------
@@ -190,6 +192,31 @@ def status_record(options: MountOptions, kit: ModelKit, session: KitSession,
         # chunk accesses (of uncompressed layers) answered from the cache; None before any
         "cache_hit_ratio": session.reader.stats.hit_ratio,
         "blobs": blobs,
+        "metrics": metrics_record(options, session, fs),
+    }
+
+
+def metrics_record(options: MountOptions, session: KitSession, fs: KitFilesystem) -> dict[str, Any]:
+    """The figures ``kitfs metrics`` exposes for this mount (``kitfs.mount.metrics``)."""
+    fetched = session.registry_statistics()
+    counters = fs.counters
+    chunks = session.store.chunks
+    return {
+        "fetched_bytes_by_host": fetched.blob_bytes_by_host,
+        "registry_requests": fetched.requests,
+        "registry_retries": fetched.retries,
+        "registry_fallbacks": fetched.fallbacks,
+        "fetches_in_flight": fetched.in_flight,
+        "served_bytes": counters.bytes_served,
+        "requests_by_outcome": counters.outcomes,
+        "read_seconds": {"bounds": list(READ_SECONDS_BUCKETS), "counts": counters.read_buckets,
+                         "sum": counters.read_seconds},
+        "cache_hits": session.reader.stats.chunk_hits,
+        "cache_misses": session.reader.stats.chunk_misses,
+        "verification_failures": counters.verification_failures,
+        "cache_quota_bytes": options.session.cache_size_bytes,
+        "cache_evicted_files": chunks.evicted_files,
+        "cache_evicted_bytes": chunks.evicted_bytes,
     }
 
 
@@ -206,21 +233,27 @@ async def serve(options: MountOptions, readiness: Readiness) -> int:
         except RuntimeError as exc:
             raise UsageError(f"cannot mount on {str(mountpoint)!r}: {exc}") from None
         started = time.time()
+        audit_events = MountAudit(options.audit_log, options)
+        fs.on_verification_failure = audit_events.failure
         try:
 
-            def publish() -> None:
+            def publish() -> list[dict[str, Any]]:
+                """Write the status record; returns its blobs."""
                 session.store.check_database()  # kitfs.db deleted under us: see the store
-                status.write_status(os.getpid(), status_record(options, kit, session, fs, started))
+                record = status_record(options, kit, session, fs, started)
+                status.write_status(os.getpid(), record)
+                blobs: list[dict[str, Any]] = record["blobs"]
+                return blobs
 
             async def become_ready() -> None:
                 # A stat through the mount is answered only once the kernel has finished FUSE
                 # INIT (which also resets read-ahead, so raise it after): then the mount works.
                 await trio.to_thread.run_sync(os.stat, mountpoint)
                 raise_read_ahead(mountpoint, options.read_ahead_kb)
-                publish()
+                audit_events.mounted(kit, session, publish())  # before anyone is told it works
                 log.info("mounted %s (%s) at %s", options.reference, kit.reference.digest, mountpoint)
                 readiness.ready(kit, mountpoint)
-                await _publish_every(publish)
+                await _publish_every(lambda: audit_events.layers(publish()))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(become_ready, name="ready")
@@ -232,6 +265,7 @@ async def serve(options: MountOptions, readiness: Readiness) -> int:
             still_mounted = _is_ours(mountpoint)
             pyfuse3.close(unmount=still_mounted)
             status.remove_status(os.getpid())
+            audit_events.unmounted(session.registry_statistics().blob_bytes, fs.counters.bytes_served)
             log.info("unmounted %s", mountpoint)
     return 0
 
@@ -273,6 +307,7 @@ def run_foreground(options: MountOptions, ready_fd: int | None) -> int:
             raise
         error = found
     log.error("mount failed: %s", error)
+    MountAudit(options.audit_log, options).failed(error.exit_code, str(error))
     readiness.failed(error.exit_code, str(error))
     raise error
 

@@ -12,7 +12,8 @@ only what is FUSE-specific:
   ``FUSEError``, so every handler is wrapped. A ``KitfsError`` becomes its class's errno
   (``kitfs.errors``), an ``OSError`` its own errno, and anything else is logged with its
   traceback and answered EIO; the mount stays up in every case.
-- counters for ``kitfs status`` (reads, bytes, errors, and every request the kernel sent);
+- counters for ``kitfs status`` and ``kitfs metrics`` (reads, bytes, errors, every request the
+  kernel sent and how it was answered, how long reads took, verification failures met);
 - the kernel's round trips: ``flush`` is not implemented, so the first ``close()`` answers
   ENOSYS and the kernel never sends FLUSH again for the mount's life (nothing is ever dirty);
   an open and close of a cached file then costs the daemon OPEN and RELEASE only (RELEASE
@@ -30,14 +31,16 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import xxhash
 
 from kitfs.core.modelkit import KitSession, ModelKit
+from kitfs.core.verify import VerifyState
 from kitfs.errors import IntegrityError, KitfsError, NotFoundError
 from kitfs.format.tree import Node
 
@@ -54,14 +57,38 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# Upper bounds of the read latency histogram's buckets (seconds; +Inf is implied): from a
+# chunk in memory (~50 us) through the cache (~1 ms) and a registry fetch (5 ms-1 s) to a
+# registry that times out.
+READ_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                        0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Called with (layer digest, the failure's message) once per failure a mount meets.
+VerificationFailureHook = Callable[[str, str], None]
+
+
 @dataclass
 class MountCounters:
-    """What ``kitfs status`` shows per mount (besides the registry's own byte counts)."""
+    """What ``kitfs status`` and ``kitfs metrics`` show per mount (besides the registry's
+    own counts)."""
 
     reads: int = 0
     bytes_served: int = 0
     errors: int = 0
     requests: int = 0  # every request that reached a handler (any operation)
+    outcomes: dict[str, int] = field(default_factory=dict)  # "ok" or the errno's name -> requests
+    # reads (answered or failed) per latency bucket (the last one: slower than every bound)
+    read_buckets: list[int] = field(default_factory=lambda: [0] * (len(READ_SECONDS_BUCKETS) + 1))
+    read_seconds: float = 0.0  # their sum
+    verification_failures: int = 0  # distinct ones (the same failure answered again is not)
+
+    def count_outcome(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    def count_read_time(self, seconds: float) -> None:
+        bucket = next((i for i, bound in enumerate(READ_SECONDS_BUCKETS) if seconds <= bound),
+                      len(READ_SECONDS_BUCKETS))
+        self.read_buckets[bucket] += 1
+        self.read_seconds += seconds
 
 
 def _boundary(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -69,28 +96,42 @@ def _boundary(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corout
 
     @functools.wraps(method)
     async def handler(*args: P.args, **kwargs: P.kwargs) -> R:
-        if args and isinstance(args[0], KitFilesystem):
-            args[0].counters.requests += 1
+        counters = args[0].counters if args and isinstance(args[0], KitFilesystem) else None
+        if counters is not None:
+            counters.requests += 1
         try:
-            return await method(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            result = await method(*args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            _count_outcome(counters, exc.errno)
             raise
         except NotFoundError:
+            _count_outcome(counters, errno.ENOENT)
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         except KitfsError as exc:
             _count_error(args)
+            _count_outcome(counters, exc.errno)
             log.error("%s: %s (%s)", method.__name__, exc, errno.errorcode.get(exc.errno, exc.errno))
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             _count_error(args)
+            _count_outcome(counters, exc.errno or errno.EIO)
             log.error("%s: %s", method.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             _count_error(args)
+            _count_outcome(counters, errno.EIO)
             log.exception("%s failed unexpectedly; answered EIO, the mount stays up", method.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        if counters is not None:
+            counters.count_outcome("ok")
+        return result
 
     return handler
+
+
+def _count_outcome(counters: MountCounters | None, number: int) -> None:
+    if counters is not None:
+        counters.count_outcome(errno.errorcode.get(number, "EIO"))
 
 
 def _invalidate_pages(inodes: list[int], digest: str) -> None:
@@ -123,6 +164,8 @@ class KitFilesystem(pyfuse3.Operations):
         self.gid = gid
         self.mtime_ns = mtime_ns
         self.counters = MountCounters()
+        self.on_verification_failure: VerificationFailureHook | None = None  # the daemon's audit
+        self._failures_seen: set[tuple[int, str]] = set()
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: kit.tree.root}
         self._inodes: dict[int, int] = {id(kit.tree.root): pyfuse3.ROOT_INODE}  # id(node) -> ino
         self._pages_dropped: set[int] = set()  # layers whose files' cached pages were dropped
@@ -220,12 +263,16 @@ class KitFilesystem(pyfuse3.Operations):
         # pyfuse3 replies with any buffer (PyObject_GetBuffer, fuse_reply_buf): a view of a
         # chunk held in memory goes to the kernel without a copy of its own
         node = self._node(fh)
+        started = time.perf_counter()
         try:
             data = await self.session.read_file(self.kit, node, off, size)
-        except IntegrityError:
+        except IntegrityError as exc:
             if node.source is not None:
                 self._drop_cached_pages(node.source.layer_index)
+                self._note_verification_failure(node.source.layer_index, str(exc))
             raise
+        finally:
+            self.counters.count_read_time(time.perf_counter() - started)
         self.counters.reads += 1
         self.counters.bytes_served += len(data)
         return data
@@ -276,6 +323,22 @@ class KitFilesystem(pyfuse3.Operations):
         digest = self.kit.layers[layer_index].placement.descriptor.digest
         threading.Thread(target=_invalidate_pages, args=(inodes, str(digest)),
                          name="invalidate-pages", daemon=True).start()
+
+    def _note_verification_failure(self, layer_index: int, message: str) -> None:
+        """Count a failure once per mount and tell the daemon's hook: a layer that failed its
+        digest is one failure however often it is refused after; a piece that failed its
+        identity (the layer stays good) is one per message."""
+        source = self.kit.layers[layer_index] if layer_index >= 0 else None
+        state = self.session.store.blob_state(source.content.key) if source else None
+        failed = VerifyState.of(state) is VerifyState.FAILED
+        seen = (layer_index, "" if failed else message)
+        if seen in self._failures_seen:
+            return
+        self._failures_seen.add(seen)
+        self.counters.verification_failures += 1
+        if self.on_verification_failure is not None and layer_index >= 0:
+            digest = str(self.kit.layers[layer_index].placement.descriptor.digest)
+            self.on_verification_failure(digest, message)
 
     def _xattrs(self, node: Node) -> dict[bytes, bytes]:
         if node is self.kit.tree.root:

@@ -185,6 +185,7 @@ class HttpClient:
         skip_on_200: int = 0,
         max_body_bytes: int = 64 * 1024 * 1024,
         progress: Progress | None = None,
+        max_skip_bytes: int | None = None,
     ) -> Response:
         """Send one request and read the response (``progress``, if given, follows it).
 
@@ -194,7 +195,9 @@ class HttpClient:
         chunks, each in a buffer of its own);
         other bodies are returned in ``Response.body`` up to ``max_body_bytes``. When a Range
         request is answered 200 (the whole blob), ``skip_on_200`` bytes are read and dropped
-        first, so ``into`` still receives the bytes that were asked for.
+        first, so ``into`` still receives the bytes that were asked for; unless they are more
+        than ``max_skip_bytes``: then the body is left unread (``Response.body_length`` 0) and
+        the connection dropped (a cold mirror's whole blob; the caller asks another host).
 
         Raises:
             TransportError: connect, send or receive failed or timed out; malformed response.
@@ -221,7 +224,8 @@ class HttpClient:
                 conn.progress = progress
                 try:
                     response = await self._exchange(
-                        conn, request_bytes, method, into, skip_on_200, max_body_bytes
+                        conn, request_bytes, method, into, skip_on_200, max_body_bytes,
+                        max_skip_bytes,
                     )
                 except TransportError:
                     await _close_quietly(conn)
@@ -291,6 +295,7 @@ class HttpClient:
         into: Into | None,
         skip_on_200: int,
         max_body_bytes: int,
+        max_skip_bytes: int | None = None,
     ) -> Response:
         try:
             if conn.progress is not None:
@@ -300,7 +305,8 @@ class HttpClient:
             if conn.progress is not None:
                 conn.progress.stage = "waiting for the answer"
             response = await self._read_head(conn)
-            await self._read_body(conn, response, method, into, skip_on_200, max_body_bytes)
+            await self._read_body(conn, response, method, into, skip_on_200, max_body_bytes,
+                                  max_skip_bytes)
             return response
         except trio.TooSlowError:
             raise TransportError("the server did not answer in time", timed_out=True) from None
@@ -348,11 +354,16 @@ class HttpClient:
         into: Into | None,
         skip_on_200: int,
         max_body_bytes: int,
+        max_skip_bytes: int | None = None,
     ) -> None:
         if method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200:
             return
         if response.status == 416:  # distribution gives it the blob's length and no body
             conn.reusable = False
+            return
+        if (into is not None and response.status == 200 and max_skip_bytes is not None
+                and skip_on_200 > max_skip_bytes):
+            conn.reusable = False  # the body stays unread: the connection is dropped
             return
         chunked = "chunked" in response.headers.get("transfer-encoding", "").lower()
         length_text = response.headers.get("content-length")
