@@ -23,6 +23,9 @@ All the policy about talking to a registry lives here:
 - **Redirects** (to blob storage) are followed with the Range header kept; credentials are not
   sent to another host.
 
+``offline`` (``--offline``): nothing is ever sent; every operation fails at once with
+``RemoteError``.
+
 Errors leave as ``kitfs.errors`` types only (``NotFoundError``, ``AuthError``, ``RemoteError``,
 ``RemoteTimeoutError``; ``UsageError`` for a ``ca_file`` that cannot be loaded).
 """
@@ -81,6 +84,7 @@ class RegistryConfig:
     ca_file: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_connections: int = 8
+    offline: bool = False  # --offline: every operation fails at once, nothing is sent
 
 
 @dataclass
@@ -203,6 +207,9 @@ class RegistryClient:
         """One operation, with auth, redirects and retries, until it succeeds or ``timeout_s``
         (default: the configured timeout) has passed. ``blob_size`` (blob reads): an answer
         saying the blob has another size ends it with IntegrityError."""
+        if self.config.offline:
+            raise RemoteError(f"{self.registry}: {what}: not asked for: --offline forbids "
+                              "contacting the registry")
         scope = f"repository:{repository}:pull"
         timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
         deadline = trio.current_time() + timeout_s
