@@ -85,6 +85,10 @@ def test_offline_never_contacts_the_registry(
                         r"asked \(\S+: manifest team/offline:v1: not asked for: --offline forbids "
                         rf"contacting the registry\); using {digest}, .*", said.strip()), said
     assert kitfs("cat", every.reference, "README.md", "--offline").stdout == ALL_FILES["README.md"]
+    repository = every.reference.rsplit(":", 1)[0]
+    _, said = mount_and_read_everything(mounter, f"{repository}@{digest}", "--offline",
+                                        name="digest-offline")
+    assert said == ""  # by digest, everything came from the cache: not one request was wanted
     other = every.reference.replace(":v1", ":v2")  # a tag this cache never resolved
     done = kitfs("ls", other, "--offline", check=False)
     assert done.returncode == 69
