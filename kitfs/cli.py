@@ -1,8 +1,9 @@
 """The ``kitfs`` command line: argv and environment in, output and an exit code out.
 
-Commands: ``ls``, ``cat``, ``inspect``, ``cache stats|gc|verify|clear``. Every ``KitfsError``
-becomes ``kitfs: <message>`` on stderr and the error's exit code (see ``kitfs.errors``); a
-traceback is shown only with ``--debug``.
+Commands: ``ls``, ``cat``, ``inspect``, ``cache stats|gc|verify|clear``, ``mount``, ``umount``,
+``status``, ``demo``; ``pull``, ``diff`` and ``cache pins|unpin`` are in ``kitfs.commands``.
+Every ``KitfsError`` becomes ``kitfs: <message>`` on stderr and the error's exit code (see
+``kitfs.errors``); a traceback is shown only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,21 @@ import trio
 
 from kitfs import __version__, audit
 from kitfs.cache.store import ChunkStore, default_cache_dir
+from kitfs.commands import (
+    add_cache_commands,
+    add_commands,
+    add_filter_option,
+    cache_pins,
+    cache_unpin,
+    diff_command,
+    pull_command,
+)
 from kitfs.core.modelkit import KitSession, SessionOptions, open_session
 from kitfs.core.reader import VerifyMode
 from kitfs.errors import KitfsError, UsageError
+from kitfs.format.filter import Selection
 from kitfs.format.reference import Reference
+from kitfs.format.tree import shell_quoted
 from kitfs.mount.auditing import audit_log_path, record_event
 from kitfs.mount.daemon import (
     STATUS_INTERVAL_S,
@@ -89,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     audited.add_argument("--audit-log", type=Path, default=None, metavar="FILE",
                          help="where the event is recorded (default: $KITFS_AUDIT_LOG, else "
                          "/var/log/kitfs/audit.jsonl for root, else RUNTIME_DIR/audit.jsonl)")
+    remote.add_argument("--offline", action="store_true",
+                        help="never contact a registry: use what the cache holds (a tag: the "
+                        "digest it last resolved to)")
     verify = argparse.ArgumentParser(add_help=False)
     verify.add_argument("--verify", choices=[m.value for m in VerifyMode], default="eventual",
                         help="strict: never return unverified bytes; eventual (default): verify "
@@ -126,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let other users (and containers) read the mount; off by default")
     p.add_argument("--log-file", type=Path, default=None,
                    help="where the background daemon logs (default: RUNTIME_DIR/<mountpoint>.log)")
+    add_filter_option(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("umount", help="unmount a kitfs mount and wait for its daemon to exit")
     p.add_argument("mountpoint", type=Path)
@@ -147,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache_sub.add_parser("gc", parents=[common], help="remove orphans, evict down to --cache-size")
     cache_sub.add_parser("verify", parents=[common], help="check every cached chunk's checksums")
     cache_sub.add_parser("clear", parents=[common, audited], help="delete everything in the cache")
+    add_cache_commands(cache_sub, common, audited)
+    add_commands(sub, common, remote, audited)
     return parser
 
 
@@ -203,12 +221,13 @@ def _options(args: argparse.Namespace) -> SessionOptions:
         timeout_s=args.timeout,
         select=_labels(args.select),
         hosts_dir=args.hosts_dir or DEFAULT_HOSTS_DIR,
+        offline=args.offline,
     )
 
 
 async def _run_async(args: argparse.Namespace) -> int:
     commands: dict[str, Callable[[KitSession, argparse.Namespace], Awaitable[int]]] = {
-        "ls": _ls, "cat": _cat, "inspect": _inspect,
+        "ls": _ls, "cat": _cat, "inspect": _inspect, "pull": pull_command, "diff": diff_command,
     }
     async with open_session(_options(args)) as session:
         return await commands[args.command](session, args)
@@ -216,26 +235,6 @@ async def _run_async(args: argparse.Namespace) -> int:
 
 def _mode_string(is_dir: bool, mode: int) -> str:
     return stat.filemode((stat.S_IFDIR if is_dir else stat.S_IFREG) | mode)
-
-
-_SHELL_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "'": "\\'", "\\": "\\\\"}
-
-
-def shell_quoted(path: str) -> str:
-    """A tar name as ``kitfs ls`` prints it: as it is when it is printable UTF-8, else in
-    bash's ``$'…'`` quoting (``\\n``, ``\\xff`` for a byte that is not UTF-8), so that every
-    entry is one line and can be pasted into a shell as an argument of ``kitfs cat``."""
-    if path.isprintable():  # lone surrogates (undecodable bytes) are not printable
-        return path
-    out = []
-    for char in path:
-        if char in _SHELL_ESCAPES:
-            out.append(_SHELL_ESCAPES[char])
-        elif char.isprintable():
-            out.append(char)
-        else:  # a control character, or a byte that was not UTF-8 (a surrogate escape)
-            out.extend(f"\\x{byte:02x}" for byte in char.encode("utf-8", "surrogateescape"))
-    return "$'" + "".join(out) + "'"
 
 
 async def _ls(session: KitSession, args: argparse.Namespace) -> int:
@@ -313,6 +312,7 @@ async def _inspect(session: KitSession, args: argparse.Namespace) -> int:
 
 def _mount(args: argparse.Namespace) -> int:
     reference = Reference.parse(args.reference)  # a bad reference fails here, before forking
+    Selection.parse(args.filter)  # and so does a bad --filter
     if not args.foreground:
         log_file = args.log_file or runtime_dir() / (
             str(args.mountpoint.absolute()).strip("/").replace("/", "-") + ".log")
@@ -323,6 +323,7 @@ def _mount(args: argparse.Namespace) -> int:
         uid=os.getuid() if args.uid is None else args.uid,
         gid=os.getgid() if args.gid is None else args.gid,
         allow_other=args.allow_other, debug=args.debug, audit_log=audit_log_path(args.audit_log),
+        selection=Selection.parse(args.filter),
     )
     return run_foreground(options, args.ready_fd)
 
@@ -371,6 +372,10 @@ def _cache(args: argparse.Namespace) -> int:
             store.clear()
             record_event(args.audit_log, audit.CACHE_CLEAR, cache_dir=str(store.directory.absolute()))
             print(f"cleared {store.directory}")
+        elif args.cache_command == "pins":
+            return cache_pins(store, args)
+        elif args.cache_command == "unpin":
+            return cache_unpin(store, args)
     finally:
         store.close()
     return 0
@@ -455,7 +460,7 @@ _VALUE_MOUNT_OPTIONS = {"uid": "--uid", "gid": "--gid", "cache_dir": "--cache-di
                         "ca_file": "--ca-file", "log_file": "--log-file", "select": "--select",
                         "hosts_dir": "--hosts-dir", "audit_log": "--audit-log"}
 _FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http",
-                       "debug": "--debug"}
+                       "debug": "--debug", "offline": "--offline"}
 
 
 def mount_options_to_argv(source: str, mountpoint: str, options: str) -> list[str]:

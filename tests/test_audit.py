@@ -123,6 +123,39 @@ def test_a_failed_mount_and_a_cache_clear_are_recorded(
         ("cache_clear", str(mounter.cache_dir), os.getuid())
 
 
+def test_pulls_pins_and_unpins_are_recorded(
+        mounter: Mounter, registry: Registry, pusher: Pusher, tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    reference = f"{registry.host}/audit/pulled:v1"
+    model, docs = push_two_layer_kit(pusher, reference, os.urandom(3 * MiB))
+    mounter.kitfs("pull", reference, "--pin", "--progress", "none", "--audit-log", str(log))
+    pulled, pinned = events(log)
+    assert (pulled["event"], pulled["reference"], pulled["outcome"], pulled["pinned"]) == \
+        ("pull", reference, "verified", True)
+    assert pulled["digest"].startswith("sha256:")
+    assert set(pulled["layers"]) == {model.digest, docs.digest}
+    assert pulled["bytes"] == pulled["fetched_bytes"] == len(model.data) + len(docs.data)
+    assert (pinned["event"], pinned["reference"], pinned["digest"]) == \
+        ("pin", reference, pulled["digest"])
+    mounter.kitfs("cache", "unpin", reference, "--audit-log", str(log))
+    unpinned = events(log)[-1]
+    assert (unpinned["event"], unpinned["reference"]) == ("unpin", reference)
+
+    forged = f"{registry.host}/audit/forged:v1"
+    model, _ = push_two_layer_kit(pusher, forged, os.urandom(3 * MiB))
+    stored = registry.blob_file(model.digest)
+    data = bytearray(stored.read_bytes())
+    data[-100] ^= 0xFF
+    stored.write_bytes(data)
+    done = mounter.kitfs("pull", forged, "--progress", "none", "--audit-log", str(log),
+                         check=False)
+    assert done.returncode == 65
+    failed = events(log)[-1]
+    assert (failed["event"], failed["reference"], failed["outcome"], failed["pinned"]) == \
+        ("pull", forged, "failed", False)
+    assert model.digest in failed["error"] and "failed verification" in failed["error"]
+
+
 def test_a_mount_whose_audit_log_cannot_be_written_does_not_happen(
         mounter: Mounter, registry: Registry, pusher: Pusher, tmp_path: Path) -> None:
     reference = f"{registry.host}/audit/unwritable:v1"

@@ -155,6 +155,20 @@ def test_counters_agree_with_the_registry_log_the_daemon_logs_and_the_cache(
     assert metrics.stop() == 0
 
 
+def test_pinned_bytes_are_the_caches(mounter: Mounter, registry: Registry, pusher: Pusher,
+                                     metrics: MetricsServer) -> None:
+    reference = f"{registry.host}/metrics/pinned:v1"
+    sample_kit(pusher, reference, os.urandom(5 * MiB))
+    mounter.mount(reference)  # the endpoint lists the caches its daemons use
+    mounter.kitfs("pull", reference, "--pin", "--progress", "none")
+    stats = json.loads(mounter.kitfs("cache", "stats", "--json").stdout)
+    assert stats["pinned_bytes"] > 5 * MiB
+    samples = metrics.scrape()
+    assert of_cache(samples, "kitfs_cache_pinned_bytes", mounter.cache_dir) == stats["pinned_bytes"]
+    mounter.kitfs("cache", "unpin", reference)
+    assert of_cache(metrics.scrape(), "kitfs_cache_pinned_bytes", mounter.cache_dir) == 0
+
+
 def test_verification_failures_and_mirror_fallbacks_are_counted(
         mounter: Mounter, registry: Registry, pusher: Pusher, metrics: MetricsServer,
         tmp_path: Path) -> None:

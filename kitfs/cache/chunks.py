@@ -25,7 +25,9 @@ Invariants (what a ``kill -9`` at any instant cannot break; the others are liste
   by this process's in-flight reads; when pins kept the cache over its quota, the last unpin
   evicts again, so the quota holds once reads are over. Other processes' readers are safe too: they read
   through an open file descriptor, or see a miss and refetch. Checkpoint indexes are evicted
-  only once no chunk is left to evict (see ``kitfs.cache.checkpoints``).
+  only once no chunk is left to evict (see ``kitfs.cache.checkpoints``). Chunks and
+  checkpoints of keys pinned in the ``pins`` table (``kitfs pull --pin``, see
+  ``kitfs.cache.pins``) are never evicted; they count in the quota.
 - Across processes, "put a chunk's file in place and insert its row" and "delete rows and
   unlink their files" (eviction, dropping a bad chunk, purge, ``gc``, ``clear``) each run
   under an exclusive ``flock`` on ``lock`` in the cache directory; otherwise one process could
@@ -392,7 +394,8 @@ class ChunkFiles:
             return [], []
         freed = 0
         victims: list[tuple[str, int, int]] = []
-        rows = self._db.execute("SELECT key, idx, stored FROM chunks ORDER BY last_access").fetchall()
+        rows = self._db.execute("SELECT key, idx, stored FROM chunks WHERE key NOT IN "
+                                "(SELECT key FROM pins) ORDER BY last_access").fetchall()
         for key, idx, length in rows:
             if used - freed <= target_bytes:
                 break
@@ -403,7 +406,8 @@ class ChunkFiles:
         indexes: list[tuple[str, int]] = []
         if used - freed > target_bytes:
             for blob, length in self._db.execute(
-                    "SELECT blob, length FROM checkpoints ORDER BY last_access").fetchall():
+                    "SELECT blob, length FROM checkpoints WHERE blob NOT IN "
+                    "(SELECT key FROM pins) ORDER BY last_access").fetchall():
                 if used - freed <= target_bytes:
                     break
                 indexes.append((blob, length))

@@ -1,8 +1,14 @@
 """Verified manifests and configs, by digest (table ``documents``): a second mount of the same
 ModelKit, by any process, reads them from here instead of the registry. The caller checks a
-document against its digest before it stores it; a document is never evicted."""
+document against its digest before it stores it; a document is never evicted.
+
+Also the digest each tag last resolved to (table ``tags``), which a kit opened by tag uses
+when the registry cannot be reached (or ``--offline`` forbids asking it).
+"""
 
 from __future__ import annotations
+
+import time
 
 from kitfs.cache.database import CacheDatabase
 
@@ -23,3 +29,16 @@ class Documents:
             if writable:
                 self._db.execute("INSERT OR IGNORE INTO documents (digest, data) VALUES (?, ?)",
                                  (digest, data))
+
+    def remember_tag(self, reference: str, digest: str) -> None:
+        """Record that ``reference`` (``registry/repo:tag``) resolved to ``digest`` just now."""
+        with self._db.optional_write(f"the digest of {reference}") as writable:
+            if writable:
+                self._db.execute("INSERT OR REPLACE INTO tags (reference, digest, resolved_at) "
+                                 "VALUES (?, ?, ?)", (reference, digest, time.time()))
+
+    def last_resolved(self, reference: str) -> tuple[str, float] | None:
+        """The digest ``reference`` last resolved to, and when (seconds since the epoch)."""
+        row = self._db.execute("SELECT digest, resolved_at FROM tags WHERE reference = ?",
+                               (reference,)).fetchone()
+        return (str(row[0]), float(row[1])) if row else None

@@ -14,6 +14,9 @@ processes (mounts, ``kitfs cat``, ``kitfs cache gc``) share it safely. Tables:
                   (a row per member cost more than parsing the tar; see ``kitfs.cache.index``).
 ``checkpoints``   one row per gzip checkpoint index file on disk (by compressed blob digest);
                   like a chunk row, it exists only after its file does.
+``pins``          the content keys each pinned reference keeps out of eviction
+                  (``kitfs pull --pin``; see ``kitfs.cache.pins``).
+``tags``          the manifest digest each tag last resolved to (offline mounts by tag).
 
 Content keys are digests (``sha256:…``) for blobs as the registry stores them, and
 ``gunzip:sha256:…`` / ``unzstd:sha256:…`` for the decompressed stream of a compressed layer
@@ -137,8 +140,28 @@ def m004_pieces(db: Any) -> None:
     db.execute("UPDATE blobs SET verified = 0 WHERE verified = 1")
 
 
+def m005_pins_and_tags(db: Any) -> None:
+    """Pins (``kitfs pull --pin``): the content keys a reference keeps out of eviction; and
+    the digest each tag last resolved to (what a mount by tag uses when the registry cannot
+    be reached)."""
+    db.execute("""CREATE TABLE IF NOT EXISTS pins (
+        reference TEXT NOT NULL,      -- as pulled: registry/repo:tag or registry/repo@digest
+        key TEXT NOT NULL,            -- a content key or blob digest whose chunks (or gzip
+                                      -- checkpoints) are never evicted
+        digest TEXT NOT NULL,         -- the manifest digest the pull resolved the reference to
+        PRIMARY KEY (reference, key)
+    )""")
+    db.execute("CREATE INDEX IF NOT EXISTS pins_key ON pins(key)")
+    db.execute("""CREATE TABLE IF NOT EXISTS tags (
+        reference TEXT PRIMARY KEY,   -- registry/repo:tag
+        digest TEXT NOT NULL,         -- the manifest digest it resolved to last
+        resolved_at REAL NOT NULL     -- when (seconds since the epoch)
+    )""")
+
+
 # In order; each is applied once per cache, recorded in sqlite-utils' _sqlite_migrations table.
-MIGRATIONS = (m001_initial, m002_packed_layer_indexes, m003_checkpoints, m004_pieces)
+MIGRATIONS = (m001_initial, m002_packed_layer_indexes, m003_checkpoints, m004_pieces,
+              m005_pins_and_tags)
 
 
 def _pending(conn: sqlite3.Connection) -> bool:

@@ -16,7 +16,9 @@ break), where it keeps them:
                              processes; a full disk is not an error.
 ``kitfs.cache.checkpoints``  checkpoint indexes of gzip blobs: the chunks' rules, evicted last.
 ``kitfs.cache.blobs``        blob sizes, verification states and the pieces' identities.
-``kitfs.cache.documents``    verified manifests and configs.
+``kitfs.cache.documents``    verified manifests and configs; the digest each tag last
+                             resolved to.
+``kitfs.cache.pins``         the keys pinned references keep out of eviction.
 ``kitfs.cache.index``        the parsed tar index of each layer.
 ``kitfs.cache.schema``       the tables and their migrations.
 
@@ -40,9 +42,11 @@ from kitfs.cache.database import CacheDatabase
 from kitfs.cache.documents import Documents
 from kitfs.cache.files import PreparedChunk, make_private
 from kitfs.cache.identity import PIECE_SIZE_BYTES, ids_of_pieces, piece_count, piece_ids
+from kitfs.cache.pins import Pin, Pins
 from kitfs.errors import CacheError
 
-__all__ = ["BlobState", "CacheStatistics", "ChunkStore", "PreparedChunk", "default_cache_dir"]
+__all__ = ["BlobState", "CacheStatistics", "ChunkStore", "Pin", "PreparedChunk",
+           "default_cache_dir"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class CacheStatistics:
     directory: str
     quota_bytes: int | None
     used_bytes: int
+    pinned_bytes: int
     chunk_count: int
     blob_count: int
     verified_blobs: int
@@ -88,6 +93,12 @@ class ChunkStore:
         self.checkpoints = CheckpointIndexes(directory, self.database, self.chunks)
         self.blobs = BlobRecords(self.database, self.chunks)
         self.documents = Documents(self.database)
+        self.pins = Pins(self.database)
+        try:
+            self.pins.check_quota(quota_bytes, directory)
+        except BaseException:
+            self.database.close()
+            raise
 
     @property
     def quota_bytes(self) -> int | None:
@@ -210,6 +221,12 @@ class ChunkStore:
     def put_document(self, digest: str, data: bytes) -> None:
         self.documents.put_document(digest, data)
 
+    def remember_tag(self, reference: str, digest: str) -> None:
+        self.documents.remember_tag(reference, digest)
+
+    def last_resolved(self, reference: str) -> tuple[str, float] | None:
+        return self.documents.last_resolved(reference)
+
     # --- what spans the tables ----------------------------------------------------------------
 
     def statistics(self) -> CacheStatistics:
@@ -218,6 +235,7 @@ class ChunkStore:
             directory=str(self.directory),
             quota_bytes=self.quota_bytes,
             used_bytes=self.used_bytes(),
+            pinned_bytes=self.pins.pinned_bytes(),
             chunk_count=one("SELECT COUNT(*) FROM chunks WHERE present IS NULL").fetchone()[0],
             blob_count=one("SELECT COUNT(*) FROM blobs").fetchone()[0],
             verified_blobs=one("SELECT COUNT(*) FROM blobs WHERE verified = 1").fetchone()[0],
@@ -262,10 +280,10 @@ class ChunkStore:
 
     def clear(self) -> None:
         """Drop everything: chunks, verification records, tar and checkpoint indexes,
-        documents."""
+        documents, pins and remembered tags."""
         with self.database.lock():
             with self.database.transaction():
                 for table in ("chunks", "chunk_ids", "blobs", "documents", "layer_indexes",
-                              "checkpoints"):
+                              "checkpoints", "pins", "tags"):
                     self.database.execute(f"DELETE FROM {table}")
             self.chunks.remove_all_files()

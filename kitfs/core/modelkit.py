@@ -6,11 +6,12 @@ asks: what is in this kit (``open`` then ``tree``), and what are these bytes of 
 (``read_file``).
 
 Resolution rules: a tag is resolved once to a manifest digest and everything after uses the
-digest; a manifest fetched by digest, and every config, is checked against its digest before
-use and then kept in the cache (a later open by digest makes no request). An image index is
-resolved to one entry by labels (``select``). A ``model.path`` naming another ModelKit pulls
-that kit's model and model-part layers into the tree (at most 10 levels, no cycles), as
-``kit unpack`` does.
+digest (manifests and configs: ``kitfs.core.resolve``, which also says what a tag resolves to
+when the registry cannot be reached). An image index is resolved to one entry by labels
+(``select``). A ``model.path`` naming another ModelKit pulls that kit's model and model-part
+layers into the tree (at most 10 levels, no cycles), as ``kit unpack`` does. ``open`` takes
+a ``Selection`` (``--filter``): only the layers it selects are in the kit, the Kitfile only
+when it asks for it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from kitfs.core.reader import (
     VerifyMode,
     collapse_groups,
 )
+from kitfs.core.resolve import ManifestResolver
 from kitfs.core.verify import VerifyState
 from kitfs.errors import (
     FormatError,
@@ -44,9 +46,10 @@ from kitfs.errors import (
     copy_for_waiter,
 )
 from kitfs.format.digest import Digest
+from kitfs.format.filter import Selection
 from kitfs.format.layout import CREATED_ANNOTATION, LayoutPlan, Placement, plan_layout
 from kitfs.format.mediatypes import Compression, Kind, Layout
-from kitfs.format.oci import MAX_CONFIG_BYTES, Index, Manifest, parse_document
+from kitfs.format.oci import Manifest
 from kitfs.format.reference import Reference
 from kitfs.format.tar import TarMember, TarScanner
 from kitfs.format.tree import FileSource, Node, Tree, TreeBuilder
@@ -56,6 +59,7 @@ from kitfs.remote.registry import RegistryClient, RegistryConfig, RegistryStatis
 log = logging.getLogger(__name__)
 
 MAX_MODEL_REFERENCE_CHAIN = 10
+EVERYTHING = Selection()  # no --filter: the whole kit, Kitfile included
 # Index building reads headers chunk by chunk; while chunks keep holding several headers it has
 # the next ones fetched ahead in parallel, doubling up to this many (see layer_members).
 MAX_INDEX_AHEAD_CHUNKS = 4
@@ -144,6 +148,7 @@ class SessionOptions:
     chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
     select: dict[str, str] = field(default_factory=dict)
     hosts_dir: Path = DEFAULT_HOSTS_DIR  # containerd's hosts.toml files: mirrors per registry
+    offline: bool = False  # never contact a registry: only what the cache holds
 
 
 class KitSession:
@@ -151,6 +156,7 @@ class KitSession:
         self.options = options
         self.store = store
         self.reader = BlobReader(store, nursery, options.verify, options.chunk_size_bytes)
+        self._resolver = ManifestResolver(store, options.select)
         self._registries: dict[str, RegistryClient] = {}
 
     def registry(self, host: str, loopback: bool) -> RegistryClient:
@@ -160,7 +166,8 @@ class KitSession:
             default_plain = loopback and self.options.ca_file is None
             plain = self.options.plain_http if self.options.plain_http is not None else default_plain
             config = RegistryConfig(plain_http=plain, ca_file=self.options.ca_file,
-                                    timeout_s=self.options.timeout_s)
+                                    timeout_s=self.options.timeout_s,
+                                    offline=self.options.offline)
             client = self._registries[host] = RegistryClient(
                 host, config, hosts=load_hosts(self.options.hosts_dir, host))
         return client
@@ -179,30 +186,36 @@ class KitSession:
 
     # --- resolving --------------------------------------------------------------------------
 
-    async def open(self, reference: Reference) -> ModelKit:
-        """Resolve ``reference`` and prepare its layout (no layer data is fetched)."""
-        return await self._open(reference, chain=[])
+    async def open(self, reference: Reference, selection: Selection = EVERYTHING) -> ModelKit:
+        """Resolve ``reference`` and prepare its layout (no layer data is fetched). Only the
+        layers ``selection`` (``--filter``) selects are in the kit, and the Kitfile only when
+        it asks for it."""
+        return await self._open(reference, [], selection)
 
-    async def _open(self, reference: Reference, chain: list[Reference]) -> ModelKit:
+    async def _open(self, reference: Reference, chain: list[Reference],
+                    selection: Selection) -> ModelKit:
         """Open one kit; ``chain`` holds the kits (pinned) whose ``model.path`` led here."""
         client = self.registry(reference.registry, reference.is_loopback)
-        manifest, digest = await self._resolve_manifest(client, reference)
+        manifest, digest = await self._resolver.manifest(client, reference)
         pinned = reference.pinned(digest)
         seen = [kit.digest for kit in chain]
         if digest in seen:  # checked before its config is fetched or its model.path followed
             cycle = [*chain[seen.index(digest):], pinned]
             raise FormatError("model reference cycle: " + " -> ".join(map(str, cycle)))
-        config = await self._document(client, reference.repository, manifest.config.digest,
-                                      manifest.config.size, "config")
+        config = await self._resolver.document(client, reference.repository,
+                                               manifest.config.digest, manifest.config.size,
+                                               "config")
         plan = plan_layout(manifest, config)
         layers = [
             LayerSource(p, Content(client, reference.repository, p.descriptor.digest,
                                    p.descriptor.size, p.layer_type.compression, p.diff_id), pinned)
-            for p in plan.placements
+            for p in plan.placements if selection.selects(p.entry)
         ]
-        if plan.parent_model_reference is not None:
-            layers = await self._parent_layers(plan.parent_model_reference, pinned, chain) + layers
-        builder = TreeBuilder(plan.kitfile)
+        parent_selection = selection.for_parent()
+        if plan.parent_model_reference is not None and parent_selection is not None:
+            layers = await self._parent_layers(plan.parent_model_reference, pinned, chain,
+                                               parent_selection) + layers
+        builder = TreeBuilder(plan.kitfile if selection.wants_kitfile else None)
         states = [_IndexState() for _ in layers]
         for source, state in zip(layers, states, strict=True):
             where = f"layer {source.placement.descriptor.digest}"
@@ -214,8 +227,8 @@ class KitSession:
                         manifest.annotations.get(CREATED_ANNOTATION), manifest.config.digest,
                         builder.build(), states, set(range(len(layers))))
 
-    async def _parent_layers(self, text: str, child: Reference,
-                             chain: list[Reference]) -> list[LayerSource]:
+    async def _parent_layers(self, text: str, child: Reference, chain: list[Reference],
+                             selection: Selection) -> list[LayerSource]:
         chain = [*chain, child]
         if len(chain) > MAX_MODEL_REFERENCE_CHAIN:
             raise FormatError(f"model reference chain is longer than {MAX_MODEL_REFERENCE_CHAIN}")
@@ -223,39 +236,9 @@ class KitSession:
             parent_ref = Reference.parse(text)
         except UsageError as exc:  # a property of the kit, not of the command line
             raise FormatError(f"{child}: Kitfile model.path: {exc}") from None
-        parent = await self._open(parent_ref, chain)
+        parent = await self._open(parent_ref, chain, selection)
         return [s for s in parent.layers
                 if s.placement.layer_type.kind in (Kind.MODEL, Kind.MODELPART)]
-
-    async def _resolve_manifest(self, client: RegistryClient, reference: Reference,
-                                via_index: bool = False) -> tuple[Manifest, Digest]:
-        ref_text = str(reference.digest) if reference.digest else reference.tag
-        assert ref_text is not None
-        data = self.store.get_document(ref_text) if reference.digest else None
-        content_type = None
-        if data is None:
-            data, content_type = await client.get_manifest(reference.repository, ref_text)
-        digest = reference.digest or Digest.of(data)
-        if reference.digest:
-            digest.check(data, f"manifest {reference}")
-            self.store.put_document(str(digest), data)
-        document = parse_document(data, content_type)
-        if isinstance(document, Index):
-            entry = document.select(self.options.select)
-            log.info("index %s: selected %s", reference, entry.digest)
-            return await self._resolve_manifest(client, reference.pinned(entry.digest), via_index=True)
-        if self.options.select and not via_index:
-            raise UsageError(f"--select applies to an image index; {reference} is a single manifest")
-        return document, digest
-
-    async def _document(self, client: RegistryClient, repository: str, digest: Digest, size: int,
-                        what: str) -> bytes:
-        data = self.store.get_document(str(digest))
-        if data is None:
-            data = await client.get_blob(repository, digest, size, MAX_CONFIG_BYTES)
-            digest.check(data, what)
-            self.store.put_document(str(digest), data)
-        return data
 
     # --- the tree, indexed lazily -----------------------------------------------------------
     #
@@ -311,6 +294,19 @@ class KitSession:
             yield node
             if node.is_dir:
                 stack.extend(reversed(await self.listdir(kit, node)))
+
+    async def index_layer(self, kit: ModelKit, position: int) -> None:
+        """Index layer ``position`` of ``kit`` into its tree now (``kitfs pull``).
+
+        Raises:
+            KitfsError: why it could not be indexed (a refusal is final, as for a lookup).
+        """
+        await self._index_layer(kit, position)
+
+    async def layer_tree(self, kit: ModelKit, position: int) -> Tree:
+        """The files of layer ``position`` of ``kit`` alone (``kitfs diff``); their sources
+        point into ``kit``, so ``read_file`` reads them."""
+        return await self._layer_tree(kit.layers[position], position)
 
     async def _ensure_indexed(self, kit: ModelKit, positions: list[int]) -> list[KitfsError]:
         """Index these layers (concurrently, once each); the errors of those that failed."""

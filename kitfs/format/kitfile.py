@@ -62,6 +62,7 @@ class Entry:
     digest: str | None
     diff_id: str | None
     remote: bool = False  # datasets with remotePath, or model.path that is a ModelKit reference
+    name: str = ""  # the entry's ``name`` (model, parts, datasets, prompts, mcpServers have one)
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,12 @@ def parse_kitfile(obj: dict[str, Any]) -> KitfileInfo:
         path = item.get("path", "")
         digest = item.get("digest")
         diff_id = item.get("diffId")
+        name = item.get("name")
         if not isinstance(path, str) or not isinstance(digest, str | None):
             raise FormatError(f"Kitfile config: {section} entry has a non-string path or digest")
         entries.append(Entry(section, path, digest or None,
-                             diff_id if isinstance(diff_id, str) and diff_id else None, remote))
+                             diff_id if isinstance(diff_id, str) and diff_id else None, remote,
+                             name if isinstance(name, str) else ""))
 
     model = obj.get("model")
     if model is not None:

@@ -62,6 +62,7 @@ class Placement:
     # unknown: the whole tree). kit pack puts a layer's files at and under this path, which is
     # what lets a mount index a layer only when something at or above that path is looked at.
     claim: str = ""
+    entry: Entry | None = None  # the Kitfile entry it belongs to (what --filter matches)
 
 
 @dataclass(frozen=True)
@@ -195,13 +196,14 @@ def _make_placement(
         if not raw_path:
             raise UnsafeEntryError(f"{where}: raw layer path {path!r} names the kit root")
         return Placement(index, descriptor, layer_type, "", raw_path, _raw_mode(descriptor),
-                         _digest_or_none(entry.diff_id if entry else None), raw_path)
+                         _digest_or_none(entry.diff_id if entry else None), raw_path, entry)
     prefix = ""
     if legacy and entry is not None:
         prefix = check_entry_path(posixpath.dirname(entry.path.rstrip("/")), where)
     claim_text = entry.path if entry is not None else annotated
     return Placement(index, descriptor, layer_type, prefix, None, 0,
-                     _digest_or_none(entry.diff_id if entry else None), _claim(claim_text, where))
+                     _digest_or_none(entry.diff_id if entry else None), _claim(claim_text, where),
+                     entry)
 
 
 def _claim(path: str | None, where: str) -> str:

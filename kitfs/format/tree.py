@@ -6,6 +6,7 @@ layers merge, missing parents are synthesised (0755), a file provided twice or a
 directory stands is a conflict (kit fails there without ``--overwrite``). Links, devices and
 FIFOs are refused, as kit refuses them. Modes keep permission bits only (setuid, setgid and
 sticky are stripped); write bits are kept here and dropped by the read-only mount.
+``shell_quoted`` is how the command line prints a tree's names.
 
 Pure: no I/O.
 """
@@ -220,3 +221,23 @@ class TreeBuilder:
 
 def _where(layer_digest: str, member: TarMember) -> str:
     return f"layer {layer_digest} entry {member.name!r}"
+
+
+_SHELL_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "'": "\\'", "\\": "\\\\"}
+
+
+def shell_quoted(path: str) -> str:
+    """A tar name as ``kitfs ls`` prints it: as it is when it is printable UTF-8, else in
+    bash's ``$'…'`` quoting (``\\n``, ``\\xff`` for a byte that is not UTF-8), so that every
+    entry is one line and can be pasted into a shell as an argument of ``kitfs cat``."""
+    if path.isprintable():  # lone surrogates (undecodable bytes) are not printable
+        return path
+    out = []
+    for char in path:
+        if char in _SHELL_ESCAPES:
+            out.append(_SHELL_ESCAPES[char])
+        elif char.isprintable():
+            out.append(char)
+        else:  # a control character, or a byte that was not UTF-8 (a surrogate escape)
+            out.extend(f"\\x{byte:02x}" for byte in char.encode("utf-8", "surrogateescape"))
+    return "$'" + "".join(out) + "'"

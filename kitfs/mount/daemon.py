@@ -35,8 +35,9 @@ from typing import Any
 import pyfuse3
 import trio
 
-from kitfs.core.modelkit import KitSession, ModelKit, SessionOptions, open_session
+from kitfs.core.modelkit import EVERYTHING, KitSession, ModelKit, SessionOptions, open_session
 from kitfs.errors import KitfsError, UsageError
+from kitfs.format.filter import Selection
 from kitfs.format.reference import Reference
 from kitfs.mount import status
 from kitfs.mount.auditing import MountAudit
@@ -60,6 +61,7 @@ class MountOptions:
     read_ahead_kb: int = READ_AHEAD_KB
     debug: bool = False
     audit_log: Path | None = None  # kitfs.audit's file; None: no audit log
+    selection: Selection = EVERYTHING  # --filter: the parts of the kit the mount shows
 
 
 # --- readiness ---------------------------------------------------------------------------------
@@ -80,13 +82,27 @@ def sd_notify(message: str) -> None:
             log.warning("could not notify systemd: %s", exc)
 
 
-class Readiness:
-    """Tells whoever waits (the ``kitfs mount`` parent through a pipe, and systemd) the outcome."""
+class Readiness(logging.Handler):
+    """Tells whoever waits (the ``kitfs mount`` parent through a pipe, and systemd) the outcome,
+    and the parent each warning logged until then (a tag mounted from the cache's memory of
+    it, say), which it prints: a line per warning, then ``READY`` or ``ERROR code message``."""
 
     def __init__(self, ready_fd: int | None) -> None:
+        super().__init__(logging.WARNING)
         self._fd = ready_fd
+        if ready_fd is not None:
+            logging.getLogger("kitfs").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._fd is not None and record.levelno == logging.WARNING:
+            message = " ".join(record.getMessage().split())  # one line
+            try:
+                os.write(self._fd, f"WARNING {message}\n".encode())
+            except OSError:
+                pass
 
     def _send(self, line: str) -> None:
+        logging.getLogger("kitfs").removeHandler(self)
         if self._fd is None:
             return
         try:
@@ -225,7 +241,7 @@ async def serve(options: MountOptions, readiness: Readiness) -> int:
     mountpoint = options.mountpoint.absolute()
     check_mountpoint(mountpoint)
     async with open_session(options.session) as session:
-        kit = await session.open(Reference.parse(options.reference))
+        kit = await session.open(Reference.parse(options.reference), options.selection)
         fs = KitFilesystem(session, kit, uid=options.uid, gid=options.gid,
                            mtime_ns=created_mtime_ns(kit.created))
         try:
@@ -326,16 +342,22 @@ def start_background(argv: list[str], log_file: Path, timeout_s: float) -> int:
     os.close(write_fd)
     message = b""
     deadline = time.monotonic() + timeout_s
+    text = ""
     with os.fdopen(read_fd, "rb") as pipe:
-        while time.monotonic() < deadline:
+        while not text and time.monotonic() < deadline:
             if _readable(pipe.fileno(), deadline - time.monotonic()):
                 chunk = os.read(pipe.fileno(), 4096)
                 if not chunk:
                     break
                 message += chunk
-                if message.endswith(b"\n"):
-                    break
-    text = message.decode(errors="replace").strip()
+                while b"\n" in message and not text:
+                    line, _, message = message.partition(b"\n")
+                    decoded = line.decode(errors="replace").strip()
+                    if decoded.startswith("WARNING "):  # logged by the daemon on its way
+                        print(f"kitfs: {decoded.replace(' ', ': ', 1)}", file=sys.stderr)
+                    else:
+                        text = decoded
+    text = text or message.decode(errors="replace").strip()
     if text == "READY":
         return 0
     if text.startswith("ERROR "):

@@ -22,8 +22,8 @@ cold and the next host was asked), ``kitfs_fetches_in_flight``.
 
 Per cache directory (label ``cache_dir``): ``kitfs_cache_used_bytes`` (read from the cache at
 each scrape), ``kitfs_cache_quota_bytes`` (the smallest ``--cache-size`` its daemons enforce,
-absent when none has one), ``kitfs_cache_pinned_bytes`` (once the cache records pins: see
-``_pinned_bytes``), ``kitfs_cache_evictions_total`` and ``kitfs_cache_evicted_bytes_total``
+absent when none has one), ``kitfs_cache_pinned_bytes`` (what the references ``kitfs pull --pin``
+pinned hold now), ``kitfs_cache_evictions_total`` and ``kitfs_cache_evicted_bytes_total``
 (what the daemons evicted: each daemon counts its own, and this process adds up the last
 figure of every daemon it has seen, so the total never goes down when one exits; evictions
 by a daemon that came and went between two scrapes are not seen).
@@ -142,9 +142,7 @@ class KitfsCollector(Collector):
             statistics = _statistics(Path(directory))
             if statistics is not None:
                 used.add_metric([directory], statistics.used_bytes)
-                pinned_bytes = _pinned_bytes(statistics)
-                if pinned_bytes is not None:
-                    pinned.add_metric([directory], pinned_bytes)
+                pinned.add_metric([directory], statistics.pinned_bytes)
             if directory in quotas:
                 quota.add_metric([directory], quotas[directory])
             seen = [v for (d, _), v in self._evictions.items() if d == directory]
@@ -179,13 +177,6 @@ def _statistics(directory: Path) -> CacheStatistics | None:
         return store.statistics()
     finally:
         store.close()
-
-
-def _pinned_bytes(statistics: CacheStatistics) -> int | None:
-    """Pinned bytes, once ``CacheStatistics`` has a ``pinned_bytes`` field (the cache's pins
-    are being built); until then the gauge is left out rather than shown as 0."""
-    value = getattr(statistics, "pinned_bytes", None)
-    return value if isinstance(value, int) else None
 
 
 def serve(listen: str, cache_dirs: Iterable[Path],

@@ -71,6 +71,7 @@ class RegistryConfig:
     ca_file: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_connections: int = 8  # per host
+    offline: bool = False  # --offline: every operation fails at once, nothing is sent
 
 
 @dataclass

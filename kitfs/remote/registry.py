@@ -35,6 +35,9 @@ retries); the policy about which host to ask lives here:
   chunk ask too; each would otherwise wait a whole ``timeout_s`` more. A registry that is
   back answers the short try.
 
+``offline`` (``--offline``): nothing is ever sent; every operation fails at once with
+``RemoteError``.
+
 Errors leave as ``kitfs.errors`` types only (``NotFoundError``, ``AuthError``, ``RemoteError``,
 ``RemoteTimeoutError``; ``UsageError`` for CA files that cannot be loaded).
 """
@@ -219,6 +222,9 @@ class RegistryClient:
                    timeout_s: float, digest: str | None = None) -> _T:
         """``operation(host, timeout_s, last)`` on each host that may do it, in order, until
         one succeeds, all within ``timeout_s`` (see the module docstring)."""
+        if self.config.offline:
+            raise RemoteError(f"{self.registry}: {what}: not asked for: --offline forbids "
+                              "contacting the registry")
         hosts = [host for host in self._hosts if host.spec.can(needed)]
         if not hosts:
             raise NotFoundError(f"{self.registry}: {what}: no host in its hosts.toml may be "
