@@ -38,9 +38,9 @@ Verification (see the README's "Verification" section, which tests quote)
 
 Fetch sizes
     A read that belongs to a sequential stream (or is large, or builds an index) fetches whole
-    chunks, with read-ahead as the stream grows. A lone read elsewhere (random access) fetches
-    only the 128 KiB pieces it touches, kept as a partial chunk; concurrent readers of the same
-    pieces share one fetch (``_pieces_inflight``).
+    chunks, with read-ahead as the stream grows (``kitfs.core.readahead``). A lone read
+    elsewhere (random access) fetches only the 128 KiB pieces it touches, kept as a partial
+    chunk; concurrent readers of the same pieces share one fetch (``_pieces_inflight``).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from kitfs.core.compressed import DecompressedStreams
 from kitfs.core.content import ChunkBuffer, Content, VerifyMode
 from kitfs.core.flight import Flights, collapse_groups
 from kitfs.core.memory import BufferPool, ChunkMemory
+from kitfs.core.readahead import MAX_PREFETCH_CHUNKS, ReadAhead
 from kitfs.core.verify import Verifier
 from kitfs.errors import IntegrityError, KitfsError
 from kitfs.format.mediatypes import Compression
@@ -70,35 +71,6 @@ log = logging.getLogger(__name__)
 # (5-7 ms), so small chunks waste round trips; 4 MiB keeps a 4 KiB read's cost under the
 # 8 MiB budget while large reads stay near wire speed. See benchmarks/README.md.
 DEFAULT_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
-# Sequential read-ahead (as mountpoint-s3's prefetcher): a read that continues a stream (starts
-# within STREAM_SLACK_BYTES of where an earlier read of the same content ended; the kernel's
-# own read-ahead reorders a little) keeps chunks fetched ahead of it in parallel, a quarter as many
-# bytes as the stream has read, up to MAX_PREFETCH_CHUNKS; any other read starts a new stream
-# with no read-ahead (see BlobReader._read_ahead). A stream that did not start at offset 0 is
-# taken as sequential once its earlier reads asked for SEQUENTIAL_AFTER_BYTES: random readers
-# whose reads happen to land near each other (or on the same spot) stay random.
-STREAM_SLACK_BYTES = 2 * 1024 * 1024
-SEQUENTIAL_AFTER_BYTES = 256 * 1024
-MAX_PREFETCH_CHUNKS = 8
-# Read-ahead asks for several chunks in one range once the window is wide enough (half the
-# window, at most this many): the registry spends about 4.6 ms of CPU per request here, on
-# the cores kitfs shares with it (1.84 s per GiB in 4 MiB ranges, 1.10 in 16 MiB ranges).
-MAX_RUN_CHUNKS = 4
-# Read-ahead waits while the blob's digest (hashed in order, on one core) is this many chunks
-# behind what was fetched: fetching further only made chunks the digest then had to read
-# back from the cache, on the trio thread. Reads themselves never wait for it.
-MAX_UNHASHED_CHUNKS = 8
-MAX_STREAMS_PER_CONTENT = 4
-
-
-@dataclass
-class _Stream:
-    start: int  # where the stream began
-    next_offset: int  # where its last read ended
-    read_bytes: int  # what its reads asked for, in all
-    ahead: int = -1  # the last chunk index read-ahead has considered
-
-
 @dataclass
 class ReaderStatistics:
     """Chunk accesses answered from the cache (hits) and by a registry fetch (misses, whether
@@ -125,7 +97,6 @@ class BlobReader:
         read_ahead_chunks: int = MAX_PREFETCH_CHUNKS,
     ) -> None:
         self.store = store
-        self.read_ahead_chunks = read_ahead_chunks  # 0: fetch only what reads cover
         self.verify = verify
         self.chunk_size_bytes = chunk_size_bytes
         self._nursery = nursery
@@ -138,14 +109,15 @@ class BlobReader:
         # received into (kitfs.core.memory)
         self._memory = ChunkMemory()
         self._buffers = BufferPool(chunk_size_bytes)
-        self._streams: dict[str, list[_Stream]] = {}
-        self._prefetching: set[tuple[str, int]] = set()
         self._seen: set[str] = set()  # keys read at least once by this reader
         self._background_stores = 0
         self._stores_done = trio.Event()
         self._verifier = Verifier(
             store, chunk_size=self._chunk_size, fetch_slice=self._chunk_slice,
             in_memory=self._memory.whole, forget_memory=self._memory.forget)
+        self._ahead = ReadAhead(store, nursery, self._memory, self._inflight, self._verifier,
+                                chunk_size=self._chunk_size, fetch_chunks=self._fetch_chunks,
+                                window_chunks=read_ahead_chunks)
         self._decompressed = DecompressedStreams(
             store, nursery, chunk_size_bytes=chunk_size_bytes, register=self._register,
             chunk_size=self._chunk_size, lookup=self._from_memory_or_cache,
@@ -194,7 +166,7 @@ class BlobReader:
         whole = not read_ahead or length >= chunk // 2
         if spans and read_ahead:
             end = min(size, file_end) if file_end is not None else size
-            whole = self._read_ahead(content, offset, length, spans[-1].index, end) or whole
+            whole = self._ahead.on_read(content, offset, length, spans[-1].index, end) or whole
         misses_before = self.stats.chunk_misses
         pieces = await self._get_chunks(content, [s.index for s in spans], offset, length, whole)
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -207,6 +179,11 @@ class BlobReader:
             if reaches_end or first_read or self.stats.chunk_misses != misses_before:
                 await self._verifier.maybe_verify(content, reaches_end)
         return data
+
+    def prefetch(self, content: Content, offset: int, length: int) -> None:
+        """Start fetching the chunks of ``[offset, offset+length)`` in the background (index
+        building asks for its next window while it parses the current one)."""
+        self._ahead.prefetch(content, offset, length)
 
     async def settle(self) -> None:
         """Wait until every chunk fetched so far is hashed, stored and fed to its digest
@@ -436,118 +413,6 @@ class BlobReader:
                 pass  # logged by Verifier.fail; every later read of the blob reports it
             except KitfsError as exc:
                 log.warning("layer %s: digest frontier stopped: %s", content.blob_digest, exc)
-
-    def _read_ahead(self, content: Content, offset: int, length: int, last_idx: int,
-                    end: int) -> bool:
-        """Detect sequential streams and keep chunks fetched ahead of them, never past ``end``
-        (the end of the file being read): a stream that has read N bytes in order has
-        N/4 ahead of it (at least one chunk, at most ``read_ahead_chunks``), so the bytes
-        fetched and never read stay a fraction of those read. Returns whether the read
-        belongs to a stream (then it fetches whole chunks); a random reader never starts
-        read-ahead."""
-        key = content.key
-        chunk = self._chunk_size(content)
-        streams = self._streams.setdefault(key, [])
-        stream = next((st for st in streams
-                       if abs(offset - st.next_offset) <= STREAM_SLACK_BYTES), None)
-        if stream is None:
-            stream = _Stream(offset, offset + length, 0)
-            streams.append(stream)
-            del streams[:-MAX_STREAMS_PER_CONTENT]
-        earlier_bytes = stream.read_bytes
-        stream.read_bytes += length
-        stream.next_offset = max(stream.next_offset, offset + length)
-        if stream.start != 0 and earlier_bytes < SEQUENTIAL_AFTER_BYTES:
-            return False  # a read somewhere: no read-ahead until it proves sequential
-        consumed = stream.next_offset - stream.start
-        window = min(max(1, consumed // (4 * chunk)), self.read_ahead_chunks)
-        run = min(max(1, window // 2), MAX_RUN_CHUNKS)
-        last = (end - 1) // chunk
-        if self._digest_is_behind(key, stream.ahead):
-            return True  # fetch no further until the digest catches up
-        # chunks up to stream.ahead were dealt with by earlier reads of this stream; the
-        # window is topped up a run at a time, so each request asks for ``run`` chunks, as far
-        # as the read-ahead budget all streams share allows (kitfs.core.memory)
-        stream.ahead = max(stream.ahead, last_idx)
-        room = self._memory.read_ahead_room()
-        while stream.ahead < last and last_idx + window - stream.ahead >= run and room > 0:
-            first = stream.ahead + 1
-            stream.ahead = min(stream.ahead + min(run, room), last)
-            room -= self._start_prefetch(content, first, stream.ahead - first + 1)
-        return True
-
-    def _digest_is_behind(self, key: str, ahead: int) -> bool:
-        """Whether the blob's digest is ``MAX_UNHASHED_CHUNKS`` or more behind chunk ``ahead``
-        and on its way (the chunk it needs next is arriving or here); a digest waiting for a
-        chunk nobody fetches (a reader that skipped it) holds nothing back."""
-        at = self._verifier.frontier_at(key)
-        if at is None or ahead - at < MAX_UNHASHED_CHUNKS:
-            return False
-        entry = (key, at)
-        return entry in self._inflight or entry in self._memory or self._verifier.holds(key, at)
-
-    def prefetch(self, content: Content, offset: int, length: int) -> None:
-        """Start fetching the chunks of ``[offset, offset+length)`` in the background (index
-        building asks for its next window while it parses the current one)."""
-        if content.compression is not Compression.NONE:
-            return
-        spans = chunks_covering(offset, length, content.blob_size, self._chunk_size(content))
-        if spans:
-            self._start_prefetch(content, spans[0].index, len(spans))
-
-    def _start_prefetch(self, content: Content, first: int, count: int) -> int:
-        """Fetch, in the background, those of chunks ``first`` .. ``first + count - 1`` that
-        are not in memory, in flight or cached: each run of consecutive ones in one range.
-        Returns how many it asked for (each held in memory until read, or expired)."""
-        runs: list[list[int]] = []
-        for idx in range(first, first + count):
-            entry = (content.key, idx)
-            if entry in self._inflight or entry in self._prefetching or entry in self._memory:
-                continue
-            if self.store.has_chunk(content.key, idx):
-                # cached: have the kernel read its file ahead, so the read finds it in memory
-                self.store.advise_will_need(content.key, idx)
-                continue
-            if runs and runs[-1][-1] == idx - 1:
-                runs[-1].append(idx)
-            else:
-                runs.append([idx])
-        for run in runs:
-            entries = [(content.key, idx) for idx in run]
-            self._prefetching.update(entries)
-            self._memory.expect(entries)
-            self._nursery.start_soon(self._prefetch, content, run, name=f"prefetch {run[0]}")
-        return sum(len(run) for run in runs)
-
-    def _missing(self, key: str, idx: int) -> bool:
-        """Chunk ``idx`` is neither in memory, nor in flight, nor cached whole."""
-        entry = (key, idx)
-        return not (entry in self._inflight or entry in self._memory
-                    or self.store.has_chunk(key, idx))
-
-    async def _prefetch(self, content: Content, run: list[int]) -> None:
-        key = content.key
-        fetched: set[int] = set()
-        try:
-            # what a read fetched, or started to, before this task ran is left out
-            todo = [idx for idx in run if self._missing(key, idx)]
-            while todo:
-                count = next((n for n, idx in enumerate(todo) if idx != todo[0] + n), len(todo))
-                await self._fetch_chunks(content, todo[0], count)
-                fetched.update(range(todo[0], todo[0] + count))
-                todo = [idx for idx in todo[count:] if self._missing(key, idx)]
-        except KitfsError as exc:  # the read that needs it will try again and report
-            log.debug("prefetch of chunks %d-%d of %s failed: %s", run[0], run[-1],
-                      content.blob_digest, exc)
-        except Exception:  # a bug: never let it end the session's nursery (and the mount)
-            log.exception("prefetch of chunks %d-%d of %s failed unexpectedly", run[0], run[-1],
-                          content.blob_digest)
-        finally:
-            self._prefetching.difference_update((key, idx) for idx in run)
-            # not fetched here (a read fetched it, it was cached, or the fetch failed): not
-            # held for the stream either
-            self._memory.unexpect([(key, idx) for idx in run
-                                   if idx not in fetched and (key, idx) not in self._memory])
 
 
 def _prepare(store: ChunkStore, data: ChunkBuffer,
