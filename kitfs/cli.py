@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import stat
 import sys
 import time
@@ -25,6 +24,7 @@ from kitfs.cache.store import ChunkStore, default_cache_dir
 from kitfs.core.modelkit import KitSession, SessionOptions, open_session
 from kitfs.core.reader import VerifyMode
 from kitfs.errors import KitfsError, UsageError
+from kitfs.format import sizes
 from kitfs.format.reference import Reference
 from kitfs.mount.daemon import (
     STATUS_INTERVAL_S,
@@ -38,16 +38,14 @@ from kitfs.mount.status import all_mounts, runtime_dir
 log = logging.getLogger("kitfs")
 
 CAT_READ_BYTES = 16 * 1024 * 1024
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """``10G``, ``512MiB``, ``1.5T``, ``4096`` → bytes (powers of 1024)."""
-    match = _SIZE_RE.match(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 512M, 10G)")
-    number, unit, _ = match.groups()
-    return int(float(number) * 1024 ** "bkmgtp".index(unit.lower() or "b"))
+    """``10G``, ``512MiB``, ``1.5T``, ``4096`` → bytes (``kitfs.format.sizes``), for argparse."""
+    try:
+        return sizes.parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _labels(items: list[str]) -> dict[str, str]:
