@@ -8,6 +8,7 @@ traceback is shown only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -23,21 +24,16 @@ from kitfs import __version__
 from kitfs.cache.store import ChunkStore, default_cache_dir
 from kitfs.core.modelkit import KitSession, SessionOptions, open_session
 from kitfs.core.reader import VerifyMode
-from kitfs.errors import KitfsError, UsageError
+from kitfs.errors import KitfsError, NotInstalledError, UsageError
 from kitfs.format import sizes
 from kitfs.format.reference import Reference
-from kitfs.mount.daemon import (
-    STATUS_INTERVAL_S,
-    MountOptions,
-    run_foreground,
-    start_background,
-    unmount,
-)
 from kitfs.mount.status import all_mounts, runtime_dir
 
 log = logging.getLogger("kitfs")
 
 CAT_READ_BYTES = 16 * 1024 * 1024
+PYFUSE3_MISSING = ("kitfs mount needs pyfuse3, which is not installed: pip install 'kitfs[mount]' "
+                   "(pyfuse3 builds against libfuse: apt install fuse3 libfuse3-dev pkg-config)")
 
 
 def parse_size(text: str) -> int:
@@ -149,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "mount":
             return _mount(args)
         if args.command == "umount":
+            _require_pyfuse3()
+            from kitfs.mount.daemon import unmount
+
             return unmount(args.mountpoint, lazy=args.lazy)
         if args.command == "status":
             return _status(args)
@@ -283,8 +282,17 @@ async def _inspect(session: KitSession, args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_pyfuse3() -> None:
+    """The mount (``kitfs.mount.daemon``) needs pyfuse3: the ``mount`` extra."""
+    if importlib.util.find_spec("pyfuse3") is None:
+        raise NotInstalledError(PYFUSE3_MISSING)
+
+
 def _mount(args: argparse.Namespace) -> int:
     reference = Reference.parse(args.reference)  # a bad reference fails here, before forking
+    _require_pyfuse3()
+    from kitfs.mount.daemon import MountOptions, run_foreground, start_background
+
     if not args.foreground:
         log_file = args.log_file or runtime_dir() / (
             str(args.mountpoint.absolute()).strip("/").replace("/", "-") + ".log")
@@ -352,6 +360,8 @@ def _demo(args: argparse.Namespace) -> int:
     import subprocess
     import tempfile
 
+    _require_pyfuse3()
+    from kitfs.mount.daemon import STATUS_INTERVAL_S, unmount
     from kitfs.sample import Pusher, Registry, sample_kit
 
     workdir = Path(tempfile.mkdtemp(prefix="kitfs-demo-"))
