@@ -197,7 +197,8 @@ class Kit:
 
     @property
     def layers(self) -> list[Layer]:
-        """Every layer shown, with its verification state as the cache records it now."""
+        """Every layer shown, in manifest order, with its verification state as the cache
+        records it now."""
         result: list[Layer] = self._run(_layers)
         return result
 
@@ -444,9 +445,15 @@ async def _read_ranges(session: KitSession, kit: ModelKit,
     return results
 
 
+def _in_manifest_order(kit: ModelKit) -> list[int]:
+    """Positions of the kit's layers, by kit then manifest order (as ``kitfs inspect``)."""
+    return sorted(range(len(kit.layers)),
+                  key=lambda p: (str(kit.layers[p].reference), kit.layers[p].placement.index))
+
+
 async def _layers(session: KitSession, kit: ModelKit) -> list[Layer]:
     layers = []
-    for source in kit.layers:
+    for source in (kit.layers[p] for p in _in_manifest_order(kit)):
         placement = source.placement
         descriptor = placement.descriptor
         state = VerifyState.of(session.store.blob_state(source.content.key))
@@ -464,7 +471,8 @@ async def _blobs(session: KitSession, kit: ModelKit) -> list[tuple[int, str, int
     """(position of a layer, its digest, its size) once per content of the kit."""
     seen: set[str] = set()
     blobs = []
-    for position, source in enumerate(kit.layers):
+    for position in _in_manifest_order(kit):
+        source = kit.layers[position]
         if source.content.key not in seen:
             seen.add(source.content.key)
             descriptor = source.placement.descriptor
