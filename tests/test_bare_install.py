@@ -49,9 +49,10 @@ class Bare:
         return {**environ, "PYTHONNOUSERSITE": "1", "KITFS_CACHE_DIR": str(cache_dir)}
 
 
-def _run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+def _run(command: list[str], env: dict[str, str] | None = None,
+         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False,
-                          **kwargs)  # type: ignore[call-overload]
+                          env=env, cwd=cwd)
 
 
 def _closure(requirements: list[Requirement]) -> dict[str, importlib.metadata.Distribution]:
