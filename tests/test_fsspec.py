@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import posixpath
 import random
@@ -27,6 +28,7 @@ from fsspec.tests.abstract import AbstractFixtures
 from fsspec.tests.abstract.get import AbstractGetTests
 
 import kitfs
+from kitfs import open_kit
 from kitfs.api.fs import KitFileSystem
 from kitfs.api.runtime import shutdown
 from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
@@ -43,6 +45,7 @@ from tests.pykit import (
     push_analytics_kit,
     register_kitfs,
 )
+from tests.test_index_select import push_variant
 
 register_kitfs()
 CHUNK = 4 * MiB
@@ -413,3 +416,37 @@ def test_kitfs_module_exports(kit: str, cache_dir: Path) -> None:
     assert callable(kitfs.open_kit) and kitfs.Kit.__name__ == "Kit"
     with _fs(cache_dir).open(f"{kit}/README.md") as f:
         assert isinstance(f, kitfs.KitFile) and f.digest is not None and f.read() == PACKED["README.md"]
+
+
+def test_storage_options_are_the_command_lines(
+        kit: str, registry: Registry, pusher: Pusher, cache_dir: Path, kitfs: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    q4, q8 = b"q4 weights " * 20_000, b"q8 weights, twice the bits " * 20_000
+    variants = {"q4": push_variant(pusher, "team/py-indexed", "q4", q4),
+                "q8": push_variant(pusher, "team/py-indexed", "q8", q8)}
+    index = f"{registry.host}/team/py-indexed:all"
+    pusher.push_index(index, [variants[v].index_entry({"quantization": f"{v}_0"}) for v in variants])
+    # select: an entry of an image index by its labels
+    with fsspec.open(f"kitfs://{index}/models/model-q8.gguf", cache_dir=str(cache_dir),
+                     select={"quantization": "q8_0"}) as f:
+        assert f.read() == q8
+    picked = open_kit(index, cache_dir=cache_dir, select={"quantization": "q4_0"})
+    assert picked.digest == variants["q4"].digest
+    with pytest.raises(ValueError, match="choose one"):  # kit's rule: exactly one must match
+        open_kit(index, cache_dir=cache_dir)
+    # verify="strict": no byte before the whole layer is fetched and checked
+    fs = _fs(cache_dir / "strict", verify="strict", timeout=5, select={"quantization": "q8_0"})
+    mark = registry.log_mark()
+    assert fs.cat_file(f"{index}/models/model-q8.gguf", start=0, end=10) == q8[:10]
+    layer = fs.kit(index).layers[0]
+    assert registry.blob_bytes_served(mark) >= layer.size and layer.verification == "verified"
+    # cache_size: the quota, as --cache-size takes it
+    quota = _fs(cache_dir / "small", cache_size="5M")
+    assert quota.cat_file(f"kitfs://{kit}/models/weights.bin") == WEIGHTS
+    shutdown()
+    stats = json.loads(kitfs("cache", "stats", "--json", "--cache-dir", str(cache_dir / "small")).text)
+    assert 0 < stats["used_bytes"] <= 5 * MiB  # the 12 MiB file went through a 5 MiB cache
+    # the default cache is the command line's: $KITFS_CACHE_DIR here
+    monkeypatch.setenv("KITFS_CACHE_DIR", str(cache_dir / "default"))
+    assert KitFileSystem(skip_instance_cache=True).cat_file(f"{index}@{picked.digest}/Kitfile")
+    assert (cache_dir / "default" / "kitfs.db").exists()

@@ -300,3 +300,21 @@ def test_the_api_and_mounts_share_one_cache(
     assert opened.read_bytes("src/util/io.py") == b"def load():\n    pass\n"
     assert registry.blob_bytes_served(mark) == 0  # the mount fetched that layer: not again
     assert {layer.kind: layer.verification for layer in opened.layers}["code"] == "verified"
+
+
+def test_a_registry_that_does_not_answer_is_an_eio_and_reads_work_again_once_it_is_back(
+        tmp_path: Path, cache_dir: Path) -> None:
+    registry = Registry(tmp_path / "registry").start()
+    try:
+        reference = f"{registry.host}/team/outage:v1"
+        sample_kit(Pusher(registry.host), reference, WEIGHTS)
+        opened = kitfs.open_kit(reference, cache_dir=cache_dir, timeout=2)
+        assert opened.read_bytes("README.md") == b"# Sample kit\n"
+        registry.stop()
+        with pytest.raises(OSError, match="no answer within 2 s") as caught:
+            opened.read_bytes("models/weights.safetensors")
+        assert caught.value.errno == errno.EIO and registry.host in str(caught.value)
+        registry = Registry(tmp_path / "registry", port=registry.port).start()
+        assert opened.read_bytes("models/weights.safetensors") == WEIGHTS
+    finally:
+        registry.stop()
