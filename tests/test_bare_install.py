@@ -151,7 +151,9 @@ def test_kitfs_mount_without_pyfuse3_says_which_package_to_install(
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split()[-1] == "src/util/io.py"
     for command in (["kitfs", "mount", sample, str(tmp_path)],
-                    ["mount.fuse.kitfs", sample, str(tmp_path), "-o", "allow_other"]):
+                    ["mount.fuse.kitfs", sample, str(tmp_path), "-o", "allow_other"],
+                    ["kitfs", "umount", str(tmp_path)],
+                    ["kitfs", "demo", "--mountpoint", str(tmp_path)]):
         refused = _run([str(bare.venv / "bin" / command[0]), *command[1:]], env=env, cwd=tmp_path)
         assert (refused.returncode, refused.stderr) == (69, f"kitfs: {PYFUSE3_MISSING}\n"), command
         assert "pip install 'kitfs[mount]'" in refused.stderr

@@ -124,6 +124,27 @@ def test_cat_file_with_ranges_and_open_with_seeks_give_the_packed_bytes(
         assert text.readline() == "id,value\n"
 
 
+def test_open_reads_a_block_at_a_time_and_serves_smaller_reads_from_it(
+        kit: str, cache_dir: Path, registry: Registry) -> None:
+    fs = _fs(cache_dir)
+    path = f"{kit}/models/weights.bin"
+    fs.info(path)  # the layer's index: its first and last chunk
+    with fs.open(path, block_size=4096) as f:  # in chunk 1, not fetched yet
+        mark = registry.log_mark()
+        f.seek(5 * MiB)
+        assert f.read(10) == WEIGHTS[5 * MiB : 5 * MiB + 10]
+        assert registry.blob_bytes_served(mark) == PIECE  # the piece around one 4 KiB block
+    with fs.open(path) as f:  # the default block: 256 KiB, in chunk 2
+        mark = registry.log_mark()
+        f.seek(9 * MiB)
+        assert f.read(10) == WEIGHTS[9 * MiB : 9 * MiB + 10]
+        fetched = registry.blob_bytes_served(mark)
+        assert 2 * PIECE <= fetched <= 3 * PIECE  # the pieces around one 256 KiB block
+        mark = registry.log_mark()
+        assert f.read(200 * 1024) == WEIGHTS[9 * MiB + 10 : 9 * MiB + 10 + 200 * 1024]
+        assert registry.blob_requests(mark) == 0  # served from the block read before
+
+
 def test_cat_ranges_fetch_only_the_pieces_they_cover(
         kit: str, cache_dir: Path, registry: Registry) -> None:
     fs = _fs(cache_dir)
@@ -219,6 +240,11 @@ def test_get_writes_nothing_of_a_layer_that_fails_its_digest(
         fs.cat_file(f"kitfs://{reference}/data/part-0.csv", start=0, end=10)
     assert again.value.errno == errno.EIO
     assert fs.cat_file(f"kitfs://{reference}/README.md") == b"# tampered kit\n"
+    # verify="off" checks nothing (another cache: this one holds the failure for every reader)
+    unchecked = _fs(tmp_path / "unchecked-cache", verify="off")
+    unchecked.get(f"kitfs://{reference}/data", str(tmp_path / "unchecked"), recursive=True)
+    got = (tmp_path / "unchecked" / "part-2.csv").read_bytes()
+    assert got != files["data/part-2.csv"] and len(got) == len(files["data/part-2.csv"])
 
 
 def test_many_threads_read_through_one_file_system_instance(
