@@ -8,7 +8,7 @@ required: without one the URL is a ``ValueError``. fsspec paths (``ls`` names, `
 
 The package registers this class under the ``fsspec.specs`` entry point (pyproject), so fsspec
 finds it without an import of kitfs. Storage options are the command line's
-(``kitfs.api.kit.session_options``); an unknown one is a ``ValueError``.
+(``kitfs.api.options``); an unknown one is a ``ValueError``.
 
 Every question goes to a ``Kit`` (``kitfs.api.kit``), one per reference named, opened on first
 use and kept for the instance's life: a tag is pinned the first time an instance uses it (as a
@@ -30,7 +30,8 @@ from fsspec.spec import AbstractFileSystem
 from fsspec.utils import isfilelike, stringify_path
 
 from kitfs.api.file import DEFAULT_BLOCK_SIZE_BYTES, KitFile
-from kitfs.api.kit import Entry, Kit, open_kit_with, session_options
+from kitfs.api.kit import Entry, Kit, open_kit_with
+from kitfs.api.options import session_options
 
 PROTOCOL = "kitfs"
 # Options fsspec itself may pass to any file system's constructor; kitfs has no use for them.

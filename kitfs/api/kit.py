@@ -18,24 +18,20 @@ import posixpath
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, overload
 
 import trio
 
 from kitfs.api.file import DEFAULT_BLOCK_SIZE_BYTES, KitFile
 from kitfs.api.html import kit_html
+from kitfs.api.options import DEFAULT_TIMEOUT_S, session_options
 from kitfs.api.runtime import RUNTIME, StaleGenerationError, python_error
-from kitfs.cache.store import default_cache_dir
 from kitfs.core.modelkit import KitSession, ModelKit, SessionOptions, verification_label
 from kitfs.core.reader import VerifyMode
 from kitfs.core.verify import VerifyState
 from kitfs.errors import IntegrityError, UsageError
 from kitfs.format.reference import Reference
-from kitfs.format.sizes import parse_size
 from kitfs.format.tree import Node
-
-T = TypeVar("T")
 
 # One read of the core asks for at most this much (as ``kitfs cat`` does): a larger read is
 # made of several in turn, each fetching its chunks in parallel, so memory and the number of
@@ -43,66 +39,8 @@ T = TypeVar("T")
 MAX_READ_BYTES = 16 * 1024 * 1024
 # Ranges of one cat_ranges call read at once.
 MAX_PARALLEL_RANGES = 16
-DEFAULT_TIMEOUT_S = 30.0
 
 Pieces = list[bytes | memoryview]
-
-
-def session_options(
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    cache_size: int | str | None = None,
-    verify: str | VerifyMode = "eventual",
-    plain_http: bool | None = None,
-    ca_file: str | os.PathLike[str] | None = None,
-    timeout: float = DEFAULT_TIMEOUT_S,
-    select: Mapping[str, str] | None = None,
-) -> SessionOptions:
-    """The command line's options (README "Command line") as keyword arguments.
-
-    Args:
-        cache_dir: the cache (default ``$KITFS_CACHE_DIR``, else ``/var/cache/kitfs`` for
-            root, else ``$XDG_CACHE_HOME/kitfs``): the one the mounts and the CLI use.
-        cache_size: the quota, in bytes or as ``--cache-size`` takes it (``"20G"``).
-        verify: ``"strict"``, ``"eventual"`` (default) or ``"off"`` (README "Verification").
-        plain_http: HTTP instead of HTTPS (default: for loopback registries only).
-        ca_file: an extra CA bundle for TLS.
-        timeout: seconds to wait for a registry that does not answer (default 30).
-        select: labels picking an entry of an image index (``--select KEY=VALUE``).
-
-    Raises:
-        ValueError: naming the option and what it takes.
-    """
-    try:
-        mode = VerifyMode(verify)
-    except ValueError:
-        raise ValueError(f"verify must be 'strict', 'eventual' or 'off', not {verify!r}") from None
-    size_bytes: int | None
-    if cache_size is None:
-        size_bytes = None
-    elif isinstance(cache_size, str):
-        try:
-            size_bytes = parse_size(cache_size)
-        except UsageError as exc:
-            raise ValueError(f"cache_size: {exc}") from None
-    elif isinstance(cache_size, int) and not isinstance(cache_size, bool) and cache_size > 0:
-        size_bytes = cache_size
-    else:
-        raise ValueError(f"cache_size must be a number of bytes or a size such as '20G', not "
-                         f"{cache_size!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise ValueError(f"timeout must be a number of seconds above 0, not {timeout!r}")
-    if plain_http is not None and not isinstance(plain_http, bool):
-        raise ValueError(f"plain_http must be True, False or None, not {plain_http!r}")
-    labels = dict(select or {})
-    if not all(isinstance(k, str) and k and isinstance(v, str) for k, v in labels.items()):
-        raise ValueError(f"select must map label names to values (strings), not {select!r}")
-    return SessionOptions(
-        cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
-        cache_size_bytes=size_bytes, verify=mode, plain_http=plain_http,
-        ca_file=os.fspath(ca_file) if ca_file is not None else None,
-        timeout_s=float(timeout), select=labels,
-    )
 
 
 @dataclass(frozen=True)
@@ -334,9 +272,10 @@ def open_kit(
     """Open the ModelKit ``reference`` (``registry/repo:tag``, ``registry/repo@sha256:…``):
     resolve and pin it, check its manifest and config. No layer data is fetched.
 
-    The options are the command line's (``session_options``). Raises ValueError (a bad
-    reference or option), FileNotFoundError (no such tag or repository), PermissionError (the
-    registry refused the credentials), OSError (a malformed kit, the registry failing).
+    The options are the command line's (``kitfs.api.options.session_options``). Raises
+    ValueError (a bad reference or option), FileNotFoundError (no such tag or repository),
+    PermissionError (the registry refused the credentials), OSError (a malformed kit, the
+    registry failing).
     """
     options = session_options(cache_dir=cache_dir, cache_size=cache_size, verify=verify,
                               plain_http=plain_http, ca_file=ca_file, timeout=timeout,
