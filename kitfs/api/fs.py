@@ -135,8 +135,8 @@ class KitFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec has no 
 
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         reference, kit, inner = self._locate(path)
-        entry = kit.info(inner)
-        entries = [entry] if entry.type == "file" else kit.ls(inner, detail=True)
+        entry, children = kit._entries(inner)  # one call into the loop
+        entries = [entry] if children is None else children
         infos = [self._info(reference, e) for e in entries]
         return infos if detail else [info["name"] for info in infos]
 

@@ -166,10 +166,15 @@ class Kit:
         Raises:
             FileNotFoundError: no such path; NotADirectoryError: ``path`` is a file.
         """
-        entry, children = self._run(_list, _clean(path))
+        entry, children = self._entries(path)
         if children is None:
             raise NotADirectoryError(errno.ENOTDIR, "not a directory in the kit", entry.path)
         return children if detail else [child.path for child in children]
+
+    def _entries(self, path: str) -> tuple[Entry, list[Entry] | None]:
+        """The entry at ``path`` and, for a directory, its children (``KitFileSystem.ls``)."""
+        result: tuple[Entry, list[Entry] | None] = self._run(_list, _clean(path))
+        return result
 
     def walk(self, path: str = "") -> list[Entry]:
         """``path`` and everything under it, parents first, names sorted (``kitfs ls``)."""
