@@ -102,9 +102,14 @@ def bare(tmp_path_factory: pytest.TempPathFactory) -> Bare:
                 (dependencies / top).symlink_to(base / top)
     site = next(venv.glob("lib/python3*/site-packages"))
     (site / "kitfs-test-dependencies.pth").write_text(f"{dependencies}\n")
+    # pip looks at what the fresh venv's python sees: not this tree (no PYTHONPATH), which
+    # may hold a kitfs.egg-info that pip would take for kitfs installed already
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     installed = _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                      "install", "--no-deps", "--no-index", "-q", str(wheel)])
+                      "install", "--no-deps", "--no-index", "-q", str(wheel)], env=clean_env,
+                     cwd=work)
     assert installed.returncode == 0, installed.stderr
+    assert next(site.glob("kitfs-*.dist-info/entry_points.txt")).exists()
     return Bare(venv, sorted(closure))
 
 
