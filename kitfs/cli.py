@@ -9,10 +9,10 @@ Every ``KitfsError`` becomes ``kitfs: <message>`` on stderr and the error's exit
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
-import re
 import stat
 import sys
 import time
@@ -34,36 +34,29 @@ from kitfs.commands import (
 )
 from kitfs.core.modelkit import KitSession, SessionOptions, open_session
 from kitfs.core.reader import VerifyMode
-from kitfs.errors import KitfsError, UsageError
+from kitfs.errors import KitfsError, NotInstalledError, UsageError
+from kitfs.format import sizes
 from kitfs.format.filter import Selection
 from kitfs.format.reference import Reference
 from kitfs.format.tree import shell_quoted
 from kitfs.mount.auditing import audit_log_path, record_event
-from kitfs.mount.daemon import (
-    STATUS_INTERVAL_S,
-    MountOptions,
-    run_foreground,
-    sd_notify,
-    start_background,
-    unmount,
-)
-from kitfs.mount.status import all_mounts, runtime_dir
+from kitfs.mount.status import all_mounts, runtime_dir, sd_notify
 from kitfs.remote.hostsdir import DEFAULT_HOSTS_DIR
 
 log = logging.getLogger("kitfs")
 
 CAT_READ_BYTES = 16 * 1024 * 1024
 METRICS_LISTEN = "127.0.0.1:9464"  # kitfs metrics' default (9464: unassigned in Prometheus' list)
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)$", re.IGNORECASE)
+PYFUSE3_MISSING = ("kitfs mount needs pyfuse3, which is not installed: pip install 'kitfs[mount]' "
+                   "(pyfuse3 builds against libfuse: apt install fuse3 libfuse3-dev pkg-config)")
 
 
 def parse_size(text: str) -> int:
-    """``10G``, ``512MiB``, ``1.5T``, ``4096`` → bytes (powers of 1024)."""
-    match = _SIZE_RE.match(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 512M, 10G)")
-    number, unit, _ = match.groups()
-    return int(float(number) * 1024 ** "bkmgtp".index(unit.lower() or "b"))
+    """``10G``, ``512MiB``, ``1.5T``, ``4096`` → bytes (``kitfs.format.sizes``), for argparse."""
+    try:
+        return sizes.parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _labels(items: list[str]) -> dict[str, str]:
@@ -189,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "mount":
             return _mount(args)
         if args.command == "umount":
+            _require_pyfuse3()
+            from kitfs.mount.daemon import unmount
+
             return unmount(args.mountpoint, lazy=args.lazy)
         if args.command == "status":
             return _status(args)
@@ -310,9 +306,18 @@ async def _inspect(session: KitSession, args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_pyfuse3() -> None:
+    """The mount (``kitfs.mount.daemon``) needs pyfuse3: the ``mount`` extra."""
+    if importlib.util.find_spec("pyfuse3") is None:
+        raise NotInstalledError(PYFUSE3_MISSING)
+
+
 def _mount(args: argparse.Namespace) -> int:
     reference = Reference.parse(args.reference)  # a bad reference fails here, before forking
     Selection.parse(args.filter)  # and so does a bad --filter
+    _require_pyfuse3()
+    from kitfs.mount.daemon import MountOptions, run_foreground, start_background
+
     if not args.foreground:
         log_file = args.log_file or runtime_dir() / (
             str(args.mountpoint.absolute()).strip("/").replace("/", "-") + ".log")
@@ -386,6 +391,8 @@ def _demo(args: argparse.Namespace) -> int:
     import subprocess
     import tempfile
 
+    _require_pyfuse3()
+    from kitfs.mount.daemon import STATUS_INTERVAL_S, unmount
     from kitfs.sample import Pusher, Registry, sample_kit
 
     workdir = Path(tempfile.mkdtemp(prefix="kitfs-demo-"))

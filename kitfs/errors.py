@@ -14,7 +14,8 @@ Every error kitfs raises on purpose is a ``KitfsError``. Each class says what a 
     ├── RemoteError                 EIO       exit 69 (EX_UNAVAILABLE) registry failed after retries
     │   ├── RemoteTimeoutError      EIO       exit 69              ... or did not answer in time
     │   └── AuthError               EACCES    exit 77 (EX_NOPERM)  credentials refused
-    └── CacheError                  EIO       exit 74 (EX_IOERR)   local cache unusable
+    ├── CacheError                  EIO       exit 74 (EX_IOERR)   local cache unusable
+    └── NotInstalledError           EIO       exit 69 (EX_UNAVAILABLE) an optional part is missing
 
 This module imports nothing from kitfs.
 """
@@ -89,6 +90,12 @@ class CacheError(KitfsError):
     """The local cache cannot be used (not the same as full: a full cache is not an error)."""
 
     exit_code = os.EX_IOERR
+
+
+class NotInstalledError(KitfsError):
+    """What a command needs is not installed (``kitfs mount`` without the ``mount`` extra)."""
+
+    exit_code = os.EX_UNAVAILABLE
 
 
 def copy_for_waiter(error: BaseException) -> BaseException:

@@ -453,6 +453,15 @@ def _collector_paused() -> Iterator[None]:
         gc.enable()
 
 
+def verification_label(state: VerifyState | None) -> str:
+    """A blob's verification state in words, as the Python API shows it (``kitfs inspect``
+    and ``kitfs status`` use the same words)."""
+    if state is None:
+        return "not fetched"
+    return {VerifyState.NOT_YET: "unverified", VerifyState.VERIFIED: "verified",
+            VerifyState.FAILED: "FAILED"}[state]
+
+
 def _self_and_ancestors(path: str) -> list[str]:
     """``a/b`` → ``["", "a", "a/b"]``: the claims at or above ``path``."""
     parts = path.split("/") if path else []

@@ -72,6 +72,8 @@ class LayoutPlan:
     kitfile: bytes | None  # the rendered Kitfile, or None for foreign ModelPacks
     parent_model_reference: str | None  # model.path naming another ModelKit
     unplaced: tuple[int, ...]  # layer indexes no Kitfile entry claims (kit skips them)
+    # the Kitfile as the config (or a ModelPack's Kitfile annotation) holds it, for the Python API
+    kitfile_data: dict[str, Any] | None = None
 
 
 def check_entry_path(name: str, where: str) -> str:
@@ -180,7 +182,8 @@ def plan_layout(manifest: Manifest, config: bytes) -> LayoutPlan:
     parent = next((e.path for e in info.entries if e.section == "model" and e.remote), None)
     placed = {p.index for p in placements}
     unplaced = tuple(i for i in range(len(manifest.layers)) if i not in placed)
-    return LayoutPlan(family, placements, render_kitfile(kitfile_obj), parent, unplaced)
+    return LayoutPlan(family, placements, render_kitfile(kitfile_obj), parent, unplaced,
+                      kitfile_obj)
 
 
 def _make_placement(

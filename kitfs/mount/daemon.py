@@ -22,7 +22,6 @@ import errno
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from kitfs.format.reference import Reference
 from kitfs.mount import status
 from kitfs.mount.auditing import MountAudit
 from kitfs.mount.filesystem import READ_SECONDS_BUCKETS, KitFilesystem
+from kitfs.mount.status import sd_notify
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +65,6 @@ class MountOptions:
 
 
 # --- readiness ---------------------------------------------------------------------------------
-
-
-def sd_notify(message: str) -> None:
-    """Send ``message`` to systemd's notification socket, if this process has one."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(address)
-            sock.sendall(message.encode())
-        except OSError as exc:
-            log.warning("could not notify systemd: %s", exc)
 
 
 class Readiness(logging.Handler):

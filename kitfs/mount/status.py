@@ -10,16 +10,23 @@ Two sources, joined by mountpoint:
 
 The runtime directory is ``$KITFS_RUNTIME_DIR``, else ``/run/kitfs`` for root, else
 ``$XDG_RUNTIME_DIR/kitfs``, else ``/tmp/kitfs-<uid>``; it is created 0700.
+
+``sd_notify`` lives here too (systemd's readiness protocol: the daemon and ``kitfs metrics``
+use it), so that what does not mount never imports pyfuse3.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 FSTYPE = "fuse.kitfs"
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -155,3 +162,18 @@ def all_mounts() -> list[dict[str, Any]]:
             record = {"reference": mount.source, "mountpoint": mount.mountpoint, "pid": None}
         out.append(record)
     return out
+
+
+def sd_notify(message: str) -> None:
+    """Send ``message`` to systemd's notification socket, if this process has one."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError as exc:
+            log.warning("could not notify systemd: %s", exc)

@@ -1,0 +1,90 @@
+"""The kit the Python API and fsspec tests read (``push_analytics_kit``), what was packed in
+it, and the helpers those tests share.
+
+The kit: a 12 MiB weights file, a 64 MiB Parquet table of four 16 MiB float64 columns, four
+CSV parts, a small code directory and a README, each Kitfile entry its own layer, as kit pack
+writes them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kitfs.api.fs import KitFileSystem
+from kitfs.sample import Layer, Pusher, Registry, tar_layer, with_layer_info
+
+MiB = 1 << 20
+
+
+def _parquet() -> tuple[bytes, pd.DataFrame]:
+    rng = np.random.default_rng(23)
+    rows = 1 << 21  # 4 float64 columns x 16 MiB
+    frame = pd.DataFrame({name: rng.standard_normal(rows) for name in ("a", "b", "c", "d")})
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer,
+                   compression="none", row_group_size=rows)
+    return buffer.getvalue(), frame
+
+
+PARQUET, FRAME = _parquet()
+COLUMN_BYTES = len(PARQUET) // 4
+WEIGHTS = os.urandom(12 * MiB + 12345)
+CSV = {f"data/csv/part-{i}.csv": ("id,value\n" + "".join(
+    f"{j},{i * j}\n" for j in range(5_000))).encode() for i in range(4)}
+CODE = {"src/train.py": b"print('train')\n", "src/util/io.py": b"def load():\n    pass\n"}
+README = b"# Analytics kit\n"
+DATA = {"data/table.parquet": PARQUET, **CSV}
+PACKED = {"models/weights.bin": WEIGHTS, **DATA, **CODE, "README.md": README}
+
+
+def push_analytics_kit(pusher: Pusher, reference: str) -> dict[str, Layer]:
+    """Push the kit at ``reference``; its layers by Kitfile path."""
+    layers = {
+        "models/weights.bin": tar_layer("model", {"models/weights.bin": WEIGHTS},
+                                        "models/weights.bin"),
+        "data": tar_layer("dataset", DATA, "data"),
+        "src": tar_layer("code", CODE, "src"),
+        "README.md": tar_layer("docs", {"README.md": README}, "README.md"),
+    }
+    kitfile: dict[str, Any] = {
+        "manifestVersion": "1.0.0",
+        "package": {"name": "analytics", "version": "1.0.0"},
+        "model": {"name": "m", "path": "models/weights.bin"},
+        "datasets": [{"name": "data", "path": "data"}],
+        "code": [{"path": "src"}],
+        "docs": [{"path": "README.md"}],
+    }
+    with_layer_info(kitfile, [(kitfile["model"], layers["models/weights.bin"]),
+                              (kitfile["datasets"][0], layers["data"]),
+                              (kitfile["code"][0], layers["src"]),
+                              (kitfile["docs"][0], layers["README.md"])])
+    pusher.push_kit(reference, kitfile, list(layers.values()))
+    return layers
+
+
+def flip_byte_in_registry(registry: Registry, digest: str, at: int) -> None:
+    """Flip one byte of a blob in the registry's own storage (it serves it as it is)."""
+    stored = registry.blob_file(digest)
+    data = bytearray(stored.read_bytes())
+    data[at] ^= 0x01
+    stored.write_bytes(bytes(data))
+
+
+def register_kitfs() -> None:
+    """Make ``kitfs://`` known to fsspec in this process.
+
+    An installed kitfs registers it through its ``fsspec.specs`` entry point
+    (``tests/test_bare_install.py`` checks that in a venv built from this tree); a development
+    venv installed before the entry point existed has no such metadata until ``pip install -e``
+    runs again, so the tests register the same class by hand there.
+    """
+    if "kitfs" not in fsspec.available_protocols():
+        fsspec.register_implementation("kitfs", KitFileSystem)
