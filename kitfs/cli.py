@@ -323,11 +323,11 @@ def _mount(args: argparse.Namespace) -> int:
             str(args.mountpoint.absolute()).strip("/").replace("/", "-") + ".log")
         return start_background(args.argv, log_file.absolute(), timeout_s=2 * args.timeout + 30)
     options = MountOptions(
-        reference=str(reference) if reference.digest or reference.tag else args.reference,
+        reference=str(reference),
         mountpoint=args.mountpoint, session=_options(args),
         uid=os.getuid() if args.uid is None else args.uid,
         gid=os.getgid() if args.gid is None else args.gid,
-        allow_other=args.allow_other, debug=args.debug, audit_log=audit_log_path(args.audit_log),
+        allow_other=args.allow_other, audit_log=audit_log_path(args.audit_log),
         selection=Selection.parse(args.filter),
     )
     return run_foreground(options, args.ready_fd)

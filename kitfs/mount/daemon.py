@@ -59,7 +59,6 @@ class MountOptions:
     gid: int = field(default_factory=os.getgid)
     allow_other: bool = False
     read_ahead_kb: int = READ_AHEAD_KB
-    debug: bool = False
     audit_log: Path | None = None  # kitfs.audit's file; None: no audit log
     selection: Selection = EVERYTHING  # --filter: the parts of the kit the mount shows
 
