@@ -7,9 +7,9 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from kitfs.cache.store import default_cache_dir
 from kitfs.core.modelkit import SessionOptions
 from kitfs.core.reader import VerifyMode
+from kitfs.environment import default_cache_dir
 from kitfs.errors import UsageError
 from kitfs.format.sizes import parse_size
 
