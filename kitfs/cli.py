@@ -17,6 +17,7 @@ import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import trio
@@ -32,7 +33,13 @@ from kitfs.commands import (
     diff_command,
     pull_command,
 )
-from kitfs.core.modelkit import KitSession, SessionOptions, open_session, verification_label
+from kitfs.core.modelkit import (
+    DEFAULT_VERIFY,
+    KitSession,
+    SessionOptions,
+    open_session,
+    verification_label,
+)
 from kitfs.core.reader import VerifyMode
 from kitfs.core.verify import VerifyState
 from kitfs.environment import default_cache_dir, under_journald
@@ -44,7 +51,7 @@ from kitfs.format.tree import shell_quoted
 from kitfs.mount.auditing import audit_log_path, record_event
 from kitfs.mount.control import start_background, unmount
 from kitfs.mount.status import all_mounts, make_runtime_dir, sd_notify
-from kitfs.remote.hostsdir import DEFAULT_HOSTS_DIR
+from kitfs.remote.registry import DEFAULT_TIMEOUT_S, RegistryConfig
 
 log = logging.getLogger("kitfs")
 
@@ -86,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--plain-http", action="store_true", default=None,
                         help="talk HTTP, not HTTPS (the default for loopback registries)")
     remote.add_argument("--ca-file", default=None, help="extra CA bundle for TLS")
-    remote.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="give up on an unresponsive registry after this long (default 30)")
+    remote.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="give up on an unresponsive registry after this long "
+                        f"(default {DEFAULT_TIMEOUT_S:g})")
     remote.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
                         help="pick an image-index entry by label (repeatable)")
     remote.add_argument("--hosts-dir", type=Path, default=None, metavar="DIR",
@@ -101,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="never contact a registry: use what the cache holds (a tag: the "
                         "digest it last resolved to)")
     verify = argparse.ArgumentParser(add_help=False)
-    verify.add_argument("--verify", choices=[m.value for m in VerifyMode], default="eventual",
+    verify.add_argument("--verify", choices=[m.value for m in VerifyMode], default=DEFAULT_VERIFY.value,
                         help="strict: never return unverified bytes; eventual (default): verify "
                         "when a layer is complete; off: benchmarks only")
 
@@ -208,16 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _options(args: argparse.Namespace) -> SessionOptions:
+    registry = RegistryConfig(plain_http=args.plain_http, ca_file=args.ca_file,
+                              timeout_s=args.timeout, offline=args.offline)
     return SessionOptions(
         cache_dir=args.cache_dir or default_cache_dir(),
         cache_size_bytes=args.cache_size,
-        verify=VerifyMode(getattr(args, "verify", "eventual")),
-        plain_http=args.plain_http,
-        ca_file=args.ca_file,
-        timeout_s=args.timeout,
+        verify=VerifyMode(args.verify) if hasattr(args, "verify") else DEFAULT_VERIFY,
         select=_labels(args.select),
-        hosts_dir=args.hosts_dir or DEFAULT_HOSTS_DIR,
-        offline=args.offline,
+        registry=replace(registry, hosts_dir=args.hosts_dir) if args.hosts_dir else registry,
     )
 
 
@@ -320,13 +326,12 @@ def _mount(args: argparse.Namespace) -> int:
         log_file = args.log_file or make_runtime_dir() / (
             str(args.mountpoint.absolute()).strip("/").replace("/", "-") + ".log")
         return start_background(args.argv, log_file.absolute(), timeout_s=2 * args.timeout + 30)
+    owner = {name: value for name, value in (("uid", args.uid), ("gid", args.gid))
+             if value is not None}  # else MountOptions' defaults: the mounting user's
     options = MountOptions(
-        reference=str(reference),
-        mountpoint=args.mountpoint, session=_options(args),
-        uid=os.getuid() if args.uid is None else args.uid,
-        gid=os.getgid() if args.gid is None else args.gid,
+        reference=str(reference), mountpoint=args.mountpoint, session=_options(args),
         allow_other=args.allow_other, audit_log=audit_log_path(args.audit_log),
-        selection=Selection.parse(args.filter),
+        selection=Selection.parse(args.filter), **owner,
     )
     return run_foreground(options, args.ready_fd)
 

@@ -60,13 +60,13 @@ def record_event(given: Path | None, event: str, **fields: Any) -> None:
 
 def mount_options(options: MountOptions) -> dict[str, Any]:
     """A mount's options as its audit line shows them (nothing secret is among them)."""
-    session = options.session
+    session, registry = options.session, options.session.registry
     return {
         "verify": session.verify.value, "uid": options.uid, "gid": options.gid,
         "allow_other": options.allow_other, "cache_dir": str(session.cache_dir),
-        "cache_size_bytes": session.cache_size_bytes, "timeout_s": session.timeout_s,
-        "plain_http": session.plain_http, "ca_file": session.ca_file,
-        "hosts_dir": str(session.hosts_dir), "select": session.select,
+        "cache_size_bytes": session.cache_size_bytes, "timeout_s": registry.timeout_s,
+        "plain_http": registry.plain_http, "ca_file": registry.ca_file,
+        "hosts_dir": str(registry.hosts_dir), "select": session.select,
     }
 
 
