@@ -61,8 +61,10 @@ log = logging.getLogger(__name__)
 MAX_MODEL_REFERENCE_CHAIN = 10
 EVERYTHING = Selection()  # no --filter: the whole kit, Kitfile included
 # Index building reads headers chunk by chunk; while chunks keep holding several headers it has
-# the next ones fetched ahead in parallel, doubling up to this many (see layer_members).
-MAX_INDEX_AHEAD_CHUNKS = 4
+# the next ones fetched ahead in parallel, doubling up to this many (see layer_members), in
+# runs of half as many chunks per Range request, at most MAX_INDEX_RUN_CHUNKS.
+MAX_INDEX_AHEAD_CHUNKS = 8
+MAX_INDEX_RUN_CHUNKS = 4
 # On close, how long a session waits for chunks already served to be hashed and stored.
 SETTLE_TIMEOUT_S = 30.0
 
@@ -391,23 +393,30 @@ class KitSession:
         scanner = TarScanner(size)
         members: list[TarMember] = []
         chunk = self.options.chunk_size_bytes
-        ahead_chunks = 0
+        last_chunk = (size - 1) // chunk
+        window = 0  # chunks kept fetched ahead of the scan
+        ahead = -1  # the last chunk asked for ahead of it
         while (want := scanner.wants()) is not None:
             offset, length = want
-            if ahead_chunks:
-                # Headers sit close together here: have the chunks after this one fetched in
-                # parallel while this one is parsed. The scan asks from the next header on, so
-                # after a big file body (which it jumps over) nothing of the body is fetched.
-                ahead_end = (offset // chunk + 1 + ahead_chunks) * chunk
-                self.reader.prefetch(source.content, offset, ahead_end - offset)
+            here = offset // chunk
+            # Headers sit close together here: keep the chunks after this one fetched in
+            # parallel while this one is parsed, topped up a run at a time (one Range request
+            # per run: the registry's CPU per request is shared with us). The scan asks from
+            # the next header on, so after a big file body (which it jumps over) nothing of
+            # the body is fetched.
+            run = min(max(1, window // 2), MAX_INDEX_RUN_CHUNKS)
+            ahead = max(ahead, here)
+            while window and ahead < last_chunk and here + window - ahead >= run:
+                first, ahead = ahead + 1, min(ahead + run, last_chunk)
+                self.reader.prefetch(source.content, first * chunk, (ahead - first + 1) * chunk)
             # Read to the end of the chunk holding the header (the reader fetches whole chunks
             # anyway), one chunk at a time: memory stays a few chunks, whatever the layer.
-            end = min(max(offset + length, (offset // chunk + 1) * chunk), size)
+            end = min(max(offset + length, (here + 1) * chunk), size)
             data = await self.reader.read(source.content, offset, end - offset, read_ahead=False)
             with _collector_paused():
                 found = scanner.feed(data)
             members.extend(found)
-            ahead_chunks = min(max(1, 2 * ahead_chunks), MAX_INDEX_AHEAD_CHUNKS) if len(found) > 1 else 0
+            window = min(max(1, 2 * window), MAX_INDEX_AHEAD_CHUNKS) if len(found) > 1 else 0
         store_members(self.store.database, key, members)
         return members
 
