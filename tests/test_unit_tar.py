@@ -567,17 +567,39 @@ def test_an_index_of_the_json_format_means_indexing_again() -> None:
 
 def test_an_unreadable_stored_index_means_indexing_again(tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    from kitfs.cache.index import load_members, store_members
+    from kitfs.cache.index import load_members, pack_members, store_members
     from kitfs.cache.store import ChunkStore
 
     store = ChunkStore(tmp_path / "cache")
     try:
         members = [TarMember(name="a/b.bin", typeflag=b"0", mode=0o644, size=3, data_offset=512,
                              header_offset=-1)]
-        store_members(store.database, "sha256:" + "ab" * 32, members)
+        store_members(store.database, "sha256:" + "ab" * 32, 1, pack_members(members))
         assert load_members(store.database, "sha256:" + "ab" * 32) == members
         store.conn.execute("UPDATE layer_indexes SET packed = ?", (b"not zstd",))
         assert load_members(store.database, "sha256:" + "ab" * 32) is None
         assert "unreadable" in caplog.text and "indexing it again" in caplog.text
+    finally:
+        store.close()
+
+
+def test_an_index_arriving_after_its_blob_failed_verification_is_not_kept(tmp_path: Path) -> None:
+    """The index is stored behind the lookup it answered; if the blob's digest failed
+    meanwhile (its index was read from bad bytes), the late index must not come back."""
+    from kitfs.cache.index import load_members, pack_members, store_members
+    from kitfs.cache.store import ChunkStore
+
+    key = "sha256:" + "cd" * 32
+    store = ChunkStore(tmp_path / "cache")
+    try:
+        members = [TarMember(name="a/b.bin", typeflag=b"0", mode=0o644, size=3, data_offset=512,
+                             header_offset=-1)]
+        store.register_blob(key, 1024, 4 << 20)
+        store.mark_failed(key, "does not match its digest")
+        store_members(store.database, key, 1, pack_members(members))
+        assert load_members(store.database, key) is None
+        other = "sha256:" + "ef" * 32  # a blob not failed (registered or not) keeps its index
+        store_members(store.database, other, 1, pack_members(members))
+        assert load_members(store.database, other) == members
     finally:
         store.close()

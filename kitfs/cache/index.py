@@ -107,15 +107,19 @@ def load_members(db: CacheDatabase, key: str) -> list[TarMember] | None:
         return None
 
 
-def store_members(db: CacheDatabase, key: str, members: list[TarMember]) -> None:
-    """Persist a layer's index as one row; skipped (the caller keeps its index in memory)
-    while another process keeps the database locked or its disk is full."""
+def store_members(db: CacheDatabase, key: str, count: int, packed: bytes) -> None:
+    """Persist a layer's index (``count`` members, ``pack_members``) as one row, unless the
+    blob has failed verification (the index was read from its bad bytes: ``mark_failed``
+    drops it, and this statement checks the failure itself, so an index stored late cannot
+    come back); skipped (the caller keeps its index in memory) while another process keeps
+    the database locked or its disk is full."""
     with db.optional_write(f"the index of {key}") as writable:
         if not writable:
             return
         db.conn.execute(
-            "INSERT OR REPLACE INTO layer_indexes (key, member_count, packed) VALUES (?, ?, ?)",
-            (key, len(members), pack_members(members)),
+            "INSERT OR REPLACE INTO layer_indexes (key, member_count, packed) SELECT ?, ?, ? "
+            "WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE key = ? AND verified = -1)",
+            (key, count, packed, key),
         )
 
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import gc
 import logging
 import posixpath
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from kitfs.cache.index import load_members, store_members
+from kitfs.cache.index import load_members, pack_members, store_members
 from kitfs.cache.store import ChunkStore
 from kitfs.core.reader import (
     DEFAULT_CHUNK_SIZE_BYTES,
@@ -160,6 +160,9 @@ class KitSession:
         self.reader = BlobReader(store, nursery, options.verify, options.chunk_size_bytes)
         self._resolver = ManifestResolver(store, options.select)
         self._registries: dict[str, RegistryClient] = {}
+        self._nursery = nursery
+        self._index_stores = 0  # layer indexes being written behind the lookups they answered
+        self._index_stores_done = trio.Event()
 
     def registry(self, host: str, loopback: bool) -> RegistryClient:
         client = self._registries.get(host)
@@ -367,9 +370,12 @@ class KitSession:
             builder.add_file(placement.raw_path or "", placement.raw_mode, size,
                              FileSource(position, 0), f"layer {digest}")
         else:
-            members = await self.layer_members(source)
-            with _collector_paused():
+            # the layer's own tree is built as its headers are parsed, while the next chunks
+            # arrive; nothing of it is seen before the whole layer is (merge, by the caller)
+            def add(members: list[TarMember]) -> None:
                 builder.add_tar_members(members, position, placement.prefix, digest)
+
+            await self.layer_members(source, add)
         return builder.build()
 
     async def _raw_size(self, source: LayerSource) -> int:
@@ -377,8 +383,16 @@ class KitSession:
             return source.content.blob_size
         return await self.reader.size(source.content)
 
-    async def layer_members(self, source: LayerSource) -> list[TarMember]:
-        """A tar layer's members: from the cache index, or by reading its headers."""
+    async def layer_members(
+        self, source: LayerSource, add: Callable[[list[TarMember]], None] | None = None,
+    ) -> list[TarMember]:
+        """A tar layer's members: from the cache index, or by reading its headers.
+
+        ``add`` is given them as they come (in order, in batches, the garbage collector
+        paused), so the caller's work on them overlaps the fetching of the rest; an exception
+        it raises ends the scan. The index read from the headers is stored in the cache after
+        this returns (``_store_index``), not before.
+        """
         key = source.content.key
         with _collector_paused():
             cached = load_members(self.store.database, key)
@@ -388,6 +402,9 @@ class KitSession:
                 and VerifyState.of(self.store.blob_state(key)) is not VerifyState.VERIFIED):
             cached = None
         if cached is not None:
+            if add is not None:
+                with _collector_paused():
+                    add(cached)
             return cached
         size = await self.reader.size(source.content)
         scanner = TarScanner(size)
@@ -415,10 +432,37 @@ class KitSession:
             data = await self.reader.read(source.content, offset, end - offset, read_ahead=False)
             with _collector_paused():
                 found = scanner.feed(data)
+                if found and add is not None:
+                    add(found)
             members.extend(found)
             window = min(max(1, 2 * window), MAX_INDEX_AHEAD_CHUNKS) if len(found) > 1 else 0
-        store_members(self.store.database, key, members)
+        if not self._index_stores:
+            self._index_stores_done = trio.Event()
+        self._index_stores += 1
+        self._nursery.start_soon(self._store_index, key, members, name=f"store index {key}")
         return members
+
+    async def _store_index(self, key: str, members: list[TarMember]) -> None:
+        """Keep a layer's index in the cache, behind the lookup it answered: packed in a
+        worker thread, written unless the blob failed verification meanwhile (its index was
+        read from bad bytes; ``store_members`` checks that in the same statement)."""
+        try:
+            packed = await trio.to_thread.run_sync(pack_members, members)
+            store_members(self.store.database, key, len(members), packed)
+        except KitfsError as exc:  # the layer is indexed again next time
+            log.warning("cache: the index of %s is not kept: %s", key, exc)
+        except Exception:  # a bug: never let it end the session's nursery (and the mount)
+            log.exception("cache: keeping the index of %s failed unexpectedly", key)
+        finally:
+            self._index_stores -= 1
+            if not self._index_stores:
+                self._index_stores_done.set()
+
+    async def settle(self) -> None:
+        """Wait until the layer indexes and the chunks fetched so far are kept in the cache."""
+        while self._index_stores:
+            await self._index_stores_done.wait()
+        await self.reader.settle()
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -499,9 +543,9 @@ async def open_session(options: SessionOptions) -> AsyncIterator[KitSession]:
                 try:
                     yield session
                 finally:
-                    # chunks already served are still being hashed and stored: keep them
+                    # indexes and chunks already served are still being stored: keep them
                     with trio.move_on_after(SETTLE_TIMEOUT_S, shield=True):
-                        await session.reader.settle()
+                        await session.settle()
                     nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
