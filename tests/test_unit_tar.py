@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kitfs.errors import FormatError
@@ -603,3 +603,27 @@ def test_an_index_arriving_after_its_blob_failed_verification_is_not_kept(tmp_pa
         assert load_members(store.database, other) == members
     finally:
         store.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(specs=specs_strategy(), fmt=st.sampled_from(sorted(FORMATS)),
+       sizes=st.lists(st.integers(1, 2000), min_size=1, max_size=12))
+def test_the_scanner_keeps_no_view_of_the_bytes_it_was_fed(specs: list[Spec], fmt: str,
+                                                          sizes: list[int]) -> None:
+    """feed reads the caller's buffer where it is and keeps only copies of what it still
+    needs: every buffer overwritten right after it was fed, in pieces of any size (headers,
+    PAX records and long names cut anywhere), the members are those of a plain scan."""
+    try:
+        archive = build(specs, FORMATS[fmt])
+    except ValueError:  # USTAR cannot hold this name (or link name)
+        assume(False)
+    scanner = TarScanner(len(archive))
+    members: list[TarMember] = []
+    feeds = 0
+    while (want := scanner.wants()) is not None:
+        offset, _ = want
+        piece = bytearray(archive[offset : offset + sizes[feeds % len(sizes)]])
+        members.extend(scanner.feed(piece))
+        piece[:] = b"\xff" * len(piece)
+        feeds += 1
+    assert members == scan_all(archive)
