@@ -26,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from kitfs.cache.index import load_members, pack_members, store_members
+from kitfs.cache.index import MemberColumns, load_members, store_members
 from kitfs.cache.store import ChunkStore
 from kitfs.core.reader import (
     DEFAULT_CHUNK_SIZE_BYTES,
@@ -383,10 +383,10 @@ class KitSession:
             return source.content.blob_size
         return await self.reader.size(source.content)
 
-    async def layer_members(
-        self, source: LayerSource, add: Callable[[list[TarMember]], None] | None = None,
-    ) -> list[TarMember]:
-        """A tar layer's members: from the cache index, or by reading its headers.
+    async def layer_members(self, source: LayerSource,
+                            add: Callable[[list[TarMember]], None]) -> None:
+        """Hand a tar layer's members to ``add``: from the cache index, or by reading its
+        headers.
 
         ``add`` is given them as they come (in order, in batches, the garbage collector
         paused), so the caller's work on them overlaps the fetching of the rest; an exception
@@ -402,24 +402,23 @@ class KitSession:
                 and VerifyState.of(self.store.blob_state(key)) is not VerifyState.VERIFIED):
             cached = None
         if cached is not None:
-            if add is not None:
-                with _collector_paused():
-                    add(cached)
-            return cached
+            with _collector_paused():
+                add(cached)
+            return
         size = await self.reader.size(source.content)
         with _collector_paused():  # for the whole scan, not per batch (see _collector_paused)
-            members = await self._scan_members(source, size, add)
+            columns = await self._scan_members(source, size, add)
         if not self._index_stores:
             self._index_stores_done = trio.Event()
         self._index_stores += 1
-        self._nursery.start_soon(self._store_index, key, members, name=f"store index {key}")
-        return members
+        self._nursery.start_soon(self._store_index, key, columns, name=f"store index {key}")
 
     async def _scan_members(self, source: LayerSource, size: int,
-                            add: Callable[[list[TarMember]], None] | None) -> list[TarMember]:
-        """Read a tar layer's headers, chunk by chunk, handing each batch to ``add``."""
+                            add: Callable[[list[TarMember]], None]) -> MemberColumns:
+        """Read a tar layer's headers, chunk by chunk, handing each batch to ``add``; what
+        the index keeps of them."""
         scanner = TarScanner(size)
-        members: list[TarMember] = []
+        columns = MemberColumns()
         chunk = self.options.chunk_size_bytes
         last_chunk = (size - 1) // chunk
         window = 0  # chunks kept fetched ahead of the scan
@@ -442,19 +441,19 @@ class KitSession:
             end = min(max(offset + length, (here + 1) * chunk), size)
             data = await self.reader.read(source.content, offset, end - offset, read_ahead=False)
             found = scanner.feed(data)
-            if found and add is not None:
+            if found:
                 add(found)
-            members.extend(found)
+                columns.extend(found)
             window = min(max(1, 2 * window), MAX_INDEX_AHEAD_CHUNKS) if len(found) > 1 else 0
-        return members
+        return columns
 
-    async def _store_index(self, key: str, members: list[TarMember]) -> None:
+    async def _store_index(self, key: str, columns: MemberColumns) -> None:
         """Keep a layer's index in the cache, behind the lookup it answered: packed in a
         worker thread, written unless the blob failed verification meanwhile (its index was
         read from bad bytes; ``store_members`` checks that in the same statement)."""
         try:
-            packed = await trio.to_thread.run_sync(pack_members, members)
-            store_members(self.store.database, key, len(members), packed)
+            packed = await trio.to_thread.run_sync(columns.pack)
+            store_members(self.store.database, key, len(columns), packed)
         except KitfsError as exc:  # the layer is indexed again next time
             log.warning("cache: the index of %s is not kept: %s", key, exc)
         except Exception:  # a bug: never let it end the session's nursery (and the mount)
