@@ -65,6 +65,9 @@ EVERYTHING = Selection()  # no --filter: the whole kit, Kitfile included
 # runs of half as many chunks per Range request, at most MAX_INDEX_RUN_CHUNKS.
 MAX_INDEX_AHEAD_CHUNKS = 8
 MAX_INDEX_RUN_CHUNKS = 4
+# A layer indexed with at least this many members has its objects frozen out of the cyclic
+# garbage collector's sight afterwards (see _collector_paused).
+FREEZE_AFTER_MEMBERS = 10_000
 # On close, how long a session waits for chunks already served to be hashed and stored.
 SETTLE_TIMEOUT_S = 30.0
 
@@ -402,12 +405,14 @@ class KitSession:
                 and VerifyState.of(self.store.blob_state(key)) is not VerifyState.VERIFIED):
             cached = None
         if cached is not None:
-            with _collector_paused():
+            with _collector_paused() as pause:
                 add(cached)
+                pause.freeze = len(cached) >= FREEZE_AFTER_MEMBERS
             return
         size = await self.reader.size(source.content)
-        with _collector_paused():  # for the whole scan, not per batch (see _collector_paused)
+        with _collector_paused() as pause:  # the whole scan, not per batch (_collector_paused)
             columns = await self._scan_members(source, size, add)
+            pause.freeze = len(columns) >= FREEZE_AFTER_MEMBERS
         if not self._index_stores:
             self._index_stores_done = trio.Event()
         self._index_stores += 1
@@ -495,26 +500,37 @@ class KitSession:
         return data
 
 
+@dataclass
+class _Pause:
+    freeze: bool = False  # set by the owner of a pause: gc.freeze when it ends
+
+
 @contextmanager
-def _collector_paused() -> Iterator[None]:
+def _collector_paused() -> Iterator[_Pause]:
     """No cyclic garbage collection meanwhile: indexing a layer of 100,000 files makes several
     objects per file, none in a cycle, and the collections their allocations start go on
     walking the older generations, which hold everything made so far (half the time of
     building the tree went there). A layer's scan keeps it paused from its first chunk to its
     last, across the waits for chunks: paused per chunk, the collections at the end of each
     still walked everything made so far (a tenth of the trio thread's samples in the first
-    find over 100,000 files). What was made meanwhile is then put out of the collector's
-    sight (``gc.freeze``), or the next collections would walk all of it once more, twice:
-    the tree lives as long as the mount, and reference counting still frees what dies of
-    it; only a reference cycle made during the pause would never be collected."""
+    find over 100,000 files).
+
+    With ``freeze`` set (a layer of ``FREEZE_AFTER_MEMBERS`` or more), what was made is then
+    put out of the collector's sight (``gc.freeze``), or the next collections would walk all
+    of it once more, twice: the tree lives as long as the mount, and reference counting still
+    frees what dies of it; only a reference cycle made during the pause, anywhere in the
+    process, would never be collected. A pause inside another (or inside the embedding
+    program's own) leaves both to the outer one."""
+    pause = _Pause()
     if not gc.isenabled():  # paused already (an outer pause, or the embedding program's choice)
-        yield
+        yield pause
         return
     gc.disable()
     try:
-        yield
+        yield pause
     finally:
-        gc.freeze()
+        if pause.freeze:
+            gc.freeze()
         gc.enable()
 
 
