@@ -190,14 +190,16 @@ def set_read_ahead(mountpoint: Path, read_ahead_kb: int) -> None:
 
 class Passthrough:
     """``benchmarks/passfs.py BACKING DIR`` as a child process, read-ahead raised to 1 MiB as
-    kitfs raises its own; the file is ``DIR/file``. ``pid`` is the filesystem's process."""
+    kitfs raises its own; the file is ``DIR/file``. ``pid`` is the filesystem's process.
+    With ``tree``, ``passfs.py --tree``: ``DIR`` shows the tree of the directory ``BACKING``."""
 
     READ_AHEAD_KB = 1024
 
-    def __init__(self, backing: Path, mountpoint: Path, log_file: Path) -> None:
+    def __init__(self, backing: Path, mountpoint: Path, log_file: Path, tree: bool = False) -> None:
         self.backing = backing
         self.path = mountpoint
-        self.file = mountpoint / "file"
+        self.tree = tree
+        self.file = mountpoint if tree else mountpoint / "file"
         self.log_file = log_file
         self.process: subprocess.Popen[bytes] | None = None
         self.pid = 0
@@ -206,11 +208,12 @@ class Passthrough:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log_stream:
             self.process = subprocess.Popen(
-                [sys.executable, str(Path(__file__).with_name("passfs.py")), str(self.backing),
-                 str(self.path)], stdin=subprocess.DEVNULL, stdout=log_stream, stderr=log_stream,
+                [sys.executable, str(Path(__file__).with_name("passfs.py")),
+                 *(["--tree"] if self.tree else []), str(self.backing), str(self.path)],
+                stdin=subprocess.DEVNULL, stdout=log_stream, stderr=log_stream,
                 start_new_session=True)
         self.pid = self.process.pid
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # --tree first reads the whole tree
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"passfs exited {self.process.returncode}: "
@@ -224,7 +227,7 @@ class Passthrough:
             time.sleep(0.01)
         else:
             self.__exit__(None, None, None)
-            raise RuntimeError("passfs did not mount within 30 s")
+            raise RuntimeError("passfs did not mount within 120 s")
         set_read_ahead(self.path, self.READ_AHEAD_KB)
         return self
 

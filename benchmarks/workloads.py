@@ -658,8 +658,20 @@ def find_dataset(b: Bench) -> None:
         b.record(w, RATARMOUNT, "first mount (mount+find)", first)
         b.record(w, RATARMOUNT, "remount, index kept", again)
 
+    def floor() -> None:
+        """The pyfuse3 floor of this walk: the same tree answered from memory (passfs.py
+        --tree, its attributes made at start), page cache, dentries and inodes dropped."""
+        runs = []
+        for _ in range(b.repeat):
+            with Passthrough(kit.local["dataset"], b.scratch / "ptree",
+                             b.scratch / "logs" / "passfs-tree.log", tree=True) as m:
+                drop_caches()
+                runs.append(b.metered(lambda m=m: find_stat(m.path), pid=m.pid))
+        b.record(w, PASSTHROUGH, "tree from memory, page cache dropped", runs)
+
     b.guarded(w, "kitfs", kitfs)
     b.local_file(w, lambda: find_stat(kit.local["dataset"]))
+    b.guarded(w, PASSTHROUGH, floor)
     b.guarded(w, "pull+untar", users)
     b.guarded(w, RATARMOUNT, peer)
 

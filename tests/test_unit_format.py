@@ -25,7 +25,7 @@ from kitfs.errors import (
 from kitfs.format import gzindex
 from kitfs.format.digest import Digest
 from kitfs.format.kitfile import go_format_float, render_kitfile
-from kitfs.format.layout import check_entry_path, clean_entry_path, plan_layout
+from kitfs.format.layout import all_clean, check_entry_path, clean_entry_path, plan_layout
 from kitfs.format.mediatypes import (
     KIT_CONFIG,
     MODELPACK_ARTIFACT,
@@ -975,6 +975,15 @@ def test_gzidx_table_locates_windows_and_the_checkpoints_around_a_range() -> Non
 def test_gzidx_malformed_indexes_are_format_errors(data: bytes, message: str) -> None:
     with pytest.raises(FormatError, match=message):
         gzindex.parse_table(data)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(names=st.lists(st.text(st.sampled_from("ab./\0\n"), max_size=8), max_size=5))
+def test_a_batch_of_names_is_clean_exactly_when_each_name_is(names: list[str]) -> None:
+    """all_clean (one check over a batch, for indexing many files) agrees with asking
+    clean_entry_path name by name: every name kept as it is and none refused (an empty name,
+    the kit root, is left to clean_entry_path)."""
+    assert all_clean(names) == all(n and clean_entry_path(n) == (n, None) for n in names)
 
 
 @settings(max_examples=3000, deadline=None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kitfs.errors import FormatError
@@ -567,17 +567,63 @@ def test_an_index_of_the_json_format_means_indexing_again() -> None:
 
 def test_an_unreadable_stored_index_means_indexing_again(tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
-    from kitfs.cache.index import load_members, store_members
+    from kitfs.cache.index import load_members, pack_members, store_members
     from kitfs.cache.store import ChunkStore
 
     store = ChunkStore(tmp_path / "cache")
     try:
         members = [TarMember(name="a/b.bin", typeflag=b"0", mode=0o644, size=3, data_offset=512,
                              header_offset=-1)]
-        store_members(store.database, "sha256:" + "ab" * 32, members)
+        store_members(store.database, "sha256:" + "ab" * 32, 1, pack_members(members))
         assert load_members(store.database, "sha256:" + "ab" * 32) == members
         store.conn.execute("UPDATE layer_indexes SET packed = ?", (b"not zstd",))
         assert load_members(store.database, "sha256:" + "ab" * 32) is None
         assert "unreadable" in caplog.text and "indexing it again" in caplog.text
     finally:
         store.close()
+
+
+def test_an_index_arriving_after_its_blob_failed_verification_is_not_kept(tmp_path: Path) -> None:
+    """The index is stored behind the lookup it answered; if the blob's digest failed
+    meanwhile (its index was read from bad bytes), the late index must not come back."""
+    from kitfs.cache.index import load_members, pack_members, store_members
+    from kitfs.cache.store import ChunkStore
+
+    key = "sha256:" + "cd" * 32
+    store = ChunkStore(tmp_path / "cache")
+    try:
+        members = [TarMember(name="a/b.bin", typeflag=b"0", mode=0o644, size=3, data_offset=512,
+                             header_offset=-1)]
+        store.register_blob(key, 1024, 4 << 20)
+        store.mark_failed(key, "does not match its digest")
+        store_members(store.database, key, 1, pack_members(members))
+        assert load_members(store.database, key) is None
+        other = "sha256:" + "ef" * 32  # a blob not failed (registered or not) keeps its index
+        store_members(store.database, other, 1, pack_members(members))
+        assert load_members(store.database, other) == members
+    finally:
+        store.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(specs=specs_strategy(), fmt=st.sampled_from(sorted(FORMATS)),
+       sizes=st.lists(st.integers(1, 2000), min_size=1, max_size=12))
+def test_the_scanner_keeps_no_view_of_the_bytes_it_was_fed(specs: list[Spec], fmt: str,
+                                                          sizes: list[int]) -> None:
+    """feed reads the caller's buffer where it is and keeps only copies of what it still
+    needs: every buffer overwritten right after it was fed, in pieces of any size (headers,
+    PAX records and long names cut anywhere), the members are those of a plain scan."""
+    try:
+        archive = build(specs, FORMATS[fmt])
+    except ValueError:  # USTAR cannot hold this name (or link name)
+        assume(False)
+    scanner = TarScanner(len(archive))
+    members: list[TarMember] = []
+    feeds = 0
+    while (want := scanner.wants()) is not None:
+        offset, _ = want
+        piece = bytearray(archive[offset : offset + sizes[feeds % len(sizes)]])
+        members.extend(scanner.feed(piece))
+        piece[:] = b"\xff" * len(piece)
+        feeds += 1
+    assert members == scan_all(archive)

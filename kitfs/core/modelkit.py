@@ -19,14 +19,14 @@ from __future__ import annotations
 import gc
 import logging
 import posixpath
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
 
-from kitfs.cache.index import load_members, store_members
+from kitfs.cache.index import MemberColumns, load_members, store_members
 from kitfs.cache.store import ChunkStore
 from kitfs.core.reader import (
     DEFAULT_CHUNK_SIZE_BYTES,
@@ -61,8 +61,13 @@ log = logging.getLogger(__name__)
 MAX_MODEL_REFERENCE_CHAIN = 10
 EVERYTHING = Selection()  # no --filter: the whole kit, Kitfile included
 # Index building reads headers chunk by chunk; while chunks keep holding several headers it has
-# the next ones fetched ahead in parallel, doubling up to this many (see layer_members).
-MAX_INDEX_AHEAD_CHUNKS = 4
+# the next ones fetched ahead in parallel, doubling up to this many (see layer_members), in
+# runs of half as many chunks per Range request, at most MAX_INDEX_RUN_CHUNKS.
+MAX_INDEX_AHEAD_CHUNKS = 8
+MAX_INDEX_RUN_CHUNKS = 4
+# A layer indexed with at least this many members has its objects frozen out of the cyclic
+# garbage collector's sight afterwards (see _collector_paused).
+FREEZE_AFTER_MEMBERS = 10_000
 # On close, how long a session waits for chunks already served to be hashed and stored.
 SETTLE_TIMEOUT_S = 30.0
 
@@ -160,6 +165,9 @@ class KitSession:
         self.reader = BlobReader(store, nursery, options.verify, options.chunk_size_bytes)
         self._resolver = ManifestResolver(store, options.select)
         self._registries: dict[str, RegistryClient] = {}
+        self._nursery = nursery
+        self._index_stores = 0  # layer indexes being written behind the lookups they answered
+        self._index_stores_done = trio.Event()
 
     def registry(self, host: str, loopback: bool) -> RegistryClient:
         client = self._registries.get(host)
@@ -364,9 +372,12 @@ class KitSession:
             builder.add_file(placement.raw_path or "", placement.raw_mode, size,
                              FileSource(position, 0), f"layer {digest}")
         else:
-            members = await self.layer_members(source)
-            with _collector_paused():
+            # the layer's own tree is built as its headers are parsed, while the next chunks
+            # arrive; nothing of it is seen before the whole layer is (merge, by the caller)
+            def add(members: list[TarMember]) -> None:
                 builder.add_tar_members(members, position, placement.prefix, digest)
+
+            await self.layer_members(source, add)
         return builder.build()
 
     async def _raw_size(self, source: LayerSource) -> int:
@@ -374,8 +385,16 @@ class KitSession:
             return source.content.blob_size
         return await self.reader.size(source.content)
 
-    async def layer_members(self, source: LayerSource) -> list[TarMember]:
-        """A tar layer's members: from the cache index, or by reading its headers."""
+    async def layer_members(self, source: LayerSource,
+                            add: Callable[[list[TarMember]], None]) -> None:
+        """Hand a tar layer's members to ``add``: from the cache index, or by reading its
+        headers.
+
+        ``add`` is given them as they come (in order, in batches, the garbage collector
+        paused), so the caller's work on them overlaps the fetching of the rest; an exception
+        it raises ends the scan. The index read from the headers is stored in the cache after
+        this returns (``_store_index``), not before.
+        """
         key = source.content.key
         with _collector_paused():
             cached = load_members(self.store.database, key)
@@ -385,30 +404,74 @@ class KitSession:
                 and VerifyState.of(self.store.blob_state(key)) is not VerifyState.VERIFIED):
             cached = None
         if cached is not None:
-            return cached
+            with _collector_paused() as pause:
+                add(cached)
+                pause.freeze = len(cached) >= FREEZE_AFTER_MEMBERS
+            return
         size = await self.reader.size(source.content)
+        with _collector_paused() as pause:  # the whole scan, not per batch (_collector_paused)
+            columns = await self._scan_members(source, size, add)
+            pause.freeze = len(columns) >= FREEZE_AFTER_MEMBERS
+        if not self._index_stores:
+            self._index_stores_done = trio.Event()
+        self._index_stores += 1
+        self._nursery.start_soon(self._store_index, key, columns, name=f"store index {key}")
+
+    async def _scan_members(self, source: LayerSource, size: int,
+                            add: Callable[[list[TarMember]], None]) -> MemberColumns:
+        """Read a tar layer's headers, chunk by chunk, handing each batch to ``add``; what
+        the index keeps of them."""
         scanner = TarScanner(size)
-        members: list[TarMember] = []
+        columns = MemberColumns()
         chunk = self.options.chunk_size_bytes
-        ahead_chunks = 0
+        last_chunk = (size - 1) // chunk
+        window = 0  # chunks kept fetched ahead of the scan
+        ahead = -1  # the last chunk asked for ahead of it
         while (want := scanner.wants()) is not None:
             offset, length = want
-            if ahead_chunks:
-                # Headers sit close together here: have the chunks after this one fetched in
-                # parallel while this one is parsed. The scan asks from the next header on, so
-                # after a big file body (which it jumps over) nothing of the body is fetched.
-                ahead_end = (offset // chunk + 1 + ahead_chunks) * chunk
-                self.reader.prefetch(source.content, offset, ahead_end - offset)
+            here = offset // chunk
+            # Headers sit close together here: keep the chunks after this one fetched in
+            # parallel while this one is parsed, topped up a run at a time (one Range request
+            # per run: the registry's CPU per request is shared with us). The scan asks from
+            # the next header on, so after a big file body (which it jumps over) nothing of
+            # the body is fetched.
+            run = min(max(1, window // 2), MAX_INDEX_RUN_CHUNKS)
+            ahead = max(ahead, here)
+            while window and ahead < last_chunk and here + window - ahead >= run:
+                first, ahead = ahead + 1, min(ahead + run, last_chunk)
+                self.reader.prefetch(source.content, first * chunk, (ahead - first + 1) * chunk)
             # Read to the end of the chunk holding the header (the reader fetches whole chunks
             # anyway), one chunk at a time: memory stays a few chunks, whatever the layer.
-            end = min(max(offset + length, (offset // chunk + 1) * chunk), size)
+            end = min(max(offset + length, (here + 1) * chunk), size)
             data = await self.reader.read(source.content, offset, end - offset, read_ahead=False)
-            with _collector_paused():
-                found = scanner.feed(data)
-            members.extend(found)
-            ahead_chunks = min(max(1, 2 * ahead_chunks), MAX_INDEX_AHEAD_CHUNKS) if len(found) > 1 else 0
-        store_members(self.store.database, key, members)
-        return members
+            found = scanner.feed(data)
+            if found:
+                add(found)
+                columns.extend(found)
+            window = min(max(1, 2 * window), MAX_INDEX_AHEAD_CHUNKS) if len(found) > 1 else 0
+        return columns
+
+    async def _store_index(self, key: str, columns: MemberColumns) -> None:
+        """Keep a layer's index in the cache, behind the lookup it answered: packed in a
+        worker thread, written unless the blob failed verification meanwhile (its index was
+        read from bad bytes; ``store_members`` checks that in the same statement)."""
+        try:
+            packed = await trio.to_thread.run_sync(columns.pack)
+            store_members(self.store.database, key, len(columns), packed)
+        except KitfsError as exc:  # the layer is indexed again next time
+            log.warning("cache: the index of %s is not kept: %s", key, exc)
+        except Exception:  # a bug: never let it end the session's nursery (and the mount)
+            log.exception("cache: keeping the index of %s failed unexpectedly", key)
+        finally:
+            self._index_stores -= 1
+            if not self._index_stores:
+                self._index_stores_done.set()
+
+    async def settle(self) -> None:
+        """Wait until the layer indexes and the chunks fetched so far are kept in the cache."""
+        while self._index_stores:
+            await self._index_stores_done.wait()
+        await self.reader.settle()
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -436,19 +499,37 @@ class KitSession:
         return data
 
 
+@dataclass
+class _Pause:
+    freeze: bool = False  # set by the owner of a pause: gc.freeze when it ends
+
+
 @contextmanager
-def _collector_paused() -> Iterator[None]:
+def _collector_paused() -> Iterator[_Pause]:
     """No cyclic garbage collection meanwhile: indexing a layer of 100,000 files makes several
     objects per file, none in a cycle, and the collections their allocations start go on
     walking the older generations, which hold everything made so far (half the time of
-    building the tree went there)."""
+    building the tree went there). A layer's scan keeps it paused from its first chunk to its
+    last, across the waits for chunks: paused per chunk, the collections at the end of each
+    still walked everything made so far (a tenth of the trio thread's samples in the first
+    find over 100,000 files).
+
+    With ``freeze`` set (a layer of ``FREEZE_AFTER_MEMBERS`` or more), what was made is then
+    put out of the collector's sight (``gc.freeze``), or the next collections would walk all
+    of it once more, twice: the tree lives as long as the mount, and reference counting still
+    frees what dies of it; only a reference cycle made during the pause, anywhere in the
+    process, would never be collected. A pause inside another (or inside the embedding
+    program's own) leaves both to the outer one."""
+    pause = _Pause()
     if not gc.isenabled():  # paused already (an outer pause, or the embedding program's choice)
-        yield
+        yield pause
         return
     gc.disable()
     try:
-        yield
+        yield pause
     finally:
+        if pause.freeze:
+            gc.freeze()
         gc.enable()
 
 
@@ -489,9 +570,9 @@ async def open_session(options: SessionOptions) -> AsyncIterator[KitSession]:
                 try:
                     yield session
                 finally:
-                    # chunks already served are still being hashed and stored: keep them
+                    # indexes and chunks already served are still being stored: keep them
                     with trio.move_on_after(SETTLE_TIMEOUT_S, shield=True):
-                        await session.reader.settle()
+                        await session.settle()
                     nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):

@@ -134,7 +134,7 @@ async def pull(session: KitSession, kit: ModelKit, reference: str, progress: Pul
         raise
     finally:
         progress.stopped()
-    await session.reader.settle()
+    await session.settle()  # chunks and tar indexes kept in the cache before it returns
     return PullResult(kit, layers, total, session.registry_statistics().blob_bytes - fetched_before,
                       time.monotonic() - started, pin)
 

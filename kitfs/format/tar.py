@@ -190,7 +190,7 @@ class TarScanner:
         # Bytes fed and not yet consumed are self._buffer[self._start:]; the first of them is
         # at stream offset self._offset. Consuming moves _start (no copy per member), so a big
         # window of small files is parsed in linear time.
-        self._buffer = b""
+        self._buffer: bytes | memoryview = b""
         self._start = 0
         self._pending_length = BLOCK  # bytes needed at self._offset
         self._pax: dict[str, str] = {}
@@ -224,12 +224,34 @@ class TarScanner:
         return self._offset + have, self._pending_length - have
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[TarMember]:
-        """Feed bytes starting at the offset ``wants()`` returned; return completed members."""
-        if self._start == len(self._buffer):
-            self._buffer, self._start = bytes(data), 0
-        else:
-            self._buffer, self._start = self._buffer[self._start :] + bytes(data), 0
+        """Feed bytes starting at the offset ``wants()`` returned; return completed members.
+
+        ``data`` is read where it is, not copied (4 MiB chunks of a layer of small files cost
+        a copy each, twice when a header straddled two of them): only what a header or an
+        extended header still needs across the end of one feed is kept, as a copy, for the
+        next. So ``data`` must not change while ``feed`` runs.
+        """
+        view = memoryview(data).cast("B")
         members: list[TarMember] = []
+        data_offset = self._offset + self._available  # where ``data`` starts in the stream
+        if self._available:
+            # what the pending header (or extended header) lacks, joined to what came before
+            need = self._pending_length - self._available
+            self._buffer = bytes(self._buffer[self._start :]) + bytes(view[:need])
+            self._start = 0
+            self._scan(members)
+        start = self._offset - data_offset
+        if not self._done and 0 <= start < len(view) and not self._available:
+            self._buffer, self._start = view, start
+            self._scan(members)
+        if self._available:  # keep the rest of a header, not the caller's whole buffer
+            self._buffer, self._start = bytes(self._buffer[self._start :]), 0
+        elif self._buffer:
+            self._buffer, self._start = b"", 0
+        return members
+
+    def _scan(self, members: list[TarMember]) -> None:
+        """Take every complete header (and extended header) of the buffer."""
         while not self._done and self._available >= self._pending_length:
             # (a member's own extended headers set _ext_header_offset; a global one, _global_pax)
             if self._batch and self._ext_header_offset is None and not (
@@ -242,7 +264,6 @@ class TarScanner:
                 members.append(member)
             if self._offset >= self._size:
                 break
-        return members
 
     def _scan_plain_headers(self, members: list[TarMember]) -> None:
         """The batch loop: take every plain header from the buffer's start on, up to the first
@@ -295,7 +316,7 @@ class TarScanner:
         if self._ext_type:  # an extended header and its body (which may be empty) are buffered
             self._finish_extended()
             return None
-        block = self._buffer[self._start : self._start + BLOCK]
+        block = bytes(self._buffer[self._start : self._start + BLOCK])
         if block == _ZERO_BLOCK:
             self._done = True  # end-of-archive marker (one zero block is enough to stop)
             return None
@@ -319,7 +340,7 @@ class TarScanner:
         return self._finish_member(block, typeflag, size)
 
     def _finish_extended(self) -> None:
-        body = self._buffer[self._start + BLOCK : self._start + BLOCK + self._ext_size]
+        body = bytes(self._buffer[self._start + BLOCK : self._start + BLOCK + self._ext_size])
         if self._ext_type in (b"x", b"g"):
             records = parse_pax_records(body)
             (self._pax if self._ext_type == b"x" else self._global_pax).update(records)
