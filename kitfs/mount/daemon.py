@@ -257,6 +257,7 @@ async def serve(options: MountOptions, readiness: Readiness) -> int:
                 await _publish_every(lambda: audit_events.layers(publish()))
 
             async with trio.open_nursery() as nursery:
+                fs.background = nursery
                 nursery.start_soon(become_ready, name="ready")
                 nursery.start_soon(_terminate_on_signals, name="signals")
                 await pyfuse3.main(max_tasks=MAX_FUSE_TASKS)

@@ -17,7 +17,8 @@ a ``HostClient`` asks one of them:
 - **Auth**: anonymous first; on 401 the ``WWW-Authenticate`` challenge is answered (Basic, or a
   Bearer token fetched from the realm with the credentials if any); a 401 with a token in hand
   (expired) fetches a new one once. Credentials are those of this host's name (a mirror's own,
-  not the registry's). Refused credentials are named (user and file), never shown.
+  not the registry's), looked up at the first challenge, in a worker thread (a credential
+  helper is a subprocess). Refused credentials are named (user and file), never shown.
 - **Redirects** (to blob storage) are followed with the Range header kept; credentials are not
   sent to another host.
 - **Headers** from ``hosts.toml`` go with every request to the host (never into a log).
@@ -112,7 +113,11 @@ class HostClient:
         # A single receive may wait this long; the whole operation is bounded by timeout_s.
         self._http = HttpClient(context, io_timeout_s=min(config.timeout_s, 10.0),
                                 max_connections=config.max_connections)
-        self._credentials = credentials if credentials is not None else find_credentials(self.name)
+        # Looked up on the first challenge (find_credentials may run a credential helper for
+        # up to 10 s: in a worker thread, never on the trio thread), once for all requests.
+        self._credentials = credentials
+        self._credentials_found = credentials is not None
+        self._credentials_lock = trio.Lock()
         self._configured_headers = dict(spec.headers)
         self._tokens: dict[str, str] = {}  # scope -> bearer token
         self._challenges: dict[str, str] = {}  # scope -> "basic" or "bearer" once known
@@ -271,10 +276,21 @@ class HostClient:
             headers["Authorization"] = self._credentials.basic_header()
         return headers
 
+    async def _find_credentials(self) -> None:
+        """This host's credentials (``kitfs.remote.auth``), looked up once, off the trio thread:
+        a credential helper is a subprocess (``CREDENTIAL_HELPER_TIMEOUT_S`` at most)."""
+        async with self._credentials_lock:
+            if not self._credentials_found:
+                # abandoned on cancel (the operation's deadline): the helper's own timeout ends it
+                self._credentials = await trio.to_thread.run_sync(
+                    find_credentials, self.name, abandon_on_cancel=True)
+                self._credentials_found = True
+
     async def _authenticate(self, response: Response, scope: str, what: str) -> None:
         header = response.header("www-authenticate")
         if not header:
             raise AuthError(f"{self.name}: {what}: 401 without a WWW-Authenticate challenge")
+        await self._find_credentials()
         challenge = parse_challenge(header)
         if challenge.scheme == "basic":
             if self._credentials is None:
