@@ -54,6 +54,7 @@ from kitfs.remote.http import (
     Response,
     TransportError,
 )
+from kitfs.version import __version__
 
 log = logging.getLogger("kitfs.remote.registry")  # the registry client's log lines, as before
 
@@ -63,7 +64,7 @@ DEFAULT_TIMEOUT_S = 30.0
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
 MAX_REDIRECTS = 5
-_USER_AGENT = "kitfs/0.1"
+_USER_AGENT = f"kitfs/{__version__}"
 
 
 @dataclass(frozen=True)
