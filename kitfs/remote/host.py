@@ -10,6 +10,8 @@ a ``HostClient`` asks one of them:
 - **Retries** on connection failures, timeouts, 429 (honouring Retry-After) and 5xx, from the
   host or its token service, with exponential backoff, all inside one deadline of
   ``timeout_s`` per operation, so a dead host gives a clear ``RemoteError`` in bounded time.
+  An operation still retrying after ``RETRY_WARNING_AFTER_S`` logs one warning (what fails,
+  and when it will give up), so a user is not left waiting in silence for the whole timeout.
   An untrusted TLS certificate is not retried: it fails at once, naming the host. A mirror
   with another host after it is not retried at all (``retry=False``): the next host is.
 - **TLS**: the system CAs, plus ``--ca-file`` and the host's ``ca`` files; ``skip_verify``
@@ -64,6 +66,8 @@ DEFAULT_TIMEOUT_S = 30.0
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
 MAX_REDIRECTS = 5
+# An operation retrying for this long says so, once: longer than a loopback registry's restart.
+RETRY_WARNING_AFTER_S = 1.0
 _USER_AGENT = f"kitfs/{__version__}"
 
 
@@ -155,8 +159,10 @@ class HostClient:
         ``RemoteError``; ``max_skip_bytes``: see ``HttpClient.request``."""
         scope = f"repository:{repository}:pull"
         timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
-        deadline = trio.current_time() + timeout_s
+        started = trio.current_time()
+        deadline = started + timeout_s
         backoff_s = BACKOFF_FIRST_S
+        warned = False  # that this operation is being retried (once)
         auth_attempts = 0
         last_problem = "still waiting for the first answer"
         answered = False  # the last problem was an HTTP answer, not a connection failure
@@ -221,6 +227,11 @@ class HostClient:
                         backoff_s = max(backoff_s, retry_after)
                     self.stats.retries += 1
                     log.debug("retrying %s in %.2fs: %s", what, backoff_s, last_problem)
+                    if not warned and trio.current_time() - started >= RETRY_WARNING_AFTER_S:
+                        warned = True
+                        log.warning("%s: %s: %s; retrying, giving up %g s after the first "
+                                    "attempt (--timeout)", self.name, what, last_problem,
+                                    timeout_s)
                     await trio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
         except trio.TooSlowError:

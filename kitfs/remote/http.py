@@ -272,7 +272,11 @@ class HttpClient:
                     permanent=True,
                 ) from None
             cause = cause or exc
-            raise TransportError(f"cannot connect to {host}:{port}: {cause or repr(cause)}") from None
+            # trio's "all attempts to connect to … failed" holds each address's error as its cause
+            reasons = sorted({os.strerror(e.errno) for e in getattr(cause.__cause__, "exceptions", ())
+                              if isinstance(e, OSError) and e.errno})
+            why = ", ".join(reasons) or str(cause) or repr(cause)
+            raise TransportError(f"cannot connect to {host}:{port}: {why}") from None
         finally:
             if not connected and tcp is not None:
                 tcp.socket.close()
