@@ -48,14 +48,8 @@ from kitfs.errors import (
 )
 from kitfs.format.hosts import HostSpec
 from kitfs.remote.auth import Credentials, find_credentials, parse_challenge
-from kitfs.remote.http import (
-    BodyTooLargeError,
-    HttpClient,
-    Into,
-    Progress,
-    Response,
-    TransportError,
-)
+from kitfs.remote.connection import Progress, Response, TransportError
+from kitfs.remote.http import BodyTooLargeError, HttpClient, Into
 from kitfs.version import __version__
 
 log = logging.getLogger("kitfs.remote.registry")  # the registry client's log lines, as before
