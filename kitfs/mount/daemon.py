@@ -216,8 +216,8 @@ def metrics_record(options: MountOptions, session: KitSession, fs: KitFilesystem
         "cache_misses": session.reader.stats.chunk_misses,
         "verification_failures": counters.verification_failures,
         "cache_quota_bytes": options.session.cache_size_bytes,
-        "cache_evicted_files": chunks.evicted_files,
-        "cache_evicted_bytes": chunks.evicted_bytes,
+        "cache_evicted_files": chunks.quota.evicted_files,
+        "cache_evicted_bytes": chunks.quota.evicted_bytes,
     }
 
 
