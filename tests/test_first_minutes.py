@@ -25,7 +25,8 @@ import pytest
 import kitfs as kitfs_package
 from kitfs.errors import NotInstalledError
 from kitfs.mount.device import FUSE_DEVICE, check_fuse_device
-from kitfs.sample import Pusher, Registry, free_port, sample_kit, tar_layer, with_layer_info
+from kitfs.sample import Pusher, Registry, free_port, sample_kit, tar_layer
+from tests.test_hostile import push_one_layer_kit
 
 PIPE_BUFFER_BYTES = 64 * 1024  # Linux's default pipe capacity
 MANY_FILES = 8000
@@ -35,12 +36,9 @@ MANY_FILES = 8000
 def many_files(registry: Registry, pusher: Pusher) -> str:
     """A kit whose listing is several pipe buffers long, so ``| head`` closes it mid-listing."""
     files = {f"data/shard-{i:05d}.txt": b"x\n" for i in range(MANY_FILES)}
-    layer = tar_layer("dataset", files, "data")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0",
-                               "datasets": [{"name": "shards", "path": "data"}]}
-    with_layer_info(kitfile, [(kitfile["datasets"][0], layer)])
     reference = f"{registry.host}/team/many-files:v1"
-    pusher.push_kit(reference, kitfile, [layer])
+    push_one_layer_kit(pusher, reference, tar_layer("dataset", files, "data"),
+                       section="datasets", path="data")
     return reference
 
 
