@@ -61,7 +61,8 @@ into a local cache shared by every kitfs process, every byte checked against its
 read and inspect a kit with no mount at all, or mount it read-only with FUSE."""
 EPILOG = """\
 A REFERENCE always names its registry: registry/repo:tag, registry/repo@sha256:<64 hex>, or
-registry/repo:tag@sha256:<64 hex> (the digest is what is fetched; a bare registry/repo means :latest).
+registry/repo:tag@sha256:<64 hex> (the digest is what is fetched); registry/repo alone means
+registry/repo:latest.
 
 examples:
   kitfs ls registry.example.com/team/llama:v3
