@@ -2,7 +2,7 @@
 per event.
 
 Where: ``--audit-log FILE``, else ``$KITFS_AUDIT_LOG``, else ``/var/log/kitfs/audit.jsonl``
-for root, else ``RUNTIME_DIR/audit.jsonl`` (``default_path``). The directory is created 0750,
+for root, else ``RUNTIME_DIR/audit.jsonl`` (``kitfs.environment``). The directory is created 0750,
 the file 0640. kitfs never rotates, truncates or rewrites it: logrotate's ``copytruncate`` or
 a move both work, since each event opens the file anew.
 
@@ -50,17 +50,8 @@ PIN = "pin"
 UNPIN = "unpin"
 CACHE_CLEAR = "cache_clear"
 
-ROOT_PATH = Path("/var/log/kitfs/audit.jsonl")
 _FORBIDDEN_FIELDS = {"password", "passwd", "secret", "token", "authorization", "auth",
                      "credentials", "headers", "header", "identitytoken", "registrytoken"}
-
-
-def default_path(runtime_dir: Path) -> Path:
-    """``$KITFS_AUDIT_LOG``, else ``/var/log/kitfs/audit.jsonl`` for root, else
-    ``runtime_dir/audit.jsonl``."""
-    if env := os.environ.get("KITFS_AUDIT_LOG"):
-        return Path(env)
-    return ROOT_PATH if os.geteuid() == 0 else runtime_dir / "audit.jsonl"
 
 
 class AuditLog:

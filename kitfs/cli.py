@@ -21,12 +21,13 @@ import os
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import trio
 
 from kitfs import __version__, audit
-from kitfs.cache.store import ChunkStore, default_cache_dir
+from kitfs.cache.store import ChunkStore
 from kitfs.commands import (
     REFERENCE_HELP,
     add_cache_commands,
@@ -37,18 +38,27 @@ from kitfs.commands import (
     diff_command,
     pull_command,
 )
-from kitfs.core.modelkit import KitSession, SessionOptions, open_session
+from kitfs.core.modelkit import (
+    DEFAULT_VERIFY,
+    KitSession,
+    SessionOptions,
+    open_session,
+    verification_label,
+)
 from kitfs.core.reader import VerifyMode
+from kitfs.core.verify import VerifyState
+from kitfs.environment import default_cache_dir, under_journald
 from kitfs.errors import KitfsError, NotInstalledError, UsageError
 from kitfs.format import sizes
 from kitfs.format.filter import Selection
 from kitfs.format.reference import Reference
 from kitfs.format.tree import shell_quoted
 from kitfs.mount.auditing import audit_log_path, record_event
+from kitfs.mount.control import start_background, unmount
 from kitfs.mount.device import check_fuse_device
 from kitfs.mount.fstab import helper_argv_to_kitfs
-from kitfs.mount.status import all_mounts, runtime_dir, sd_notify
-from kitfs.remote.hostsdir import DEFAULT_HOSTS_DIR
+from kitfs.mount.status import all_mounts, make_runtime_dir, sd_notify
+from kitfs.remote.registry import DEFAULT_TIMEOUT_S, RegistryConfig
 
 log = logging.getLogger("kitfs")
 
@@ -112,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--plain-http", action="store_true", default=None,
                         help="talk HTTP, not HTTPS (the default for loopback registries)")
     remote.add_argument("--ca-file", default=None, help="extra CA bundle for TLS")
-    remote.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                        help="give up on an unresponsive registry after this long (default 30)")
+    remote.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="give up on an unresponsive registry after this long "
+                        f"(default {DEFAULT_TIMEOUT_S:g})")
     remote.add_argument("--select", action="append", default=[], metavar="KEY=VALUE",
                         help="pick an image-index entry by label (repeatable)")
     remote.add_argument("--hosts-dir", type=Path, default=None, metavar="DIR",
@@ -127,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="never contact a registry: use what the cache holds (a tag: the "
                         "digest it last resolved to)")
     verify = argparse.ArgumentParser(add_help=False)
-    verify.add_argument("--verify", choices=[m.value for m in VerifyMode], default="eventual",
+    verify.add_argument("--verify", choices=[m.value for m in VerifyMode], default=DEFAULT_VERIFY.value,
                         help="strict: never return unverified bytes; eventual (default): verify "
                         "when a layer is complete; off: benchmarks only")
 
@@ -203,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     if (args.command == "mount" and args.foreground) or args.command == "metrics":
         # a daemon (the mount's, or the metrics server): one line per event
-        journald = "JOURNAL_STREAM" in os.environ  # journald stamps time and pid itself
+        journald = under_journald()  # journald stamps time and pid itself
         logging.basicConfig(
             level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
             format=("" if journald else "%(asctime)s kitfs[%(process)d]: ")
@@ -216,9 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "mount":
             return _mount(args)
         if args.command == "umount":
-            _require_pyfuse3()
-            from kitfs.mount.daemon import unmount
-
             return unmount(args.mountpoint, lazy=args.lazy)
         if args.command == "status":
             return _status(args)
@@ -265,16 +273,14 @@ def _reader_went_away(exc: BaseException) -> bool:
 
 
 def _options(args: argparse.Namespace) -> SessionOptions:
+    registry = RegistryConfig(plain_http=args.plain_http, ca_file=args.ca_file,
+                              timeout_s=args.timeout, offline=args.offline)
     return SessionOptions(
         cache_dir=args.cache_dir or default_cache_dir(),
         cache_size_bytes=args.cache_size,
-        verify=VerifyMode(getattr(args, "verify", "eventual")),
-        plain_http=args.plain_http,
-        ca_file=args.ca_file,
-        timeout_s=args.timeout,
+        verify=VerifyMode(args.verify) if hasattr(args, "verify") else DEFAULT_VERIFY,
         select=_labels(args.select),
-        hosts_dir=args.hosts_dir or DEFAULT_HOSTS_DIR,
-        offline=args.offline,
+        registry=replace(registry, hosts_dir=args.hosts_dir) if args.hosts_dir else registry,
     )
 
 
@@ -327,9 +333,7 @@ async def _inspect(session: KitSession, args: argparse.Namespace) -> int:
     layers = []
     for source in sorted(kit.layers, key=lambda s: (str(s.reference), s.placement.index)):
         p = source.placement
-        state = session.store.blob_state(source.content.key)
-        verified = {None: "not fetched", 0: "unverified", 1: "verified", -1: "FAILED"}[
-            state.verified if state else None]
+        verified = verification_label(VerifyState.of(session.store.blob_state(source.content.key)))
         layers.append({
             "digest": str(p.descriptor.digest), "mediaType": p.descriptor.media_type,
             "kind": p.layer_type.kind.value, "layout": p.layer_type.layout.value,
@@ -370,19 +374,18 @@ def _mount(args: argparse.Namespace) -> int:
     Selection.parse(args.filter)  # and so does a bad --filter
     _require_pyfuse3()
     check_fuse_device()  # and a /dev/fuse this user may not open, with a message to act on
-    from kitfs.mount.daemon import MountOptions, run_foreground, start_background
+    from kitfs.mount.daemon import MountOptions, run_foreground
 
     if not args.foreground:
-        log_file = args.log_file or runtime_dir() / (
+        log_file = args.log_file or make_runtime_dir() / (
             str(args.mountpoint.absolute()).strip("/").replace("/", "-") + ".log")
         return start_background(args.argv, log_file.absolute(), timeout_s=2 * args.timeout + 30)
+    owner = {name: value for name, value in (("uid", args.uid), ("gid", args.gid))
+             if value is not None}  # else MountOptions' defaults: the mounting user's
     options = MountOptions(
-        reference=str(reference) if reference.digest or reference.tag else args.reference,
-        mountpoint=args.mountpoint, session=_options(args),
-        uid=os.getuid() if args.uid is None else args.uid,
-        gid=os.getgid() if args.gid is None else args.gid,
-        allow_other=args.allow_other, debug=args.debug, audit_log=audit_log_path(args.audit_log),
-        selection=Selection.parse(args.filter),
+        reference=str(reference), mountpoint=args.mountpoint, session=_options(args),
+        allow_other=args.allow_other, audit_log=audit_log_path(args.audit_log),
+        selection=Selection.parse(args.filter), **owner,
     )
     return run_foreground(options, args.ready_fd)
 
@@ -390,23 +393,23 @@ def _mount(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     mounts = all_mounts()
     if args.json:
-        print(json.dumps(mounts, indent=1))
+        print(json.dumps([m.to_json() for m in mounts], indent=1))
         return 0
     if not mounts:
         print("no kitfs mounts")
-    for record in mounts:
-        print(f"{record['mountpoint']}  {record['reference']}")
-        if record.get("pid") is None:
+    for mount in mounts:
+        record = mount.status
+        print(f"{mount.mountpoint}  {record.reference if record else mount.reference}")
+        if record is None:
             print("    (its daemon runs as another user or with another runtime directory)")
             continue
-        fetched, served = record["bytes_fetched"], record["bytes_served"]
-        print(f"    digest {record['digest']}  pid {record['pid']}  verify {record['verify']}")
-        ratio = record.get("cache_hit_ratio")
-        print(f"    fetched {fetched} bytes in {record['registry_requests']} requests, served "
-              f"{served} bytes in {record['reads']} reads, {record['errors']} errors, cache hits "
-              f"{'-' if ratio is None else f'{100 * ratio:.0f} %'}")
-        for blob in record["blobs"]:
-            print(f"    {blob['digest']}  {blob['state']:<11} {shell_quoted(blob['path'])}")
+        print(f"    digest {record.digest}  pid {record.pid}  verify {record.verify}")
+        ratio = record.cache_hit_ratio
+        print(f"    fetched {record.bytes_fetched} bytes in {record.registry_requests} requests, "
+              f"served {record.bytes_served} bytes in {record.reads} reads, {record.errors} "
+              f"errors, cache hits {'-' if ratio is None else f'{100 * ratio:.0f} %'}")
+        for blob in record.blobs:
+            print(f"    {blob.digest}  {blob.state:<11} {shell_quoted(blob.path)}")
     return 0
 
 

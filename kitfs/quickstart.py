@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from kitfs.mount.daemon import STATUS_INTERVAL_S, unmount
+from kitfs.mount.control import unmount
+from kitfs.mount.daemon import STATUS_INTERVAL_S
 from kitfs.sample import Pusher, Registry, sample_kit
 
 SAMPLE_WEIGHTS_BYTES = 64 * 1024 * 1024

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from kitfs.audit import AuditLog, default_path
+from kitfs.audit import AuditLog
+from kitfs.environment import default_audit_log
 from kitfs.sample import KIT, Layer, Pusher, Registry, sample_kit, tar_layer, with_layer_info
 from tests.mounts import Mount, Mounter
 
@@ -289,6 +290,6 @@ def test_the_default_log_of_another_user_is_in_the_runtime_directory(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("KITFS_AUDIT_LOG")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    assert default_path(tmp_path) == tmp_path / "audit.jsonl"
+    assert default_audit_log(tmp_path) == tmp_path / "audit.jsonl"
     monkeypatch.setenv("KITFS_AUDIT_LOG", str(tmp_path / "elsewhere.jsonl"))
-    assert default_path(tmp_path) == tmp_path / "elsewhere.jsonl"
+    assert default_audit_log(tmp_path) == tmp_path / "elsewhere.jsonl"

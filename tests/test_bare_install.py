@@ -1,6 +1,6 @@
 """kitfs installed without extras in a fresh venv built from this tree: no pyfuse3 there, and
 ``kitfs://`` reads still work (fsspec finds kitfs through the entry point, without an import of
-kitfs), ``kitfs ls`` too, and ``kitfs mount`` says which package to install.
+kitfs), ``kitfs ls`` and ``kitfs umount`` too, and ``kitfs mount`` says which package to install.
 
 Offline and quick: the wheel is built from a copy of this tree with the test venv's setuptools
 and wheel (``pip wheel --no-deps --no-build-isolation --no-index``) and installed with
@@ -30,6 +30,7 @@ from packaging.utils import canonicalize_name
 
 from kitfs.cli import PYFUSE3_MISSING
 from kitfs.sample import Pusher, Registry, sample_kit
+from tests.mounts import Mounter, wait_gone
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = os.urandom(3 * 1024 * 1024 + 5)
@@ -157,9 +158,21 @@ def test_kitfs_mount_without_pyfuse3_says_which_package_to_install(
     assert listed.stdout.split()[-1] == "src/util/io.py"
     for command in (["kitfs", "mount", sample, str(tmp_path)],
                     ["mount.fuse.kitfs", sample, str(tmp_path), "-o", "allow_other"],
-                    ["kitfs", "umount", str(tmp_path)],
                     ["kitfs", "demo", "--mountpoint", str(tmp_path)]):
         refused = _run([str(bare.venv / "bin" / command[0]), *command[1:]], env=env, cwd=tmp_path)
         assert (refused.returncode, refused.stderr) == (69, f"kitfs: {PYFUSE3_MISSING}\n"), command
         assert "pip install 'kitfs[mount]'" in refused.stderr
         assert not os.path.ismount(tmp_path)
+
+
+def test_kitfs_umount_without_pyfuse3_unmounts_and_waits_for_the_daemon(
+        bare: Bare, sample: str, cache_dir: Path, mounter: Mounter) -> None:
+    """A mount made where the mount extra is installed is unmounted by ``kitfs umount`` of an
+    install without it (a node's tooling, say): umount needs no FUSE library."""
+    mount = mounter.mount(sample)
+    env = {**bare.env(cache_dir), "KITFS_RUNTIME_DIR": str(mounter.runtime_dir)}
+    done = _run([str(bare.venv / "bin" / "kitfs"), "umount", str(mount.path)], env=env,
+                cwd=mounter.workdir)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert not mount.mounted
+    assert wait_gone(mount.pid, 0)  # kitfs umount returned after the daemon exited

@@ -289,6 +289,20 @@ def test_status_reports_digest_pid_bytes_and_verification(
     assert str(mount.path) in text and inspect["digest"] in text
 
 
+def test_the_runtime_directory_is_made_0700_by_a_mount_and_not_by_status_or_umount(
+        mounter: Mounter, kit: str) -> None:
+    """README "The mount": status files live in RUNTIME_DIR. Reading the status (or a
+    refused umount) leaves no directory behind; the first daemon makes it, private."""
+    mounter.kitfs("status")
+    mounter.kitfs("status", "--json")
+    refused = mounter.kitfs("umount", str(mounter.mountpoint("not-mounted")), check=False)
+    assert refused.returncode == 64 and "is not a kitfs mount" in refused.stderr
+    assert not mounter.runtime_dir.exists()
+    mount = mounter.mount(kit)
+    assert stat.S_IMODE(mounter.runtime_dir.stat().st_mode) == 0o700
+    assert (mounter.runtime_dir / f"{mount.pid}.json").exists()
+
+
 def test_tag_is_pinned_for_the_life_of_the_mount(
         mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
     reference = push_mount_kit(pusher, f"{registry.host}/team/moving:latest")

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kitfs.cache.store import default_cache_dir
+from kitfs.environment import default_cache_dir
 from kitfs.sample import KIT, Layer, Pusher, Registry, kit_tar, tar_layer, with_layer_info
 from tests.mounts import Mounter
 

@@ -20,7 +20,6 @@ from kitfs.errors import (
     FormatError,
     InvalidReferenceError,
     KitfsError,
-    NotFoundError,
     UnsafeEntryError,
 )
 from kitfs.format import gzindex
@@ -38,10 +37,10 @@ from kitfs.format.mediatypes import (
     Layout,
 )
 from kitfs.format.oci import Manifest, parse_document
-from kitfs.format.ranges import chunk_count, chunk_span, chunks_covering, clamp
+from kitfs.format.ranges import chunk_count, chunk_span, chunks_covering
 from kitfs.format.reference import Reference
 from kitfs.format.tar import TarMember
-from kitfs.format.tree import DEFAULT_DIR_MODE, KITFILE_NAME, FileSource, TreeBuilder
+from kitfs.format.tree import DEFAULT_DIR_MODE, KITFILE_NAME, FileSource, Node, Tree, TreeBuilder
 
 SETTINGS = settings(max_examples=200, deadline=None)
 FIXTURES = Path("/work/shared/fixtures/modelkit-format")
@@ -217,18 +216,6 @@ def test_chunk_count_and_spans_tile_the_blob(blob_size: int, chunk: int) -> None
     assert sum(s.length for s in spans) == blob_size
     assert all(s.length > 0 for s in spans)
     assert chunks_covering(0, blob_size, blob_size, chunk) == spans
-
-
-@SETTINGS
-@given(offset=st.integers(0, 3000), length=st.integers(-5, 3000), size=st.integers(0, 2000))
-def test_clamp_matches_set_model(offset: int, length: int, size: int) -> None:
-    start, count = clamp(offset, length, size)
-    wanted = set(range(offset, offset + length)) & set(range(size))
-    assert 0 <= start <= size
-    assert count >= 0
-    assert set(range(start, start + count)) == wanted
-    if wanted:
-        assert start == offset
 
 
 # ============================================================================================
@@ -796,6 +783,14 @@ def member(name: str, typeflag: bytes = b"0", mode: int = 0o644, size: int = 0,
     return TarMember(name, typeflag, mode, size, data_offset, data_offset - 512, linkname)
 
 
+def node_at(tree: Tree, path: str) -> Node:
+    """The node at ``path`` of ``tree`` ('' or '/' is the root), as a listing finds it."""
+    node = tree.root
+    for part in (p for p in path.strip("/").split("/") if p):
+        node = node.children[part]
+    return node
+
+
 def test_tree_directories_merge_across_layers() -> None:
     builder = TreeBuilder(b"kitfile\n")
     builder.add_tar_members(
@@ -807,13 +802,13 @@ def test_tree_directories_merge_across_layers() -> None:
         1, "", sha("l1"),
     )
     tree = builder.build()
-    models = tree.lookup("models")
+    models = node_at(tree, "models")
     assert models.is_dir
     assert sorted(models.children) == ["a.bin", "b.bin"]
     assert models.mode == 0o700  # the first explicit mode is kept
-    b = tree.lookup("/models/b.bin")
+    b = node_at(tree, "/models/b.bin")
     assert (b.size, b.source) == (4, FileSource(1, 1536))
-    kitfile = tree.lookup(KITFILE_NAME)
+    kitfile = node_at(tree, KITFILE_NAME)
     assert kitfile.source == FileSource(-1, 0, b"kitfile\n")
     assert kitfile.size == 8
     assert [n.path for n in tree.walk()] == [
@@ -827,19 +822,19 @@ def test_tree_missing_parents_synthesised_0755_then_explicit_mode_applies() -> N
     tree = builder.build()
     assert KITFILE_NAME not in tree.root.children
     for path in ("a", "a/b"):
-        node = tree.lookup(path)
+        node = node_at(tree, path)
         assert node.is_dir
         assert node.mode == DEFAULT_DIR_MODE == 0o755
         assert not node.explicit
-    assert tree.lookup("a/b/c.txt").mode == 0o600
+    assert node_at(tree, "a/b/c.txt").mode == 0o600
     builder.add_tar_members([member("a/b", b"5", 0o750)], 1, "", sha("l1"))
-    assert builder.build().lookup("a/b").mode == 0o750
+    assert node_at(builder.build(), "a/b").mode == 0o750
 
 
 def test_tree_legacy_prefix_is_applied() -> None:
     builder = TreeBuilder(None)
     builder.add_tar_members([member("model.gguf", size=9)], 0, "models/llama", LAYER_DIGEST)
-    node = builder.build().lookup("models/llama/model.gguf")
+    node = node_at(builder.build(), "models/llama/model.gguf")
     assert node.size == 9
     assert node.path == "models/llama/model.gguf"
 
@@ -910,21 +905,17 @@ def test_tree_setuid_setgid_sticky_stripped() -> None:
         0, "", LAYER_DIGEST,
     )
     tree = builder.build()
-    assert tree.lookup("bin").mode == 0o777
-    assert tree.lookup("bin/tool").mode == 0o755
-    assert tree.lookup("c").mode == 0o644  # '7' (contiguous) is a regular file
+    assert node_at(tree, "bin").mode == 0o777
+    assert node_at(tree, "bin/tool").mode == 0o755
+    assert node_at(tree, "c").mode == 0o644  # '7' (contiguous) is a regular file
 
 
-def test_tree_root_directory_entry_is_ignored_and_lookup_missing() -> None:
+def test_tree_root_directory_entry_is_ignored() -> None:
     builder = TreeBuilder(None)
     builder.add_tar_members([member("./", b"5", 0o700), member("f")], 0, "", LAYER_DIGEST)
     tree = builder.build()
     assert tree.root.mode == 0o755
     assert sorted(tree.root.children) == ["f"]
-    with pytest.raises(NotFoundError):
-        tree.lookup("nope")
-    with pytest.raises(NotFoundError):
-        tree.lookup("f/below-a-file")
 
 
 def test_tree_add_file_for_raw_layer() -> None:
@@ -932,7 +923,7 @@ def test_tree_add_file_for_raw_layer() -> None:
     builder.add_file("pkg/__init__.py", 0o100644, 0, FileSource(2, 0), "layer x")
     with pytest.raises(UnsafeEntryError):
         builder.add_file("", 0o644, 0, FileSource(3, 0), "layer y")
-    node = builder.build().lookup("pkg/__init__.py")
+    node = node_at(builder.build(), "pkg/__init__.py")
     assert (node.mode, node.size, node.source) == (0o644, 0, FileSource(2, 0))
 
 

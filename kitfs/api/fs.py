@@ -31,7 +31,7 @@ from fsspec.utils import isfilelike, stringify_path
 
 from kitfs.api.file import DEFAULT_BLOCK_SIZE_BYTES, KitFile
 from kitfs.api.kit import Entry, Kit, open_kit_with
-from kitfs.api.options import session_options
+from kitfs.api.options import DEFAULT_TIMEOUT_S, DEFAULT_VERIFY, session_options
 
 PROTOCOL = "kitfs"
 # Options fsspec itself may pass to any file system's constructor; kitfs has no use for them.
@@ -63,9 +63,9 @@ class KitFileSystem(AbstractFileSystem):  # type: ignore[misc]  # fsspec has no 
     root_marker = ""
 
     def __init__(self, cache_dir: str | os.PathLike[str] | None = None,
-                 cache_size: int | str | None = None, verify: str = "eventual",
+                 cache_size: int | str | None = None, verify: str = DEFAULT_VERIFY.value,
                  plain_http: bool | None = None, ca_file: str | os.PathLike[str] | None = None,
-                 timeout: float = 30.0, select: dict[str, str] | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S, select: dict[str, str] | None = None,
                  **storage_options: Any) -> None:
         unknown = sorted(set(storage_options) - _FSSPEC_OPTIONS)
         if unknown:

@@ -24,7 +24,7 @@ import trio
 
 from kitfs.api.file import DEFAULT_BLOCK_SIZE_BYTES, KitFile
 from kitfs.api.html import kit_html
-from kitfs.api.options import DEFAULT_TIMEOUT_S, session_options
+from kitfs.api.options import DEFAULT_TIMEOUT_S, DEFAULT_VERIFY, session_options
 from kitfs.api.runtime import RUNTIME, StaleGenerationError, python_error
 from kitfs.core.modelkit import KitSession, ModelKit, SessionOptions, verification_label
 from kitfs.core.reader import VerifyMode
@@ -268,7 +268,7 @@ def open_kit(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     cache_size: int | str | None = None,
-    verify: str = "eventual",
+    verify: str = DEFAULT_VERIFY.value,
     plain_http: bool | None = None,
     ca_file: str | os.PathLike[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,

@@ -7,20 +7,21 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from kitfs.cache.store import default_cache_dir
-from kitfs.core.modelkit import SessionOptions
+from kitfs.core.modelkit import DEFAULT_VERIFY, SessionOptions
 from kitfs.core.reader import VerifyMode
+from kitfs.environment import default_cache_dir
 from kitfs.errors import UsageError
 from kitfs.format.sizes import parse_size
+from kitfs.remote.registry import DEFAULT_TIMEOUT_S, RegistryConfig
 
-DEFAULT_TIMEOUT_S = 30.0
+__all__ = ["DEFAULT_TIMEOUT_S", "DEFAULT_VERIFY", "session_options"]
 
 
 def session_options(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     cache_size: int | str | None = None,
-    verify: str | VerifyMode = "eventual",
+    verify: str | VerifyMode = DEFAULT_VERIFY.value,
     plain_http: bool | None = None,
     ca_file: str | os.PathLike[str] | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
@@ -67,7 +68,8 @@ def session_options(
         raise ValueError(f"select must map label names to values (strings), not {select!r}")
     return SessionOptions(
         cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_dir(),
-        cache_size_bytes=size_bytes, verify=mode, plain_http=plain_http,
-        ca_file=os.fspath(ca_file) if ca_file is not None else None,
-        timeout_s=float(timeout), select=labels,
+        cache_size_bytes=size_bytes, verify=mode, select=labels,
+        registry=RegistryConfig(plain_http=plain_http,
+                                ca_file=os.fspath(ca_file) if ca_file is not None else None,
+                                timeout_s=float(timeout)),
     )

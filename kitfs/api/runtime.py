@@ -77,8 +77,7 @@ def python_error(error: BaseException) -> BaseException:
 def _options_key(options: SessionOptions) -> tuple[Any, ...]:
     """SessionOptions as a dictionary key (its ``select`` is a dict)."""
     return (options.cache_dir.absolute(), options.cache_size_bytes, options.verify,
-            options.plain_http, options.ca_file, options.timeout_s, options.chunk_size_bytes,
-            tuple(sorted(options.select.items())))
+            options.chunk_size_bytes, tuple(sorted(options.select.items())), options.registry)
 
 
 @dataclass(eq=False)

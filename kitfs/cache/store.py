@@ -28,7 +28,6 @@ trio thread, as s3ql does. Nothing here knows about registries or trio.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
@@ -45,8 +44,7 @@ from kitfs.cache.identity import PIECE_SIZE_BYTES, ids_of_pieces, piece_count, p
 from kitfs.cache.pins import Pin, Pins
 from kitfs.errors import CacheError
 
-__all__ = ["BlobState", "CacheStatistics", "ChunkStore", "Pin", "PreparedChunk",
-           "default_cache_dir"]
+__all__ = ["BlobState", "CacheStatistics", "ChunkStore", "Pin", "PreparedChunk"]
 
 
 @dataclass(frozen=True)
@@ -61,16 +59,6 @@ class CacheStatistics:
     failed_blobs: int
     indexed_layers: int
     checkpoint_indexes: int
-
-
-def default_cache_dir() -> Path:
-    """``$KITFS_CACHE_DIR``, else /var/cache/kitfs for root, else ``$XDG_CACHE_HOME/kitfs``."""
-    if env := os.environ.get("KITFS_CACHE_DIR"):
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/cache/kitfs")
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kitfs"
 
 
 class ChunkStore:

@@ -97,7 +97,7 @@ class SequentialBlob(_BlobFile):
     """The whole blob, its bytes arriving in order from ``next_piece`` and hashed once each
     into ``hasher``. The last ``keep_bytes`` stay in memory for indexed_gzip's seeks back
     (``first_pass`` sets it); older ones are fetched again with ``fetch(offset, length)``
-    (counted in ``refetched_bytes``: none are, as ``first_pass`` sets ``keep_bytes``)."""
+    (none are, as ``first_pass`` sets ``keep_bytes``)."""
 
     def __init__(self, size_bytes: int, next_piece: Callable[[], bytes | bytearray],
                  fetch: Callable[[int, int], bytes], hasher: Any) -> None:
@@ -108,7 +108,6 @@ class SequentialBlob(_BlobFile):
         self.keep_bytes = 0
         self._pieces: deque[tuple[int, bytes | bytearray]] = deque()  # contiguous, in order
         self.arrived = 0  # bytes received and hashed
-        self.refetched_bytes = 0
 
     def _receive(self) -> None:
         piece = self._next_piece()
@@ -136,7 +135,6 @@ class SequentialBlob(_BlobFile):
         kept_from = self._pieces[0][0] if self._pieces else self.arrived
         if start < kept_from:
             head = self._fetch(start, min(end, kept_from) - start)
-            self.refetched_bytes += len(head)
             return head if start + len(head) >= end else head + self._bytes(start + len(head), end)
         out = []
         for piece_start, piece in self._pieces:

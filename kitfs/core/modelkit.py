@@ -21,7 +21,7 @@ import logging
 import posixpath
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -53,7 +53,7 @@ from kitfs.format.oci import Manifest
 from kitfs.format.reference import Reference
 from kitfs.format.tar import TarMember, TarScanner
 from kitfs.format.tree import FileSource, Node, Tree, TreeBuilder
-from kitfs.remote.hostsdir import DEFAULT_HOSTS_DIR, load_hosts
+from kitfs.remote.hostsdir import load_hosts
 from kitfs.remote.registry import RegistryClient, RegistryConfig, RegistryStatistics
 
 log = logging.getLogger(__name__)
@@ -137,18 +137,20 @@ class ModelKit:
                 if state.refusal is not None}
 
 
+DEFAULT_VERIFY = VerifyMode.EVENTUAL  # --verify's default (README "Verification")
+
+
 @dataclass(frozen=True)
 class SessionOptions:
+    """A session's options: the cache, verification, the image-index labels, and how
+    registries are reached (``RegistryConfig``). Defaults are the command line's."""
+
     cache_dir: Path
     cache_size_bytes: int | None = None
-    verify: VerifyMode = VerifyMode.EVENTUAL
-    plain_http: bool | None = None  # None: plain HTTP for loopback registries only
-    ca_file: str | None = None
-    timeout_s: float = 30.0
+    verify: VerifyMode = DEFAULT_VERIFY
     chunk_size_bytes: int = DEFAULT_CHUNK_SIZE_BYTES
     select: dict[str, str] = field(default_factory=dict)
-    hosts_dir: Path = DEFAULT_HOSTS_DIR  # containerd's hosts.toml files: mirrors per registry
-    offline: bool = False  # never contact a registry: only what the cache holds
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
 
 class KitSession:
@@ -163,13 +165,10 @@ class KitSession:
         client = self._registries.get(host)
         if client is None:
             # Loopback registries speak plain HTTP unless a CA file says they have TLS.
-            default_plain = loopback and self.options.ca_file is None
-            plain = self.options.plain_http if self.options.plain_http is not None else default_plain
-            config = RegistryConfig(plain_http=plain, ca_file=self.options.ca_file,
-                                    timeout_s=self.options.timeout_s,
-                                    offline=self.options.offline)
+            config = self.options.registry
             client = self._registries[host] = RegistryClient(
-                host, config, hosts=load_hosts(self.options.hosts_dir, host))
+                host, replace(config, plain_http=config.plain_for(loopback)),
+                hosts=load_hosts(config.hosts_dir, host))
         return client
 
     def registry_statistics(self) -> RegistryStatistics:

@@ -69,7 +69,6 @@ class Entry:
 class KitfileInfo:
     """What the layer mapping needs from a Kitfile."""
 
-    raw: dict[str, Any]
     entries: tuple[Entry, ...]
 
     @property
@@ -134,7 +133,7 @@ def parse_kitfile(obj: dict[str, Any]) -> KitfileInfo:
                 item.get("remotePath")
             )
             take(section, item, remote)
-    return KitfileInfo(obj, tuple(entries))
+    return KitfileInfo(tuple(entries))
 
 
 def _list(obj: dict[str, Any], key: str) -> list[Any]:

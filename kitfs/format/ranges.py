@@ -41,10 +41,3 @@ def chunks_covering(offset: int, length: int, blob_size: int, chunk_size_bytes: 
     first = offset // chunk_size_bytes
     last = (end - 1) // chunk_size_bytes
     return [chunk_span(i, blob_size, chunk_size_bytes) for i in range(first, last + 1)]
-
-
-def clamp(offset: int, length: int, size: int) -> tuple[int, int]:
-    """Clamp ``[offset, offset+length)`` to ``[0, size)``; returns (offset, length >= 0)."""
-    end = max(0, min(offset + max(length, 0), size))
-    start = max(0, min(offset, size))
-    return start, max(0, end - start)

@@ -201,15 +201,10 @@ class TarScanner:
         self._ext_type = b""  # set while an extended header's body is awaited (b"" otherwise)
         self._ext_size = 0
         self._done = False
-        self.members_seen = 0
 
     @property
     def _available(self) -> int:
         return len(self._buffer) - self._start
-
-    @property
-    def offset(self) -> int:
-        return self._offset
 
     def wants(self) -> tuple[int, int] | None:
         """The ``(offset, length)`` of the bytes the parser needs next, or None at the end."""
@@ -291,7 +286,6 @@ class TarScanner:
         else:
             self._start = start
         self._offset = offset
-        self.members_seen += count
 
     def _advance(self, count: int) -> None:
         self._start += count
@@ -400,7 +394,6 @@ class TarScanner:
         else:
             self._buffer, self._start = b"", 0
             self._offset = next_offset
-        self.members_seen += 1
         return member
 
 

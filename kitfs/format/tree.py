@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from kitfs.errors import FormatError, NotFoundError, UnsafeEntryError
+from kitfs.errors import FormatError, UnsafeEntryError
 from kitfs.format.layout import clean_entry_path
 from kitfs.format.tar import DIRECTORY_TYPE, REGULAR_TYPES, TarMember
 
@@ -60,29 +60,13 @@ class Tree:
     def __init__(self, root: Node) -> None:
         self.root = root
 
-    def lookup(self, path: str) -> Node:
-        """The node at ``path`` ('' or '/' is the root). Raises NotFoundError."""
-        node = self.root
-        for part in (p for p in path.strip("/").split("/") if p):
-            child = node.children.get(part) if node.is_dir else None
-            if child is None:
-                raise NotFoundError(f"no such file or directory in the kit: {path!r}")
-            node = child
-        return node
-
     def walk(self) -> Iterator[Node]:
         """Every node, parents before children, names in sorted order."""
-        return self.walk_from(self.root)
-
-    @staticmethod
-    def walk_from(top: Node) -> Iterator[Node]:
-        """``top`` and everything under it, parents before children, names sorted."""
-        stack = [top]
+        stack = [self.root]
         while stack:
             node = stack.pop()
             yield node
             stack.extend(node.children[name] for name in sorted(node.children, reverse=True))
-
 
     def merge(self, other: Tree, where: str) -> None:
         """Add ``other``'s nodes (one layer's entries) to this tree: all of them or none.

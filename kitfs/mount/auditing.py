@@ -11,14 +11,17 @@ an outcome reached by another process sharing the cache is recorded too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kitfs import audit
 from kitfs.audit import AuditLog
+from kitfs.environment import default_audit_log, runtime_dir
 from kitfs.errors import UsageError
-from kitfs.mount.status import runtime_dir
+from kitfs.mount.record import BlobStatus
+from kitfs.mount.status import make_runtime_dir
 
 if TYPE_CHECKING:
     from kitfs.core.modelkit import KitSession, ModelKit
@@ -30,8 +33,14 @@ _OUTCOMES = {"verified": "verified", "FAILED": "failed"}
 
 
 def audit_log_path(given: Path | None) -> Path:
-    """``--audit-log`` when given, else the default (``kitfs.audit.default_path``); absolute."""
-    return (given or audit.default_path(runtime_dir())).absolute()
+    """``--audit-log`` when given, else the default (``kitfs.environment.default_audit_log``);
+    absolute. A default in the runtime directory (a user's) makes that directory, 0700."""
+    if given is not None:
+        return given.absolute()
+    path = default_audit_log(runtime_dir())
+    if path.parent == runtime_dir():
+        make_runtime_dir()
+    return path.absolute()
 
 
 def record_event(given: Path | None, event: str, **fields: Any) -> None:
@@ -51,13 +60,13 @@ def record_event(given: Path | None, event: str, **fields: Any) -> None:
 
 def mount_options(options: MountOptions) -> dict[str, Any]:
     """A mount's options as its audit line shows them (nothing secret is among them)."""
-    session = options.session
+    session, registry = options.session, options.session.registry
     return {
         "verify": session.verify.value, "uid": options.uid, "gid": options.gid,
         "allow_other": options.allow_other, "cache_dir": str(session.cache_dir),
-        "cache_size_bytes": session.cache_size_bytes, "timeout_s": session.timeout_s,
-        "plain_http": session.plain_http, "ca_file": session.ca_file,
-        "hosts_dir": str(session.hosts_dir), "select": session.select,
+        "cache_size_bytes": session.cache_size_bytes, "timeout_s": registry.timeout_s,
+        "plain_http": registry.plain_http, "ca_file": registry.ca_file,
+        "hosts_dir": str(registry.hosts_dir), "select": session.select,
     }
 
 
@@ -71,7 +80,7 @@ class MountAudit:
         self._digest = ""
         self._announced: dict[str, str] = {}  # layer digest -> outcome recorded
 
-    def mounted(self, kit: ModelKit, session: KitSession, blobs: list[dict[str, Any]]) -> None:
+    def mounted(self, kit: ModelKit, session: KitSession, blobs: list[BlobStatus]) -> None:
         """The mount's line. Raises UsageError when the log cannot be written."""
         if self._log is None:
             return
@@ -80,22 +89,22 @@ class MountAudit:
         try:
             self._log.record(audit.MOUNT, reference=self._options.reference, digest=self._digest,
                              mountpoint=self._mountpoint, options=mount_options(self._options),
-                             registry_hosts=client.host_names, layers=blobs)
+                             registry_hosts=client.host_names,
+                             layers=[dataclasses.asdict(b) for b in blobs])
         except OSError as exc:
             raise UsageError(f"cannot write the audit log {self._log.path}: "
                              f"{exc.strerror or exc}") from None
-        self._announced = {b["digest"]: _OUTCOMES[b["state"]] for b in blobs
-                           if b["state"] in _OUTCOMES}
+        self._announced = {b.digest: _OUTCOMES[b.state] for b in blobs if b.state in _OUTCOMES}
 
-    def layers(self, blobs: list[dict[str, Any]]) -> None:
+    def layers(self, blobs: list[BlobStatus]) -> None:
         """A line for each layer whose outcome the cache now records, once."""
         for blob in blobs:
-            outcome = _OUTCOMES.get(blob["state"])
-            if outcome is None or self._announced.get(blob["digest"]) == outcome:
+            outcome = _OUTCOMES.get(blob.state)
+            if outcome is None or self._announced.get(blob.digest) == outcome:
                 continue
-            self._announced[blob["digest"]] = outcome
+            self._announced[blob.digest] = outcome
             self._write(audit.LAYER_VERIFICATION, digest=self._digest, mountpoint=self._mountpoint,
-                        layer=blob["digest"], path=blob["path"], outcome=outcome)
+                        layer=blob.digest, path=blob.path, outcome=outcome)
 
     def failure(self, layer: str, message: str) -> None:
         self._write(audit.VERIFICATION_FAILURE, digest=self._digest, mountpoint=self._mountpoint,

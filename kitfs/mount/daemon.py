@@ -1,4 +1,6 @@
-"""The mount daemon's life: start, become ready, serve, stop cleanly.
+"""The mount daemon's life: start, become ready, serve, stop cleanly. The one module of the
+mount that serves with pyfuse3 (its requests are answered by ``kitfs.mount.filesystem``);
+starting it in the background and unmounting are ``kitfs.mount.control``'s.
 
 Process model: one daemon process per mount (pyfuse3 serves one mount per process). Mounts
 share the cache directory (SQLite WAL + per-chunk files are safe across processes) and its
@@ -17,30 +19,37 @@ status file.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
 
-from kitfs.core.modelkit import EVERYTHING, KitSession, ModelKit, SessionOptions, open_session
+from kitfs.core.modelkit import (
+    EVERYTHING,
+    KitSession,
+    ModelKit,
+    SessionOptions,
+    open_session,
+    verification_label,
+)
+from kitfs.core.verify import VerifyState
 from kitfs.errors import KitfsError, UsageError
 from kitfs.format.filter import Selection
 from kitfs.format.reference import Reference
 from kitfs.mount import status
 from kitfs.mount.auditing import MountAudit
 from kitfs.mount.filesystem import READ_SECONDS_BUCKETS, KitFilesystem
+from kitfs.mount.readiness import Readiness
+from kitfs.mount.record import BlobStatus, MountFigures, MountStatus, ReadSeconds
 from kitfs.mount.status import sd_notify
 
 log = logging.getLogger(__name__)
@@ -59,50 +68,8 @@ class MountOptions:
     gid: int = field(default_factory=os.getgid)
     allow_other: bool = False
     read_ahead_kb: int = READ_AHEAD_KB
-    debug: bool = False
     audit_log: Path | None = None  # kitfs.audit's file; None: no audit log
     selection: Selection = EVERYTHING  # --filter: the parts of the kit the mount shows
-
-
-# --- readiness ---------------------------------------------------------------------------------
-
-
-class Readiness(logging.Handler):
-    """Tells whoever waits (the ``kitfs mount`` parent through a pipe, and systemd) the outcome,
-    and the parent each warning logged until then (a tag mounted from the cache's memory of
-    it, say), which it prints: a line per warning, then ``READY`` or ``ERROR code message``."""
-
-    def __init__(self, ready_fd: int | None) -> None:
-        super().__init__(logging.WARNING)
-        self._fd = ready_fd
-        if ready_fd is not None:
-            logging.getLogger("kitfs").addHandler(self)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self._fd is not None and record.levelno == logging.WARNING:
-            message = " ".join(record.getMessage().split())  # one line
-            try:
-                os.write(self._fd, f"WARNING {message}\n".encode())
-            except OSError:
-                pass
-
-    def _send(self, line: str) -> None:
-        logging.getLogger("kitfs").removeHandler(self)
-        if self._fd is None:
-            return
-        try:
-            os.write(self._fd, line.encode() + b"\n")
-            os.close(self._fd)
-        except OSError:
-            pass  # the parent is gone; nothing to tell
-        self._fd = None
-
-    def ready(self, kit: ModelKit, mountpoint: Path) -> None:
-        sd_notify(f"READY=1\nSTATUS=serving {kit.reference} at {mountpoint}")
-        self._send("READY")
-
-    def failed(self, exit_code: int, message: str) -> None:
-        self._send(f"ERROR {exit_code} {message}")
 
 
 # --- the daemon -----------------------------------------------------------------------------
@@ -164,67 +131,51 @@ def raise_read_ahead(mountpoint: Path, read_ahead_kb: int) -> bool:
 
 
 def status_record(options: MountOptions, kit: ModelKit, session: KitSession,
-                  fs: KitFilesystem, started: float) -> dict[str, Any]:
+                  fs: KitFilesystem, started: float) -> MountStatus:
+    """This daemon's status record (``kitfs.mount.record``), as of now."""
     fetched = session.registry_statistics()
-    blobs = []
-    for source in kit.layers:
-        state = session.store.blob_state(source.content.key)
-        blobs.append({
-            "digest": str(source.placement.descriptor.digest),
-            "path": source.placement.claim or ".",
-            "state": {None: "not fetched", 0: "unverified", 1: "verified", -1: "FAILED"}[
-                state.verified if state else None],
-        })
-    served = fs.counters.bytes_served
-    return {
-        "pid": os.getpid(),
-        "reference": options.reference,
-        "digest": str(kit.reference.digest),
-        "mountpoint": str(options.mountpoint),
-        "cache_dir": str(options.session.cache_dir),
-        "verify": options.session.verify.value,
-        "started": started,
-        "bytes_fetched": fetched.blob_bytes,
-        "registry_requests": fetched.requests,
-        "bytes_served": served,
-        "reads": fs.counters.reads,
-        "errors": fs.counters.errors,
-        "requests": fs.counters.requests,  # FUSE requests answered (every operation)
-        # chunk accesses (of uncompressed layers) answered from the cache; None before any
-        "cache_hit_ratio": session.reader.stats.hit_ratio,
-        "blobs": blobs,
-        "metrics": metrics_record(options, session, fs),
-    }
+    blobs = [BlobStatus(digest=str(source.placement.descriptor.digest),
+                        path=source.placement.claim or ".",
+                        state=verification_label(VerifyState.of(
+                            session.store.blob_state(source.content.key))))
+             for source in kit.layers]
+    return MountStatus(
+        pid=os.getpid(), reference=options.reference, digest=str(kit.reference.digest),
+        mountpoint=str(options.mountpoint), cache_dir=str(options.session.cache_dir),
+        verify=options.session.verify.value, started=started,
+        bytes_fetched=fetched.blob_bytes, registry_requests=fetched.requests,
+        bytes_served=fs.counters.bytes_served, reads=fs.counters.reads,
+        errors=fs.counters.errors, requests=fs.counters.requests,
+        cache_hit_ratio=session.reader.stats.hit_ratio, blobs=blobs,
+        metrics=mount_figures(options, session, fs),
+    )
 
 
-def metrics_record(options: MountOptions, session: KitSession, fs: KitFilesystem) -> dict[str, Any]:
+def mount_figures(options: MountOptions, session: KitSession, fs: KitFilesystem) -> MountFigures:
     """The figures ``kitfs metrics`` exposes for this mount (``kitfs.mount.metrics``)."""
     fetched = session.registry_statistics()
     counters = fs.counters
     chunks = session.store.chunks
-    return {
-        "fetched_bytes_by_host": fetched.blob_bytes_by_host,
-        "registry_requests": fetched.requests,
-        "registry_retries": fetched.retries,
-        "registry_fallbacks": fetched.fallbacks,
-        "fetches_in_flight": fetched.in_flight,
-        "served_bytes": counters.bytes_served,
-        "requests_by_outcome": counters.outcomes,
-        "read_seconds": {"bounds": list(READ_SECONDS_BUCKETS), "counts": counters.read_buckets,
-                         "sum": counters.read_seconds},
-        "cache_hits": session.reader.stats.chunk_hits,
-        "cache_misses": session.reader.stats.chunk_misses,
-        "verification_failures": counters.verification_failures,
-        "cache_quota_bytes": options.session.cache_size_bytes,
-        "cache_evicted_files": chunks.quota.evicted_files,
-        "cache_evicted_bytes": chunks.quota.evicted_bytes,
-    }
+    return MountFigures(
+        fetched_bytes_by_host=dict(fetched.blob_bytes_by_host),
+        registry_requests=fetched.requests, registry_retries=fetched.retries,
+        registry_fallbacks=fetched.fallbacks, fetches_in_flight=fetched.in_flight,
+        served_bytes=counters.bytes_served, requests_by_outcome=dict(counters.outcomes),
+        read_seconds=ReadSeconds(bounds=list(READ_SECONDS_BUCKETS),
+                                 counts=list(counters.read_buckets), sum=counters.read_seconds),
+        cache_hits=session.reader.stats.chunk_hits, cache_misses=session.reader.stats.chunk_misses,
+        verification_failures=counters.verification_failures,
+        cache_quota_bytes=options.session.cache_size_bytes,
+        cache_evicted_files=chunks.quota.evicted_files,
+        cache_evicted_bytes=chunks.quota.evicted_bytes,
+    )
 
 
 async def serve(options: MountOptions, readiness: Readiness) -> int:
     """Mount, serve until unmounted or signalled, unmount. Returns the exit code."""
     mountpoint = options.mountpoint.absolute()
     check_mountpoint(mountpoint)
+    status.make_runtime_dir()  # for the status file, rewritten every second from now on
     async with open_session(options.session) as session:
         kit = await session.open(Reference.parse(options.reference), options.selection)
         fs = KitFilesystem(session, kit, uid=options.uid, gid=options.gid,
@@ -238,13 +189,12 @@ async def serve(options: MountOptions, readiness: Readiness) -> int:
         fs.on_verification_failure = audit_events.failure
         try:
 
-            def publish() -> list[dict[str, Any]]:
+            def publish() -> list[BlobStatus]:
                 """Write the status record; returns its blobs."""
                 session.store.check_database()  # kitfs.db deleted under us: see the store
                 record = status_record(options, kit, session, fs, started)
-                status.write_status(os.getpid(), record)
-                blobs: list[dict[str, Any]] = record["blobs"]
-                return blobs
+                status.write_status(record)
+                return record.blobs
 
             async def become_ready() -> None:
                 # A stat through the mount is answered only once the kernel has finished FUSE
@@ -312,76 +262,3 @@ def run_foreground(options: MountOptions, ready_fd: int | None) -> int:
     MountAudit(options.audit_log, options).failed(error.exit_code, str(error))
     readiness.failed(error.exit_code, str(error))
     raise error
-
-
-def start_background(argv: list[str], log_file: Path, timeout_s: float) -> int:
-    """Start ``kitfs mount --foreground`` detached; return once it is ready (exit code 0) or
-    has failed (its exit code, with its message on stderr)."""
-    read_fd, write_fd = os.pipe()
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log_stream, open(os.devnull, "rb") as devnull:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "kitfs", *argv, "--foreground", "--ready-fd", str(write_fd)],
-            stdin=devnull, stdout=log_stream, stderr=log_stream, pass_fds=(write_fd,),
-            start_new_session=True, close_fds=True,
-        )
-    os.close(write_fd)
-    message = b""
-    deadline = time.monotonic() + timeout_s
-    text = ""
-    with os.fdopen(read_fd, "rb") as pipe:
-        while not text and time.monotonic() < deadline:
-            if _readable(pipe.fileno(), deadline - time.monotonic()):
-                chunk = os.read(pipe.fileno(), 4096)
-                if not chunk:
-                    break
-                message += chunk
-                while b"\n" in message and not text:
-                    line, _, message = message.partition(b"\n")
-                    decoded = line.decode(errors="replace").strip()
-                    if decoded.startswith("WARNING "):  # logged by the daemon on its way
-                        print(f"kitfs: {decoded.replace(' ', ': ', 1)}", file=sys.stderr)
-                    else:
-                        text = decoded
-    text = text or message.decode(errors="replace").strip()
-    if text == "READY":
-        return 0
-    if text.startswith("ERROR "):
-        _, code, reason = text.split(" ", 2)
-        print(f"kitfs: {reason}", file=sys.stderr)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(5)
-        return int(code)
-    if child.poll() is None:
-        child.terminate()
-        print(f"kitfs: the mount daemon (pid {child.pid}) was not ready within {timeout_s:.0f} s; "
-              f"stopped it. Its log: {log_file}", file=sys.stderr)
-    else:
-        print(f"kitfs: the mount daemon exited with code {child.returncode} before it was ready; "
-              f"its log: {log_file}", file=sys.stderr)
-    return 1
-
-
-def _readable(fd: int, timeout_s: float) -> bool:
-    import select
-
-    ready, _, _ = select.select([fd], [], [], max(0.0, timeout_s))
-    return bool(ready)
-
-
-def unmount(mountpoint: Path, lazy: bool = False, timeout_s: float = 20.0) -> int:
-    """``kitfs umount``: end the FUSE session and wait for the daemon to exit."""
-    mountpoint = mountpoint.absolute()
-    mount = status.find_mount(mountpoint)
-    if mount is None or mount.fstype != status.FSTYPE:
-        raise UsageError(f"{str(mountpoint)!r} is not a kitfs mount")
-    pids = [r["pid"] for r in status.daemon_records() if r.get("mountpoint") == str(mountpoint)]
-    command = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        reason = done.stderr.strip().removeprefix("fusermount3: ")
-        raise KitfsError(f"cannot unmount {str(mountpoint)!r}: {reason}")
-    deadline = time.monotonic() + timeout_s
-    for pid in pids:
-        status.wait_exit(pid, max(0.0, deadline - time.monotonic()))
-    return 0

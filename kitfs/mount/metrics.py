@@ -2,7 +2,7 @@
 
 kitfs runs one daemon per mount, and a node wants one scrape target. Each daemon already
 rewrites its status record (``RUNTIME_DIR/<pid>.json``, ``kitfs.mount.status``) every second;
-it carries the daemon's figures (``daemon.metrics_record``). ``kitfs metrics`` reads the
+it carries the daemon's figures (``kitfs.mount.record.MountFigures``). ``kitfs metrics`` reads the
 records of the running daemons at each scrape and renders them with ``prometheus_client``
 (a custom collector: nothing is registered globally). Why files and not a socket per daemon:
 a scrape never waits on a daemon (a busy or stuck one cannot hold it up), a dead daemon's
@@ -36,7 +36,6 @@ import signal
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import start_http_server
 from prometheus_client.core import (
@@ -49,6 +48,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from kitfs.cache.store import CacheStatistics, ChunkStore
 from kitfs.errors import KitfsError, UsageError
+from kitfs.mount.record import MountStatus
 from kitfs.mount.status import daemon_records
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,11 @@ class KitfsCollector(Collector):
         self._evictions: dict[tuple[str, int], tuple[int, int]] = {}
 
     def collect(self) -> Iterator[Metric]:
-        records = [r for r in daemon_records() if isinstance(r.get("metrics"), dict)]
+        records = daemon_records()
         yield from self._mount_metrics(records)
         yield from self._cache_metrics(records)
 
-    def _mount_metrics(self, records: list[dict[str, Any]]) -> Iterator[Metric]:
+    def _mount_metrics(self, records: list[MountStatus]) -> Iterator[Metric]:
         info = GaugeMetricFamily("kitfs_mount_info", "A kitfs mount: its reference as mounted",
                                  labels=[*MOUNT_LABELS, "reference"])
         fetched = CounterMetricFamily(
@@ -98,26 +98,25 @@ class KitfsCollector(Collector):
         in_flight = GaugeMetricFamily("kitfs_fetches_in_flight", "Blob range fetches under way",
                                       labels=MOUNT_LABELS)
         for record in records:
-            figures = record["metrics"]
-            labels = [str(record.get("mountpoint")), str(record.get("digest"))]
-            info.add_metric([*labels, str(record.get("reference"))], 1)
-            for host, count in sorted(figures["fetched_bytes_by_host"].items()):
+            figures = record.metrics
+            labels = [record.mountpoint, record.digest]
+            info.add_metric([*labels, record.reference], 1)
+            for host, count in sorted(figures.fetched_bytes_by_host.items()):
                 fetched.add_metric([*labels, host], count)
-            for outcome, count in sorted(figures["requests_by_outcome"].items()):
+            for outcome, count in sorted(figures.requests_by_outcome.items()):
                 requests.add_metric([*labels, outcome], count)
-            histogram = figures["read_seconds"]
+            histogram = figures.read_seconds
             cumulative, buckets = 0, []
-            for bound, count in zip([*histogram["bounds"], "+Inf"], histogram["counts"],
-                                    strict=True):
+            for bound, count in zip([*histogram.bounds, "+Inf"], histogram.counts, strict=True):
                 cumulative += count
                 buckets.append((str(bound), cumulative))
-            latency.add_metric(labels, buckets, histogram["sum"])
+            latency.add_metric(labels, buckets, histogram.sum)
             for name, family in counters.items():
-                family.add_metric(labels, figures[name])
-            in_flight.add_metric(labels, figures["fetches_in_flight"])
+                family.add_metric(labels, getattr(figures, name))
+            in_flight.add_metric(labels, figures.fetches_in_flight)
         yield from (info, fetched, requests, latency, *counters.values(), in_flight)
 
-    def _cache_metrics(self, records: list[dict[str, Any]]) -> Iterator[Metric]:
+    def _cache_metrics(self, records: list[MountStatus]) -> Iterator[Metric]:
         used = GaugeMetricFamily("kitfs_cache_used_bytes", "Bytes of chunks and checkpoint "
                                  "indexes in the cache (what the quota counts)", labels=["cache_dir"])
         quota = GaugeMetricFamily("kitfs_cache_quota_bytes", "The smallest --cache-size the "
@@ -130,14 +129,14 @@ class KitfsCollector(Collector):
                                       "daemons", labels=["cache_dir"])
         quotas: dict[str, int] = {}
         for record in records:
-            directory, figures = str(record.get("cache_dir")), record["metrics"]
-            self._evictions[(directory, record["pid"])] = (figures["cache_evicted_files"],
-                                                           figures["cache_evicted_bytes"])
-            if figures["cache_quota_bytes"] is not None:
-                quotas[directory] = min(quotas.get(directory, figures["cache_quota_bytes"]),
-                                        figures["cache_quota_bytes"])
+            directory, figures = record.cache_dir, record.metrics
+            self._evictions[(directory, record.pid)] = (figures.cache_evicted_files,
+                                                        figures.cache_evicted_bytes)
+            if figures.cache_quota_bytes is not None:
+                quotas[directory] = min(quotas.get(directory, figures.cache_quota_bytes),
+                                        figures.cache_quota_bytes)
         directories = sorted({*(str(d) for d in self.cache_dirs),
-                              *(str(r.get("cache_dir")) for r in records)})
+                              *(r.cache_dir for r in records)})
         for directory in directories:
             statistics = _statistics(Path(directory))
             if statistics is not None:
@@ -151,7 +150,7 @@ class KitfsCollector(Collector):
         yield from (used, quota, pinned, evictions, evicted)
 
 
-# name (after kitfs_, before _total; the record's field too) -> help
+# name (after kitfs_, before _total; the field of MountFigures too) -> help
 _MOUNT_COUNTERS = {
     "served_bytes": "Bytes answered to FUSE reads",
     "cache_hits": "Chunk accesses answered from the cache",

@@ -8,8 +8,10 @@ Two sources, joined by mountpoint:
   second while it runs and removed when it stops: reference, digest, counters, the
   verification state of each blob. A file whose process is gone is stale and ignored.
 
-The runtime directory is ``$KITFS_RUNTIME_DIR``, else ``/run/kitfs`` for root, else
-``$XDG_RUNTIME_DIR/kitfs``, else ``/tmp/kitfs-<uid>``; it is created 0700.
+The records are typed (``kitfs.mount.record``). The runtime directory is
+``kitfs.environment.runtime_dir``; ``make_runtime_dir`` creates it 0700, once, where a
+process is about to write there (a daemon starting, ``kitfs mount``'s log): reading the
+status of the mounts creates nothing.
 
 ``sd_notify`` lives here too (systemd's readiness protocol: the daemon and ``kitfs metrics``
 use it), so that what does not mount never imports pyfuse3.
@@ -24,7 +26,9 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from kitfs.environment import notify_socket, runtime_dir
+from kitfs.mount.record import MountEntry, MountStatus
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +36,9 @@ FSTYPE = "fuse.kitfs"
 MOUNTINFO = Path("/proc/self/mountinfo")
 
 
-def runtime_dir() -> Path:
-    if env := os.environ.get("KITFS_RUNTIME_DIR"):
-        path = Path(env)
-    elif os.geteuid() == 0:
-        path = Path("/run/kitfs")
-    elif xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        path = Path(xdg) / "kitfs"
-    else:
-        path = Path(f"/tmp/kitfs-{os.getuid()}")
+def make_runtime_dir() -> Path:
+    """The runtime directory (``kitfs.environment.runtime_dir``), created 0700 if missing."""
+    path = runtime_dir()
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
@@ -102,11 +100,18 @@ def find_mount(mountpoint: Path | str) -> KernelMount | None:
     return found
 
 
-def write_status(pid: int, record: dict[str, Any]) -> None:
+def write_status(record: MountStatus) -> None:
+    """Replace the daemon's status file, atomically (the runtime directory is made again if
+    it was removed under a running daemon)."""
     directory = runtime_dir()
-    tmp = directory / f".{pid}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.rename(directory / f"{pid}.json")
+    tmp = directory / f".{record.pid}.json.tmp"
+    text = json.dumps(record.to_json(), indent=1)
+    try:
+        tmp.write_text(text)
+    except FileNotFoundError:
+        make_runtime_dir()
+        tmp.write_text(text)
+    tmp.rename(directory / f"{record.pid}.json")
 
 
 def remove_status(pid: int) -> None:
@@ -139,34 +144,31 @@ def process_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def daemon_records() -> list[dict[str, Any]]:
-    """The status records of running daemons (stale files of dead ones are skipped)."""
+def daemon_records() -> list[MountStatus]:
+    """The status records of running daemons (stale files of dead ones, and files that are
+    no such record, are skipped)."""
     records = []
     for path in sorted(runtime_dir().glob("*.json")):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
+            record = MountStatus.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            log.debug("%s skipped: %s", path, exc)
             continue
-        if isinstance(record, dict) and isinstance(record.get("pid"), int) and process_alive(record["pid"]):
+        if process_alive(record.pid):
             records.append(record)
     return records
 
 
-def all_mounts() -> list[dict[str, Any]]:
+def all_mounts() -> list[MountEntry]:
     """Every kitfs mount in the mount table, with its daemon's record where there is one."""
-    by_mountpoint = {r.get("mountpoint"): r for r in daemon_records()}
-    out = []
-    for mount in kernel_mounts():
-        record = by_mountpoint.get(mount.mountpoint)
-        if record is None:  # another user's daemon, or another runtime directory
-            record = {"reference": mount.source, "mountpoint": mount.mountpoint, "pid": None}
-        out.append(record)
-    return out
+    by_mountpoint = {r.mountpoint: r for r in daemon_records()}
+    return [MountEntry(mount.mountpoint, mount.source, by_mountpoint.get(mount.mountpoint))
+            for mount in kernel_mounts()]
 
 
 def sd_notify(message: str) -> None:
     """Send ``message`` to systemd's notification socket, if this process has one."""
-    address = os.environ.get("NOTIFY_SOCKET")
+    address = notify_socket()
     if not address:
         return
     if address.startswith("@"):

@@ -26,11 +26,12 @@ import base64
 import binascii
 import json
 import logging
-import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kitfs.environment import credential_files
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,6 @@ class Credentials:
 
     def __repr__(self) -> str:  # never show the secret
         return f"Credentials(username={self.username!r}, password=***, source={self.source!r})"
-
-
-def credential_files() -> list[Path]:
-    """The files credentials are read from, in order of precedence (existing or not)."""
-    if kitops_home := os.environ.get("KITOPS_HOME"):
-        kit = Path(kitops_home) / "credentials.json"
-    else:
-        data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        kit = Path(data_home) / "kitops" / "credentials.json"
-    docker_dir = os.environ.get("DOCKER_CONFIG") or str(Path.home() / ".docker")
-    return [kit, Path(docker_dir) / "config.json"]
 
 
 def key_hostname(key: str) -> str:

@@ -33,6 +33,7 @@ import logging
 import re
 import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import trio
@@ -49,6 +50,7 @@ from kitfs.errors import (
 from kitfs.format.hosts import HostSpec
 from kitfs.remote.auth import Credentials, find_credentials, parse_challenge
 from kitfs.remote.connection import Progress, Response, TransportError
+from kitfs.remote.hostsdir import DEFAULT_HOSTS_DIR
 from kitfs.remote.http import BodyTooLargeError, HttpClient, Into
 from kitfs.version import __version__
 
@@ -67,11 +69,24 @@ _USER_AGENT = f"kitfs/{__version__}"
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    plain_http: bool = False  # for the registry itself (hosts.toml URLs carry their scheme)
+    """How registries are reached (``--plain-http``, ``--ca-file``, ``--timeout``,
+    ``--hosts-dir``, ``--offline``); the defaults here are the command line's and the API's."""
+
+    # for the registry itself (hosts.toml URLs carry their scheme). None: plain HTTP for a
+    # loopback registry without a CA file, else HTTPS (``plain_for``); a client given None
+    # speaks HTTPS.
+    plain_http: bool | None = None
     ca_file: str | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    hosts_dir: Path = DEFAULT_HOSTS_DIR  # containerd's hosts.toml files: mirrors per registry
     max_connections: int = 8  # per host
     offline: bool = False  # --offline: every operation fails at once, nothing is sent
+
+    def plain_for(self, loopback: bool) -> bool:
+        """Whether a registry (``loopback``: on this machine) is spoken to in plain HTTP."""
+        if self.plain_http is not None:
+            return self.plain_http
+        return loopback and self.ca_file is None
 
 
 @dataclass
