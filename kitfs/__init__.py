@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from kitfs.version import __version__
+
 __all__ = ["Kit", "KitFile", "__version__", "open_kit"]
 
 if TYPE_CHECKING:

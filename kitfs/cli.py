@@ -1,9 +1,14 @@
 """The ``kitfs`` command line: argv and environment in, output and an exit code out.
 
-Commands: ``ls``, ``cat``, ``inspect``, ``cache stats|gc|verify|clear``, ``mount``, ``umount``,
-``status``, ``demo``; ``pull``, ``diff`` and ``cache pins|unpin`` are in ``kitfs.commands``.
-Every ``KitfsError`` becomes ``kitfs: <message>`` on stderr and the error's exit code (see
-``kitfs.errors``); a traceback is shown only with ``--debug``.
+Owns the parser (``build_parser``: the user's description and examples, every command's
+options) and the commands ``ls``, ``cat``, ``inspect``, ``cache stats|gc|verify|clear``,
+``mount``, ``umount``, ``status`` and ``metrics`` (served by ``kitfs.mount.metrics``);
+``pull``, ``diff`` and ``cache pins|unpin`` are in ``kitfs.commands``, ``demo`` in
+``kitfs.quickstart``, and ``mount.fuse.kitfs`` (``mount_helper``) translates mount(8)'s
+arguments with ``kitfs.mount.fstab``. Every ``KitfsError`` becomes ``kitfs: <message>`` on
+stderr and the error's exit code (see ``kitfs.errors``); a traceback is shown only with
+``--debug``. A reader that stops reading (``kitfs ls … | head``) ends the command quietly, with
+exit 0, as it does ``cat``'s.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import logging
 import os
 import stat
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +29,7 @@ import trio
 from kitfs import __version__, audit
 from kitfs.cache.store import ChunkStore
 from kitfs.commands import (
+    REFERENCE_HELP,
     add_cache_commands,
     add_commands,
     add_filter_option,
@@ -50,6 +55,8 @@ from kitfs.format.reference import Reference
 from kitfs.format.tree import shell_quoted
 from kitfs.mount.auditing import audit_log_path, record_event
 from kitfs.mount.control import start_background, unmount
+from kitfs.mount.device import check_fuse_device
+from kitfs.mount.fstab import helper_argv_to_kitfs
 from kitfs.mount.status import all_mounts, make_runtime_dir, sd_notify
 from kitfs.remote.registry import DEFAULT_TIMEOUT_S, RegistryConfig
 
@@ -57,6 +64,28 @@ log = logging.getLogger("kitfs")
 
 CAT_READ_BYTES = 16 * 1024 * 1024
 METRICS_LISTEN = "127.0.0.1:9464"  # kitfs metrics' default (9464: unassigned in Prometheus' list)
+DESCRIPTION = """\
+kitfs reads KitOps ModelKits (and CNCF ModelPacks) straight from an OCI registry, lazily: it
+shows exactly the tree `kit unpack` would write and fetches only the byte ranges a read needs,
+into a local cache shared by every kitfs process, every byte checked against its digest. List,
+read and inspect a kit with no mount at all, or mount it read-only with FUSE."""
+EPILOG = """\
+A REFERENCE always names its registry: registry/repo:tag, registry/repo@sha256:<64 hex>, or
+registry/repo:tag@sha256:<64 hex> (the digest is what is fetched); registry/repo alone means
+registry/repo:latest.
+
+examples:
+  kitfs ls registry.example.com/team/llama:v3
+  kitfs cat registry.example.com/team/llama:v3 models/config.json | head
+  kitfs mount registry.example.com/team/llama:v3 /mnt/llama
+  kitfs umount /mnt/llama
+  kitfs pull registry.example.com/team/llama:v3 --filter model --pin
+  kitfs demo                  (a loopback registry with a sample kit, listed, read, mounted)
+
+`kitfs COMMAND --help` shows a command's options. Exit codes: 0 ok, 64 bad usage or
+reference, 65 malformed or unverifiable content, 66 not found, 69 registry unavailable or a
+missing part (pyfuse3, /dev/fuse), 74 cache unusable, 77 permission denied (credentials
+refused, /dev/fuse not accessible)."""
 PYFUSE3_MISSING = ("kitfs mount needs pyfuse3, which is not installed: pip install 'kitfs[mount]' "
                    "(pyfuse3 builds against libfuse: apt install fuse3 libfuse3-dev pkg-config)")
 
@@ -113,19 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="strict: never return unverified bytes; eventual (default): verify "
                         "when a layer is complete; off: benchmarks only")
 
-    parser = argparse.ArgumentParser(prog="kitfs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kitfs", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"kitfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("ls", parents=[common, remote], help="list the tree kit unpack would write")
-    p.add_argument("reference")
-    p.add_argument("path", nargs="?", default="", help="a directory or file inside the kit")
+    p.add_argument("reference", help=REFERENCE_HELP)
+    p.add_argument("path", nargs="?", default="",
+                   help="a directory or file inside the kit, as `kit unpack` would write it "
+                   "(default: the whole kit)")
     p.add_argument("--json", action="store_true", help="one JSON array of entries")
     p = sub.add_parser("cat", parents=[common, remote, verify], help="write a file of the kit to stdout")
-    p.add_argument("reference")
-    p.add_argument("path")
+    p.add_argument("reference", help=REFERENCE_HELP)
+    p.add_argument("path", help="a file inside the kit, as `kit unpack` would write it "
+                   "(e.g. models/config.json)")
     p = sub.add_parser("inspect", parents=[common, remote],
                        help="manifest digest, layers, kinds, compression, verification state")
-    p.add_argument("reference")
+    p.add_argument("reference", help=REFERENCE_HELP)
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("demo", help="a loopback registry with a sample kit: kitfs ls/cat on it, "
                        "then the kit mounted and listed (left mounted)")
@@ -135,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unmount and stop the registry at the end instead of leaving them running")
     p = sub.add_parser("mount", parents=[common, remote, verify, audited],
                        help="mount a kit read-only at MOUNTPOINT (returns when the mount is ready)")
-    p.add_argument("reference")
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("reference", help=REFERENCE_HELP)
+    p.add_argument("mountpoint", type=Path, help="an existing directory to mount the kit "
+                   "on (mounting needs read and write access to /dev/fuse)")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="be the daemon: stay in the foreground, log to stderr (systemd, debugging)")
     p.add_argument("--uid", type=int, default=None, help="owner of every file (default: you)")
@@ -148,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_filter_option(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p = sub.add_parser("umount", help="unmount a kitfs mount and wait for its daemon to exit")
-    p.add_argument("mountpoint", type=Path)
+    p.add_argument("mountpoint", type=Path, help="the directory a kit is mounted on")
     p.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
     p = sub.add_parser("status", help="every kitfs mount on this machine")
     p.add_argument("--json", action="store_true")
@@ -204,7 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cache":
             return _cache(args)
         if args.command == "demo":
-            return _demo(args)
+            _require_pyfuse3()
+            from kitfs.quickstart import run_demo
+
+            return run_demo(args.mountpoint, args.cleanup, main)
         return trio.run(_run_async, args)
     except KitfsError as exc:
         if getattr(args, "debug", False):
@@ -213,6 +250,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except (BrokenPipeError, BaseExceptionGroup) as exc:
+        if not _reader_went_away(exc):
+            raise
+        return 0
+
+
+def _reader_went_away(exc: BaseException) -> bool:
+    """Whether ``exc`` is only stdout's reader having gone (``kitfs ls … | head``: a
+    ``BrokenPipeError``, alone or grouped by a nursery); if so, stdout is pointed at /dev/null
+    so that the interpreter's last flush at exit does not fail on the closed pipe too."""
+    if isinstance(exc, BaseExceptionGroup):
+        broken, rest = exc.split(BrokenPipeError)
+        if broken is None or rest is not None:
+            return False
+    elif not isinstance(exc, BrokenPipeError):
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return True
 
 
 def _options(args: argparse.Namespace) -> SessionOptions:
@@ -263,15 +320,11 @@ async def _cat(session: KitSession, args: argparse.Namespace) -> int:
         raise UsageError(f"{args.path!r} is a directory")
     out = sys.stdout.buffer
     offset = 0
-    try:
-        while offset < node.size:
-            data = await session.read_file(kit, node, offset, CAT_READ_BYTES)
-            out.write(data)
-            offset += len(data)
-        out.flush()
-    except BrokenPipeError:  # `kitfs cat … | head -c 8`
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    while offset < node.size:  # a reader that goes away (`| head -c 8`): see _reader_went_away
+        data = await session.read_file(kit, node, offset, CAT_READ_BYTES)
+        out.write(data)
+        offset += len(data)
+    out.flush()
     return 0
 
 
@@ -320,6 +373,7 @@ def _mount(args: argparse.Namespace) -> int:
     reference = Reference.parse(args.reference)  # a bad reference fails here, before forking
     Selection.parse(args.filter)  # and so does a bad --filter
     _require_pyfuse3()
+    check_fuse_device()  # and a /dev/fuse this user may not open, with a message to act on
     from kitfs.mount.daemon import MountOptions, run_foreground
 
     if not args.foreground:
@@ -389,126 +443,15 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """The quick start: a loopback registry with the sample kit, the CLI on it, then a mount."""
-    import subprocess
-    import tempfile
-
-    _require_pyfuse3()
-    from kitfs.mount.daemon import STATUS_INTERVAL_S
-    from kitfs.sample import Pusher, Registry, sample_kit
-
-    workdir = Path(tempfile.mkdtemp(prefix="kitfs-demo-"))
-    registry = Registry(workdir / "registry").start()
-    mountpoint = args.mountpoint or workdir / "mnt"
-    mounted = False
-    try:
-        weights = os.urandom(64 * 1024 * 1024)
-        reference = f"{registry.host}/demo/sample:v1"
-        total = sum(len(layer.data) for layer in sample_kit(Pusher(registry.host), reference,
-                                                              weights).layers)
-        cache = str(workdir / "cache")
-        pid = registry.process.pid if registry.process else None
-        print(f"# a loopback registry ({registry.host}, pid {pid}) holds {reference}: "
-              f"{total} bytes of layers\n")
-        mark = registry.log_mark()
-        for command in (["ls", reference], ["inspect", reference],
-                        ["cat", reference, "Kitfile"], ["cat", reference, "data/train/part-003.csv"]):
-            print(f"$ kitfs {' '.join(command)}", flush=True)
-            status = main([*command, "--cache-dir", cache])
-            sys.stdout.flush()
-            if status != 0:
-                return status
-            print()
-        fetched = registry.blob_bytes_served(mark)
-        print(f"# the registry served {fetched} of {total} layer bytes ({100 * fetched / total:.1f} %)\n")
-
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        print(f"$ kitfs mount {reference} {mountpoint}", flush=True)
-        status = main(["mount", reference, str(mountpoint), "--cache-dir", cache,
-                       "--log-file", str(workdir / "mount.log")])
-        if status != 0:
-            return status
-        mounted = True
-        for command in (["ls", "-lR", str(mountpoint)],
-                        ["head", "-c", "60", str(mountpoint / "data/train/part-003.csv")]):
-            print(f"\n$ {' '.join(command)}", flush=True)
-            subprocess.run(command, check=True)
-        time.sleep(STATUS_INTERVAL_S + 0.1)  # let the daemon publish its counters
-        print(f"\n$ kitfs status\n{_status_text()}")
-        if args.cleanup:
-            return 0
-        print(f"# {reference} stays mounted at {mountpoint} (daemon log: {workdir / 'mount.log'}).\n"
-              f"# Clean up with: kitfs umount {mountpoint} && kill {pid}")
-        mounted = False  # leave it mounted, with its registry
-        registry.process = None
-    finally:
-        if mounted:
-            unmount(mountpoint)
-        registry.stop()
-    return 0
-
-
-def _status_text() -> str:
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        _status(argparse.Namespace(json=False))
-    return out.getvalue()
-
-
-# Options of mount(8) and fstab that mean nothing to a read-only FUSE daemon.
-_IGNORED_MOUNT_OPTIONS = {"ro", "rw", "defaults", "auto", "noauto", "user", "nouser", "users",
-                          "_netdev", "nofail", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
-                          "atime", "noatime", "relatime", "strictatime", "nodiratime", "sync",
-                          "async"}
-# -o NAME=VALUE (or bare NAME) → kitfs mount option.
-_VALUE_MOUNT_OPTIONS = {"uid": "--uid", "gid": "--gid", "cache_dir": "--cache-dir",
-                        "cache_size": "--cache-size", "verify": "--verify", "timeout": "--timeout",
-                        "ca_file": "--ca-file", "log_file": "--log-file", "select": "--select",
-                        "hosts_dir": "--hosts-dir", "audit_log": "--audit-log"}
-_FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http",
-                       "debug": "--debug", "offline": "--offline"}
-
-
-def mount_options_to_argv(source: str, mountpoint: str, options: str) -> list[str]:
-    """Translate ``mount -t fuse.kitfs SOURCE DIR -o OPTS`` into ``kitfs mount`` arguments."""
-    argv = ["mount", source, mountpoint]
-    for option in (o for o in options.split(",") if o):
-        name, sep, value = option.partition("=")
-        if name in _IGNORED_MOUNT_OPTIONS or name.startswith(("x-", "comment=")):
-            if name == "rw":
-                log.warning("kitfs mounts are read-only; 'rw' ignored")
-            continue
-        if name in _FLAG_MOUNT_OPTIONS and not sep:
-            argv.append(_FLAG_MOUNT_OPTIONS[name])
-        elif name in _VALUE_MOUNT_OPTIONS and sep:
-            argv += [_VALUE_MOUNT_OPTIONS[name], value]
-        else:
-            raise UsageError(f"unknown mount option {option!r} (kitfs takes: "
-                             f"{', '.join(sorted([*_FLAG_MOUNT_OPTIONS, *_VALUE_MOUNT_OPTIONS]))})")
-    return argv
-
-
 def mount_helper(argv: Sequence[str] | None = None) -> int:
-    """``mount.fuse.kitfs SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]``, run by mount(8)."""
-    parser = argparse.ArgumentParser(prog="mount.fuse.kitfs")
-    parser.add_argument("source")
-    parser.add_argument("mountpoint")
-    parser.add_argument("-o", dest="options", action="append", default=[])
-    for flag in ("-n", "-s", "-f", "-v"):  # no mtab, sloppy, fake, verbose: nothing to do
-        parser.add_argument(flag, action="store_true")
-    args = parser.parse_args(argv)
+    """``mount.fuse.kitfs SOURCE MOUNTPOINT [-o OPTIONS] [-n] [-s] [-f] [-v]``, run by mount(8):
+    its arguments translated (``kitfs.mount.fstab``), then ``kitfs mount``."""
     try:
-        kitfs_argv = mount_options_to_argv(args.source, args.mountpoint, ",".join(args.options))
+        kitfs_argv = helper_argv_to_kitfs(argv)
     except UsageError as exc:
         print(f"mount.fuse.kitfs: {exc}", file=sys.stderr)
         return exc.exit_code
-    if args.f:
-        return 0
-    return main(kitfs_argv)
+    return 0 if kitfs_argv is None else main(kitfs_argv)
 
 
 if __name__ == "__main__":

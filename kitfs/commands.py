@@ -38,12 +38,18 @@ def add_filter_option(parser: argparse.ArgumentParser) -> None:
         "repeatable; the Kitfile only with 'kitfile')")
 
 
+# The forms of a kit reference, for the positional arguments' help (the registry is always named).
+REFERENCE_FORMS = ("registry/repo:tag, registry/repo@sha256:<digest> or "
+                   "registry/repo:tag@sha256:<digest>")
+REFERENCE_HELP = f"the kit: {REFERENCE_FORMS}"
+
+
 def add_commands(sub: Any, common: argparse.ArgumentParser, remote: argparse.ArgumentParser,
                  audited: argparse.ArgumentParser) -> None:
     p = sub.add_parser("pull", parents=[common, remote, audited],
                        help="fetch and verify a kit's layers (or those --filter selects) into "
                        "the cache")
-    p.add_argument("reference")
+    p.add_argument("reference", help=REFERENCE_HELP)
     add_filter_option(p)
     p.add_argument("--pin", action="store_true",
                    help="keep the pulled layers out of LRU eviction (they count in the quota)")
@@ -52,8 +58,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, remote: argparse.Arg
                    "none")
     p = sub.add_parser("diff", parents=[common, remote],
                        help="layers and files added, removed or changed between two kits")
-    p.add_argument("a", metavar="A")
-    p.add_argument("b", metavar="B")
+    p.add_argument("a", metavar="A", help=f"the old kit: {REFERENCE_FORMS}")
+    p.add_argument("b", metavar="B", help="the new kit, in the same forms")
     p.add_argument("--content", action="store_true",
                    help="also compare the bytes of files whose size and mode are the same")
     p.add_argument("--json", action="store_true")
@@ -65,7 +71,8 @@ def add_cache_commands(cache_sub: Any, common: argparse.ArgumentParser,
     p.add_argument("--json", action="store_true")
     p = cache_sub.add_parser("unpin", parents=[common, audited],
                              help="let a pinned reference be evicted")
-    p.add_argument("reference")
+    p.add_argument("reference", help="the reference as pulled, or registry/repo@sha256:<digest> "
+                   "for the pins of that repository at that digest")
 
 
 # --- pull ------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ Every error kitfs raises on purpose is a ``KitfsError``. Each class says what a 
     │   ├── RemoteTimeoutError      EIO       exit 69              ... or did not answer in time
     │   └── AuthError               EACCES    exit 77 (EX_NOPERM)  credentials refused
     ├── CacheError                  EIO       exit 74 (EX_IOERR)   local cache unusable
-    └── NotInstalledError           EIO       exit 69 (EX_UNAVAILABLE) an optional part is missing
+    ├── NotInstalledError           EIO       exit 69 (EX_UNAVAILABLE) an optional part is missing
+    └── NoPermissionError           EACCES    exit 77 (EX_NOPERM)  a local resource is refused
 
 This module imports nothing from kitfs.
 """
@@ -96,6 +97,13 @@ class NotInstalledError(KitfsError):
     """What a command needs is not installed (``kitfs mount`` without the ``mount`` extra)."""
 
     exit_code = os.EX_UNAVAILABLE
+
+
+class NoPermissionError(KitfsError):
+    """This user may not use a local resource kitfs needs (``/dev/fuse`` for ``kitfs mount``)."""
+
+    errno = _errno.EACCES
+    exit_code = os.EX_NOPERM
 
 
 def copy_for_waiter(error: BaseException) -> BaseException:

@@ -80,16 +80,6 @@ def test_cat_returns_exact_bytes(kitfs: Any, sample: str) -> None:
     assert kitfs("cat", sample, "data/train/part-007.csv").stdout == b"id,value\n7,49\n"
 
 
-def test_cat_into_head_exits_cleanly(sample: str, cache_dir: Path) -> None:
-    env = dict(os.environ, KITFS_CACHE_DIR=str(cache_dir))
-    proc = subprocess.run(
-        f"{sys.executable} -m kitfs cat {sample} models/weights.safetensors | head -c 8",
-        shell=True, capture_output=True, env=env, timeout=120, check=False)
-    assert proc.stdout == WEIGHTS[:8]
-    assert proc.returncode == 0
-    assert b"Traceback" not in proc.stderr
-
-
 def test_reading_a_small_file_fetches_only_the_chunks_it_needs(
     kitfs: Any, sample: str, registry: Registry
 ) -> None:

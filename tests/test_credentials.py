@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from kitfs.core.modelkit import SessionOptions, open_session
+from kitfs.format.reference import Reference
 from kitfs.remote.auth import Credentials
 from kitfs.sample import Pusher, Registry, sample_kit
 
@@ -207,6 +210,44 @@ def test_helper_wins_over_inline_auth_and_falls_back_to_it(sandbox: Sandbox, aut
     outcome = sandbox.kitfs("ls", auth_kit.reference)
     assert_lists_the_kit(outcome)
     assert "WARNING" not in outcome.stderr
+
+
+async def test_a_slow_credential_helper_leaves_the_trio_thread_running(
+        sandbox: Sandbox, auth_kit: AuthKit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper answers only once a file appears that a trio task of this same process writes
+    when it sees the helper start: the kit opens only if the trio thread runs while the helper
+    does (run on the trio thread, the helper would give up after 8 s, and the registry would
+    refuse the anonymous request)."""
+    started, go = sandbox.root / "helper-started", sandbox.root / "go"
+    answer = json.dumps({"ServerURL": auth_kit.host, "Username": USER, "Secret": PASSWORD})
+    script = sandbox.bin / "docker-credential-waiting"
+    script.write_text(
+        "#!/bin/sh\n"
+        "read -r server\n"
+        f"touch '{started}'\n"
+        "i=0\n"
+        f"while [ ! -e '{go}' ] && [ $i -lt 80 ]; do sleep 0.1; i=$((i + 1)); done\n"
+        f"[ -e '{go}' ] || exit 1\n"
+        f"printf '%s' '{answer}'\n"
+    )
+    script.chmod(0o755)
+    sandbox.docker_config({"credHelpers": {auth_kit.host: "waiting"}})
+    for name in ("HOME", "DOCKER_CONFIG", "KITOPS_HOME", "PATH"):
+        monkeypatch.setenv(name, sandbox.env[name])
+
+    async def answer_the_helper() -> None:
+        with trio.fail_after(60):
+            while not started.exists():  # noqa: ASYNC110 (another process writes it)
+                await trio.sleep(0.02)
+        go.touch()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer_the_helper)
+        async with open_session(SessionOptions(cache_dir=sandbox.root / "cache")) as session:
+            kit = await session.open(Reference.parse(auth_kit.reference))
+            node = await session.resolve(kit, KIT_PATH)
+            assert await session.read_file(kit, node, 0, 16) == WEIGHTS[:16]
+    assert go.exists()
 
 
 # --- kit's own store -----------------------------------------------------------------------

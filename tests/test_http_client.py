@@ -18,7 +18,8 @@ import trio
 
 from kitfs.errors import RemoteTimeoutError
 from kitfs.format.digest import Digest
-from kitfs.remote.http import THREAD_RECEIVE_MIN_BYTES, HttpClient, Progress, Response, TransportError
+from kitfs.remote.connection import THREAD_RECEIVE_MIN_BYTES, Progress, Response, TransportError
+from kitfs.remote.http import HttpClient
 from kitfs.remote.registry import RegistryClient, RegistryConfig
 from kitfs.sample import Pusher, Registry, sha256
 from tests.faultproxy import FaultProxy, Rule, running

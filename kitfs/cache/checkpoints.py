@@ -48,9 +48,9 @@ class CheckpointIndexes:
              "VALUES (?, ?, ?, ?, ?)", (blob, content_key, prepared.length, prepared.sums,
                                         time.time())),
             ("SELECT 1 FROM checkpoints WHERE blob = ?", (blob,)))
-        quota_bytes = self._chunks.quota_bytes
+        quota_bytes = self._chunks.quota.quota_bytes
         if placed and quota_bytes is not None:
-            self._chunks.evict(quota_bytes)  # an index larger than the room left is evicted itself
+            self._chunks.quota.evict(quota_bytes)  # an index larger than the room left is evicted itself
         return placed
 
     def has_checkpoints(self, blob: str) -> bool:

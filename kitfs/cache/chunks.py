@@ -1,8 +1,9 @@
 """Chunk files and their rows (table ``chunks``), and the quota all cached files share.
 
 ``ChunkFiles`` writes (``prepare``/``commit``, ``put``, ``put_pieces``), reads (checked) and
-drops chunks; it keeps the cache under its quota (eviction, pins), places checkpoint index
-files for ``kitfs.cache.checkpoints`` (same rules, same quota) and removes orphans (``gc``).
+drops chunks; it keeps the cache under its quota through ``quota`` (``kitfs.cache.eviction``:
+eviction, read pins), places checkpoint index files for ``kitfs.cache.checkpoints`` (same
+rules, same quota) and removes orphans (``gc``).
 
 Invariants (what a ``kill -9`` at any instant cannot break; the others are listed in
 ``kitfs.cache.store``):
@@ -43,12 +44,12 @@ import os
 import shutil
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from kitfs.cache.database import CacheDatabase, DatabaseFullError, DatabaseLockedError
+from kitfs.cache.eviction import Quota, Room
 from kitfs.cache.files import (
     BLOCK_SIZE_BYTES,
     FULL_ERRNOS,
@@ -79,13 +80,9 @@ class ChunkFiles:
 
     def __init__(self, directory: Path, db: CacheDatabase, quota_bytes: int | None) -> None:
         self.directory = directory
-        self.quota_bytes = quota_bytes
         self._db = db
-        self._pins: Counter[tuple[str, int]] = Counter()
-        self._over_quota = False  # the last eviction stopped short because of pins
+        self.quota = Quota(directory, db, quota_bytes, self._unlink, self.flush_access_times)
         self.dropped = 0  # chunks and indexes found damaged and dropped (verify counts them)
-        self.evicted_files = 0  # chunks and indexes this process evicted (kitfs metrics)
-        self.evicted_bytes = 0
         self._touched: dict[tuple[str, int], float] = {}
         # (length, xxh3 sums, present pieces) of chunks read lately: a chunk's row never changes while it is
         # cached (content-addressed), so a FUSE read of a cached chunk costs no query. A chunk
@@ -234,7 +231,7 @@ class ChunkFiles:
         path = self.chunk_path(key, idx)
         what = f"pieces of chunk {idx} of {key}"
 
-        def write(room: _Room) -> None:
+        def write(room: Room) -> None:
             row = self._db.execute("SELECT length, xxh3, present FROM chunks WHERE key = ? "
                                    "AND idx = ?", (key, idx)).fetchone()
             if row is not None and row[2] is None:
@@ -250,7 +247,7 @@ class ChunkFiles:
             all_sums[at : at + len(sums)] = sums
             stored = sum(min(PIECE_SIZE_BYTES, chunk_length - p * PIECE_SIZE_BYTES)
                          for p in range(pieces) if present >> p & 1)
-            self._make_room(room, stored, keep=(key, idx))
+            self.quota.make_room(room, stored, keep=(key, idx))
             make_dirs_0700(path.parent, self.directory)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
             try:
@@ -285,8 +282,8 @@ class ChunkFiles:
             return False
         tmp = prepared.tmp
 
-        def write(room: _Room) -> None:
-            self._make_room(room, prepared.length, keep=keep)  # never over the quota
+        def write(room: Room) -> None:
+            self.quota.make_room(room, prepared.length, keep=keep)  # never over the quota
             make_dirs_0700(path.parent, self.directory)
             os.replace(tmp, path)
             try:
@@ -301,12 +298,12 @@ class ChunkFiles:
 
         return self._write_locked(what, write, on_failure=lambda: unlink_quietly(tmp))
 
-    def _write_locked(self, what: str, write: Callable[[_Room], None],
+    def _write_locked(self, what: str, write: Callable[[Room], None],
                       on_failure: Callable[[], None] = lambda: None) -> bool:
         """Run ``write`` under the cache lock: a full disk or database is False (warned once),
         as is a locked database (writes paused); ``on_failure`` cleans up after either. What
         ``write`` evicted to make room is logged whatever happens."""
-        room = _Room()
+        room = Room()
         try:
             with self._db.lock():
                 write(room)
@@ -324,105 +321,8 @@ class ChunkFiles:
             self._db.pause_writes(what, exc)
             return False
         finally:
-            _log_evicted(room.victims, room.indexes, self.quota_bytes)
-            self._count_evicted(room.victims, room.indexes)
+            self.quota.record(room, self.quota.quota_bytes)
         return True
-
-    def _make_room(self, room: _Room, needed_bytes: int, keep: tuple[str, int] | None) -> None:
-        """Evict (cache lock held) so that ``needed_bytes`` more fit in the quota; ``keep`` is
-        the chunk being replaced (its file's bytes are freed by the replacement)."""
-        if self.quota_bytes is not None:
-            self.flush_access_times()
-            room.victims, room.indexes = self._evict_locked(self.quota_bytes - needed_bytes,
-                                                            keep=keep)
-
-    # --- pins and eviction ----------------------------------------------------------------
-
-    def pin(self, key: str, idx: int) -> None:
-        self._pins[(key, idx)] += 1
-
-    def unpin(self, key: str, idx: int) -> None:
-        self._pins[(key, idx)] -= 1
-        if self._pins[(key, idx)] <= 0:
-            del self._pins[(key, idx)]
-            if self._over_quota and self.quota_bytes is not None:
-                self.evict(self.quota_bytes)
-
-    def used_bytes(self) -> int:
-        """Bytes of chunk files and checkpoint index files (what the quota counts)."""
-        row = self._db.execute(
-            "SELECT (SELECT COALESCE(SUM(stored), 0) FROM chunks) + "
-            "(SELECT COALESCE(SUM(length), 0) FROM checkpoints)").fetchone()
-        return int(row[0])
-
-    def evict(self, target_bytes: int) -> int:
-        """Evict least-recently-used unpinned chunks until at most ``target_bytes`` are used,
-        then, if that is not enough, checkpoint indexes. Returns the bytes freed.
-        """
-        self.flush_access_times()
-        if self._db.writes_paused():
-            self._over_quota = True  # evict once writes resume
-            return 0
-        try:
-            with self._db.lock():
-                victims, indexes = self._evict_locked(target_bytes)
-        except DatabaseLockedError as exc:
-            self._over_quota = True
-            self._db.pause_writes("eviction", exc)
-            return 0
-        _log_evicted(victims, indexes, target_bytes)
-        self._count_evicted(victims, indexes)
-        return sum(length for *_, length in victims) + sum(length for _, length in indexes)
-
-    def _count_evicted(self, victims: list[tuple[str, int, int]],
-                       indexes: list[tuple[str, int]]) -> None:
-        self.evicted_files += len(victims) + len(indexes)
-        self.evicted_bytes += sum(length for *_, length in victims) + sum(n for _, n in indexes)
-
-    def _evict_locked(self, target_bytes: int, keep: tuple[str, int] | None = None
-                      ) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]]]:
-        """``evict``'s work, with the cache lock held: the chunks (key, idx, length) and then,
-        if that was not enough, the checkpoint indexes (blob, length) removed. ``keep`` is a
-        chunk about to be replaced in place, never a victim."""
-        used = self.used_bytes()
-        if keep is not None:  # a chunk being replaced frees what its file held
-            row = self._db.execute("SELECT stored FROM chunks WHERE key = ? AND idx = ?",
-                                   keep).fetchone()
-            used -= row[0] if row else 0
-        if used <= target_bytes:
-            self._over_quota = False
-            return [], []
-        freed = 0
-        victims: list[tuple[str, int, int]] = []
-        rows = self._db.execute("SELECT key, idx, stored FROM chunks WHERE key NOT IN "
-                                "(SELECT key FROM pins) ORDER BY last_access").fetchall()
-        for key, idx, length in rows:
-            if used - freed <= target_bytes:
-                break
-            if (key, idx) in self._pins or (key, idx) == keep:
-                continue
-            victims.append((key, idx, length))
-            freed += length
-        indexes: list[tuple[str, int]] = []
-        if used - freed > target_bytes:
-            for blob, length in self._db.execute(
-                    "SELECT blob, length FROM checkpoints WHERE blob NOT IN "
-                    "(SELECT key FROM pins) ORDER BY last_access").fetchall():
-                if used - freed <= target_bytes:
-                    break
-                indexes.append((blob, length))
-                freed += length
-        self._over_quota = used - freed > target_bytes
-        with self._db.transaction():
-            self._db.executemany("DELETE FROM chunks WHERE key = ? AND idx = ?",
-                                 [(key, idx) for key, idx, _ in victims])
-            self._db.executemany("DELETE FROM checkpoints WHERE blob = ?",
-                                 [(blob,) for blob, _ in indexes])
-        for key, idx, _ in victims:
-            self._unlink(key, idx)
-        for blob, _ in indexes:
-            unlink_quietly(checkpoints_path(self.directory, blob))
-        return victims, indexes
 
     def purge_chunks(self, key: str) -> None:
         with self._db.lock():
@@ -459,8 +359,8 @@ class ChunkFiles:
                     removed += 1
             except FileNotFoundError:
                 pass
-        if self.quota_bytes is not None:
-            self.evict(self.quota_bytes)
+        if self.quota.quota_bytes is not None:
+            self.quota.evict(self.quota.quota_bytes)
         return removed
 
     def remove_all_files(self) -> None:
@@ -507,23 +407,6 @@ class ChunkFiles:
     def _unlink(self, key: str, idx: int) -> None:
         self._rows.pop((key, idx), None)
         unlink_quietly(self.chunk_path(key, idx))
-
-
-@dataclass
-class _Room:
-    """What a locked write evicted to make room: chunks (key, idx, bytes), indexes (blob, bytes)."""
-
-    victims: list[tuple[str, int, int]] = field(default_factory=list)
-    indexes: list[tuple[str, int]] = field(default_factory=list)
-
-
-def _log_evicted(victims: list[tuple[str, int, int]], indexes: list[tuple[str, int]],
-                 target_bytes: int | None) -> None:
-    if victims or indexes:
-        log.info("evicted %d chunks and %d checkpoint indexes (%d bytes) to stay under %d bytes",
-                 len(victims), len(indexes),
-                 sum(length for *_, length in victims) + sum(length for _, length in indexes),
-                 target_bytes)
 
 
 def _has_pieces(present: bytes, offset: int, length: int) -> bool:

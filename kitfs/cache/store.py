@@ -90,7 +90,7 @@ class ChunkStore:
 
     @property
     def quota_bytes(self) -> int | None:
-        return self.chunks.quota_bytes
+        return self.chunks.quota.quota_bytes
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -170,16 +170,16 @@ class ChunkStore:
         self.chunks.purge_chunks(key)
 
     def pin(self, key: str, idx: int) -> None:
-        self.chunks.pin(key, idx)
+        self.chunks.quota.pin(key, idx)
 
     def unpin(self, key: str, idx: int) -> None:
-        self.chunks.unpin(key, idx)
+        self.chunks.quota.unpin(key, idx)
 
     def used_bytes(self) -> int:
-        return self.chunks.used_bytes()
+        return self.chunks.quota.used_bytes()
 
     def evict(self, target_bytes: int) -> int:
-        return self.chunks.evict(target_bytes)
+        return self.chunks.quota.evict(target_bytes)
 
     def collect_garbage(self) -> int:
         return self.chunks.collect_garbage()

@@ -166,7 +166,8 @@ def mount_figures(options: MountOptions, session: KitSession, fs: KitFilesystem)
         cache_hits=session.reader.stats.chunk_hits, cache_misses=session.reader.stats.chunk_misses,
         verification_failures=counters.verification_failures,
         cache_quota_bytes=options.session.cache_size_bytes,
-        cache_evicted_files=chunks.evicted_files, cache_evicted_bytes=chunks.evicted_bytes,
+        cache_evicted_files=chunks.quota.evicted_files,
+        cache_evicted_bytes=chunks.quota.evicted_bytes,
     )
 
 
@@ -206,6 +207,7 @@ async def serve(options: MountOptions, readiness: Readiness) -> int:
                 await _publish_every(lambda: audit_events.layers(publish()))
 
             async with trio.open_nursery() as nursery:
+                fs.background = nursery
                 nursery.start_soon(become_ready, name="ready")
                 nursery.start_soon(_terminate_on_signals, name="signals")
                 await pyfuse3.main(max_tasks=MAX_FUSE_TASKS)

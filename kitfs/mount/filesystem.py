@@ -30,13 +30,13 @@ import functools
 import logging
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 import xxhash
 
 from kitfs.core.modelkit import KitSession, ModelKit
@@ -169,6 +169,8 @@ class KitFilesystem(pyfuse3.Operations):
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: kit.tree.root}
         kit.tree.root.ino = pyfuse3.ROOT_INODE
         self._pages_dropped: set[int] = set()  # layers whose files' cached pages were dropped
+        # The daemon's nursery, while it serves the mount: page invalidations run there.
+        self.background: trio.Nursery | None = None
 
     # --- inodes and attributes ------------------------------------------------------------
 
@@ -327,17 +329,20 @@ class KitFilesystem(pyfuse3.Operations):
 
     def _drop_cached_pages(self, layer_index: int) -> None:
         """Have the kernel forget the cached pages of every file of a layer that failed
-        verification (pages read before the failure would otherwise still be served). In a
-        thread, after this request is answered: invalidating pages that the failing read
-        still holds locked would deadlock (libfuse: never in the path of a request)."""
-        if layer_index < 0 or layer_index in self._pages_dropped:
-            return
+        verification (pages read before the failure would otherwise still be served). A task
+        of the daemon's nursery, in a worker thread, so it waits without holding up this
+        request: invalidating pages that the failing read still holds locked blocks until
+        the read is answered (libfuse: never in the path of a request). Abandoned, not
+        waited for, when the daemon stops (the call cannot be interrupted)."""
+        if layer_index < 0 or layer_index in self._pages_dropped or self.background is None:
+            return  # (no background nursery: not served by a daemon, no kernel cache to drop)
         self._pages_dropped.add(layer_index)
         inodes = [ino for ino, node in self._nodes.items()
                   if node.source is not None and node.source.layer_index == layer_index]
         digest = self.kit.layers[layer_index].placement.descriptor.digest
-        threading.Thread(target=_invalidate_pages, args=(inodes, str(digest)),
-                         name="invalidate-pages", daemon=True).start()
+        self.background.start_soon(functools.partial(
+            trio.to_thread.run_sync, _invalidate_pages, inodes, str(digest),
+            abandon_on_cancel=True), name="invalidate-pages")
 
     def _note_verification_failure(self, layer_index: int, message: str) -> None:
         """Count a failure once per mount and tell the daemon's hook: a layer that failed its

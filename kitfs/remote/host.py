@@ -10,6 +10,8 @@ a ``HostClient`` asks one of them:
 - **Retries** on connection failures, timeouts, 429 (honouring Retry-After) and 5xx, from the
   host or its token service, with exponential backoff, all inside one deadline of
   ``timeout_s`` per operation, so a dead host gives a clear ``RemoteError`` in bounded time.
+  An operation still retrying after ``RETRY_WARNING_AFTER_S`` logs one warning (what fails,
+  and when it will give up), so a user is not left waiting in silence for the whole timeout.
   An untrusted TLS certificate is not retried: it fails at once, naming the host. A mirror
   with another host after it is not retried at all (``retry=False``): the next host is.
 - **TLS**: the system CAs, plus ``--ca-file`` and the host's ``ca`` files; ``skip_verify``
@@ -17,7 +19,8 @@ a ``HostClient`` asks one of them:
 - **Auth**: anonymous first; on 401 the ``WWW-Authenticate`` challenge is answered (Basic, or a
   Bearer token fetched from the realm with the credentials if any); a 401 with a token in hand
   (expired) fetches a new one once. Credentials are those of this host's name (a mirror's own,
-  not the registry's). Refused credentials are named (user and file), never shown.
+  not the registry's), looked up at the first challenge, in a worker thread (a credential
+  helper is a subprocess). Refused credentials are named (user and file), never shown.
 - **Redirects** (to blob storage) are followed with the Range header kept; credentials are not
   sent to another host.
 - **Headers** from ``hosts.toml`` go with every request to the host (never into a log).
@@ -46,15 +49,10 @@ from kitfs.errors import (
 )
 from kitfs.format.hosts import HostSpec
 from kitfs.remote.auth import Credentials, find_credentials, parse_challenge
+from kitfs.remote.connection import Progress, Response, TransportError
 from kitfs.remote.hostsdir import DEFAULT_HOSTS_DIR
-from kitfs.remote.http import (
-    BodyTooLargeError,
-    HttpClient,
-    Into,
-    Progress,
-    Response,
-    TransportError,
-)
+from kitfs.remote.http import BodyTooLargeError, HttpClient, Into
+from kitfs.version import __version__
 
 log = logging.getLogger("kitfs.remote.registry")  # the registry client's log lines, as before
 
@@ -64,7 +62,9 @@ DEFAULT_TIMEOUT_S = 30.0
 BACKOFF_FIRST_S = 0.05
 BACKOFF_MAX_S = 2.0
 MAX_REDIRECTS = 5
-_USER_AGENT = "kitfs/0.1"
+# An operation retrying for this long says so, once: longer than a loopback registry's restart.
+RETRY_WARNING_AFTER_S = 1.0
+_USER_AGENT = f"kitfs/{__version__}"
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,11 @@ class HostClient:
         # A single receive may wait this long; the whole operation is bounded by timeout_s.
         self._http = HttpClient(context, io_timeout_s=min(config.timeout_s, 10.0),
                                 max_connections=config.max_connections)
-        self._credentials = credentials if credentials is not None else find_credentials(self.name)
+        # Looked up on the first challenge (find_credentials may run a credential helper for
+        # up to 10 s: in a worker thread, never on the trio thread), once for all requests.
+        self._credentials = credentials
+        self._credentials_found = credentials is not None
+        self._credentials_lock = trio.Lock()
         self._configured_headers = dict(spec.headers)
         self._tokens: dict[str, str] = {}  # scope -> bearer token
         self._challenges: dict[str, str] = {}  # scope -> "basic" or "bearer" once known
@@ -164,8 +168,10 @@ class HostClient:
         ``RemoteError``; ``max_skip_bytes``: see ``HttpClient.request``."""
         scope = f"repository:{repository}:pull"
         timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
-        deadline = trio.current_time() + timeout_s
+        started = trio.current_time()
+        deadline = started + timeout_s
         backoff_s = BACKOFF_FIRST_S
+        warned = False  # that this operation is being retried (once)
         auth_attempts = 0
         last_problem = "still waiting for the first answer"
         answered = False  # the last problem was an HTTP answer, not a connection failure
@@ -230,6 +236,11 @@ class HostClient:
                         backoff_s = max(backoff_s, retry_after)
                     self.stats.retries += 1
                     log.debug("retrying %s in %.2fs: %s", what, backoff_s, last_problem)
+                    if not warned and trio.current_time() - started >= RETRY_WARNING_AFTER_S:
+                        warned = True
+                        log.warning("%s: %s: %s; retrying, giving up %g s after the first "
+                                    "attempt (--timeout)", self.name, what, last_problem,
+                                    timeout_s)
                     await trio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
         except trio.TooSlowError:
@@ -286,10 +297,21 @@ class HostClient:
             headers["Authorization"] = self._credentials.basic_header()
         return headers
 
+    async def _find_credentials(self) -> None:
+        """This host's credentials (``kitfs.remote.auth``), looked up once, off the trio thread:
+        a credential helper is a subprocess (``CREDENTIAL_HELPER_TIMEOUT_S`` at most)."""
+        async with self._credentials_lock:
+            if not self._credentials_found:
+                # abandoned on cancel (the operation's deadline): the helper's own timeout ends it
+                self._credentials = await trio.to_thread.run_sync(
+                    find_credentials, self.name, abandon_on_cancel=True)
+                self._credentials_found = True
+
     async def _authenticate(self, response: Response, scope: str, what: str) -> None:
         header = response.header("www-authenticate")
         if not header:
             raise AuthError(f"{self.name}: {what}: 401 without a WWW-Authenticate challenge")
+        await self._find_credentials()
         challenge = parse_challenge(header)
         if challenge.scheme == "basic":
             if self._credentials is None:

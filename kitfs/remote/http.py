@@ -7,20 +7,10 @@ registry protocol needs very little of HTTP: GET and HEAD, Content-Length or chu
 redirects (followed by the registry client), keep-alive. That is what this module does; nothing
 more (no HTTP/2, no cookies, no compression).
 
-Large bodies are received off the trio thread. A body of a known length, at least
-``THREAD_RECEIVE_MIN_BYTES`` long, over plain TCP, is received by a worker thread on a blocking
-duplicate of the connection's socket with ``recv_into(..., MSG_WAITALL)``: a few system calls
-per body, with the GIL released, so the trio thread (which also answers FUSE requests) only
-starts and ends it. ``SO_RCVTIMEO`` bounds each of those receives to ``io_timeout_s``, as
-``trio.fail_after`` does for the others (a receive that got some bytes returns them when its
-time is up, so a body that stops half-way is given up within two io timeouts). Cancelling the
-request (the caller's deadline included) shuts the socket down, which wakes the receive at once;
-the cancellation is delivered only when the thread has ended, so no thread writes into a
-caller's buffer after ``request`` has returned or raised, and a connection whose receive was cut
-short is closed, never reused. TLS connections, chunked bodies and small bodies stay on the
-trio thread.
-
-This module owns sockets and TLS. It raises ``TransportError`` for anything that went wrong on
+This module owns the connection pool, connecting (TCP, TLS) and HTTP/1.1's framing (the head,
+sized, chunked and unsized bodies); ``kitfs.remote.connection`` owns one connection's
+receives, and receives a large body (``THREAD_RECEIVE_MIN_BYTES`` or more, of a known length,
+over plain TCP) in a worker thread. It raises ``TransportError`` for anything that went wrong on
 the wire (refused, reset, closed early, timed out, malformed response); it has no retries, no
 auth and no idea what a registry is: ``kitfs.remote.registry`` decides what to do.
 """
@@ -28,47 +18,31 @@ auth and no idea what a registry is: ``kitfs.remote.registry`` decides what to d
 from __future__ import annotations
 
 import os
-import socket
 import ssl
-import struct
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-import outcome
 import trio
+
+from kitfs.remote.connection import (
+    RECV_SIZE_BYTES,
+    THREAD_RECEIVE_MIN_BYTES,
+    Connection,
+    Progress,
+    Response,
+    TransportError,
+    close_quietly,
+)
 
 MAX_HEADER_BYTES = 64 * 1024
 ERROR_BODY_BYTES = 64 * 1024  # of an error answer's body, what is read (the rest is dropped)
-RECV_SIZE_BYTES = 256 * 1024
 # A response head is read this much at a time: what comes with it of the body is received
 # (and copied) on the trio thread, so not too much; a 4 KiB range still comes in one piece.
 HEAD_RECV_BYTES = 16 * 1024
 IDLE_CONNECTIONS_PER_ORIGIN = 8
-# A body at least this long is received by a worker thread. Measured (2 cores shared with the
-# registry; CPU seconds per GiB fetched in ranges, trio thread / whole process): 4 MiB ranges
-# 0.65-0.8 / 0.65-0.8 on the trio thread, 0.15-0.25 / 0.45-0.55 in a thread; 1 MiB 1.1-1.3 /
-# 1.1-1.3 against 0.6-0.7 / 1.0-1.1; at 256-512 KiB the hand-off costs the process 0.2-0.5 s
-# more than it saves the trio thread (0.1-0.3 s).
-THREAD_RECEIVE_MIN_BYTES = 1024 * 1024
-
 _T = TypeVar("_T")
 # Where a body goes: one buffer, or several filled one after the other.
 Into = memoryview | tuple[memoryview, ...]
-
-
-class TransportError(Exception):
-    """The request failed on the wire. ``timed_out`` says whether it was a timeout;
-    ``permanent`` that trying again cannot help (the server's TLS certificate is not trusted);
-    ``response`` is the answer's head when the failure came after it (a short body)."""
-
-    def __init__(self, message: str, timed_out: bool = False, permanent: bool = False,
-                 response: Response | None = None) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
-        self.permanent = permanent
-        self.response = response
 
 
 class BodyTooLargeError(Exception):
@@ -84,74 +58,6 @@ class BodyTooLargeError(Exception):
         self.limit_bytes = limit_bytes
 
 
-@dataclass
-class Response:
-    status: int
-    reason: str
-    headers: dict[str, str]
-    body: bytes = b""
-    body_length: int = 0  # bytes of body read into the caller's buffer
-
-    def header(self, name: str, default: str | None = None) -> str | None:
-        return self.headers.get(name.lower(), default)
-
-
-@dataclass
-class Progress:
-    """How far one request got, for the caller's message when its deadline cuts it short."""
-
-    stage: str = ""  # what the request is doing, until its answer's head has arrived
-    status: int | None = None  # the response's status, once its head has arrived
-    bytes_received: int = 0  # on the connection, head and body
-
-
-@dataclass
-class _Connection:
-    stream: trio.abc.Stream
-    sock: trio.socket.SocketType | None  # set for plain TCP: used for recv_into
-    buffer: bytearray = field(default_factory=bytearray)
-    reusable: bool = True
-    progress: Progress | None = None  # of the request using the connection
-    # A stdlib socket on a duplicate of ``sock``'s descriptor, for worker threads; made on the
-    # first threaded receive, closed with the connection.
-    thread_socket: socket.socket | None = None
-
-    def blocking_socket(self, io_timeout_s: float) -> socket.socket:
-        """The socket for a worker thread, switched to blocking mode (restore it with
-        ``setblocking(False)`` before trio uses the connection again). O_NONBLOCK belongs to
-        the open file description, which the duplicate shares with trio's socket."""
-        assert self.sock is not None
-        if self.thread_socket is None:
-            self.thread_socket = socket.socket(fileno=os.dup(self.sock.fileno()))
-            # (0 would mean no timeout at all)
-            seconds, microseconds = divmod(max(1, round(io_timeout_s * 1_000_000)), 1_000_000)
-            self.thread_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                                          struct.pack("ll", seconds, microseconds))
-        self.thread_socket.setblocking(True)
-        return self.thread_socket
-
-    async def recv_some(self, max_bytes: int = RECV_SIZE_BYTES) -> bytes:
-        data = await self.stream.receive_some(max_bytes)
-        if not data:
-            raise TransportError("connection closed by the server")
-        if self.progress is not None:
-            self.progress.bytes_received += len(data)
-        return bytes(data)
-
-    async def recv_into(self, view: memoryview) -> int:
-        if self.sock is not None:
-            count: int = await self.sock.recv_into(view)
-        else:
-            data = await self.stream.receive_some(len(view))
-            count = len(data)
-            view[:count] = data
-        if count == 0:
-            raise TransportError("connection closed by the server in the middle of a body")
-        if self.progress is not None:
-            self.progress.bytes_received += count
-        return count
-
-
 class HttpClient:
     """Keep-alive HTTP/1.1 client. One instance per process is enough.
 
@@ -164,7 +70,7 @@ class HttpClient:
     def __init__(self, ssl_context: ssl.SSLContext, io_timeout_s: float, max_connections: int = 16):
         self._ssl = ssl_context
         self._io_timeout_s = io_timeout_s
-        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._idle: dict[tuple[str, str, int], list[Connection]] = {}
         self._limiter = trio.CapacityLimiter(max_connections)
         self.connections_opened = 0
         self.thread_receives = 0  # bodies received by a worker thread
@@ -172,7 +78,7 @@ class HttpClient:
     async def aclose(self) -> None:
         for connections in self._idle.values():
             for conn in connections:
-                await _close_quietly(conn)
+                await close_quietly(conn)
         self._idle.clear()
 
     async def request(
@@ -228,22 +134,22 @@ class HttpClient:
                         max_skip_bytes,
                     )
                 except TransportError:
-                    await _close_quietly(conn)
+                    await close_quietly(conn)
                     # A pooled connection the server closed while idle fails at once: retry
                     # once on a fresh connection. A fresh connection failing is the caller's.
                     if fresh or attempt == 1:
                         raise
                     continue
                 except BaseException:
-                    await _close_quietly(conn)
+                    await close_quietly(conn)
                     raise
                 conn.progress = None
                 if not (conn.reusable and self._checkin(origin, conn)):
-                    await _close_quietly(conn)
+                    await close_quietly(conn)
                 return response
         raise AssertionError("unreachable")
 
-    async def _checkout(self, origin: tuple[str, str, int]) -> tuple[_Connection, bool]:
+    async def _checkout(self, origin: tuple[str, str, int]) -> tuple[Connection, bool]:
         idle = self._idle.get(origin)
         if idle:
             return idle.pop(), False
@@ -257,9 +163,9 @@ class HttpClient:
                 if scheme == "https":
                     tls = trio.SSLStream(tcp, self._ssl, server_hostname=host, https_compatible=True)
                     await tls.do_handshake()
-                    conn = _Connection(tls, None)
+                    conn = Connection(tls, None)
                 else:
-                    conn = _Connection(tcp, tcp.socket)
+                    conn = Connection(tcp, tcp.socket)
             connected = True
         except trio.TooSlowError:
             raise TransportError(f"connecting to {host}:{port} timed out", timed_out=True) from None
@@ -272,14 +178,18 @@ class HttpClient:
                     permanent=True,
                 ) from None
             cause = cause or exc
-            raise TransportError(f"cannot connect to {host}:{port}: {cause or repr(cause)}") from None
+            # trio's "all attempts to connect to … failed" holds each address's error as its cause
+            reasons = sorted({os.strerror(e.errno) for e in getattr(cause.__cause__, "exceptions", ())
+                              if isinstance(e, OSError) and e.errno})
+            why = ", ".join(reasons) or str(cause) or repr(cause)
+            raise TransportError(f"cannot connect to {host}:{port}: {why}") from None
         finally:
             if not connected and tcp is not None:
                 tcp.socket.close()
         self.connections_opened += 1
         return conn, True
 
-    def _checkin(self, origin: tuple[str, str, int], conn: _Connection) -> bool:
+    def _checkin(self, origin: tuple[str, str, int], conn: Connection) -> bool:
         """Whether the connection went back to the pool (if not, the caller closes it)."""
         idle = self._idle.setdefault(origin, [])
         if len(idle) < IDLE_CONNECTIONS_PER_ORIGIN and not conn.buffer:
@@ -289,7 +199,7 @@ class HttpClient:
 
     async def _exchange(
         self,
-        conn: _Connection,
+        conn: Connection,
         request_bytes: bytes,
         method: str,
         into: Into | None,
@@ -313,7 +223,7 @@ class HttpClient:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
             raise TransportError(f"connection failed: {exc!r}") from None
 
-    async def _read_head(self, conn: _Connection) -> Response:
+    async def _read_head(self, conn: Connection) -> Response:
         buffer = conn.buffer
         while True:
             end = buffer.find(b"\r\n\r\n")
@@ -348,7 +258,7 @@ class HttpClient:
 
     async def _read_body(
         self,
-        conn: _Connection,
+        conn: Connection,
         response: Response,
         method: str,
         into: Into | None,
@@ -432,7 +342,7 @@ class HttpClient:
                 raise
             response.body = b""  # an error page too big to matter: its status is the answer
 
-    async def _fill(self, conn: _Connection, view: memoryview) -> None:
+    async def _fill(self, conn: Connection, view: memoryview) -> None:
         taken = min(len(conn.buffer), len(view))
         view[:taken] = conn.buffer[:taken]
         del conn.buffer[:taken]
@@ -444,40 +354,11 @@ class HttpClient:
             with trio.fail_after(self._io_timeout_s):
                 filled += await conn.recv_into(view[filled:])
 
-    async def _fill_in_thread(self, conn: _Connection, view: memoryview) -> None:
-        """Fill ``view`` from the connection in a worker thread (see the module docstring).
-        Cancelled, it shuts the connection down (the caller closes it) and waits for the
-        thread to end before the cancellation goes on."""
-        sock = conn.blocking_socket(self._io_timeout_s)
+    async def _fill_in_thread(self, conn: Connection, view: memoryview) -> None:
         self.thread_receives += 1
-        progress, io_timeout_s = conn.progress, self._io_timeout_s
+        await conn.receive_in_thread(view, self._io_timeout_s)
 
-        def receive() -> None:
-            filled = 0
-            while filled < len(view):
-                try:
-                    count = sock.recv_into(view[filled:], 0, socket.MSG_WAITALL)
-                except BlockingIOError:  # SO_RCVTIMEO: nothing arrived in io_timeout_s
-                    raise TransportError(f"no body bytes arrived for {io_timeout_s:g} s",
-                                         timed_out=True) from None
-                if count == 0:
-                    raise TransportError("connection closed by the server in the middle of a body")
-                filled += count
-                if progress is not None:
-                    progress.bytes_received += count
-
-        def wake() -> None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:  # not connected any more: the receive has returned already
-                pass
-
-        try:
-            await _run_in_thread(receive, wake)
-        finally:
-            sock.setblocking(False)  # trio's again (only reused after a complete receive)
-
-    async def _read_chunked(self, conn: _Connection, max_body_bytes: int,
+    async def _read_chunked(self, conn: Connection, max_body_bytes: int,
                             sink: _Sink | None = None) -> bytes:
         """The decoded body; with ``sink``, fed to it (no size limit) and b"" returned.
         Stops reading (and drops the connection) once the sink is full."""
@@ -512,7 +393,7 @@ class HttpClient:
             if await self._read_line(conn):
                 raise TransportError("chunk not followed by CRLF")
 
-    async def _read_line(self, conn: _Connection) -> bytes:
+    async def _read_line(self, conn: Connection) -> bytes:
         while (end := conn.buffer.find(b"\r\n")) < 0:
             if len(conn.buffer) > MAX_HEADER_BYTES:
                 raise TransportError("line too long in chunked body")
@@ -522,7 +403,7 @@ class HttpClient:
         del conn.buffer[: end + 2]
         return line
 
-    async def _read_to_eof(self, conn: _Connection, max_body_bytes: int,
+    async def _read_to_eof(self, conn: Connection, max_body_bytes: int,
                            sink: _Sink | None = None) -> bytes:
         """The body up to the end of the connection; with ``sink``, fed to it (no size
         limit, stopping once it is full) and b"" returned."""
@@ -567,39 +448,3 @@ class _Sink:
         taken = min(len(view), len(self.into) - self.filled)
         self.into[self.filled : self.filled + taken] = view[:taken]
         self.filled += taken
-
-
-async def _run_in_thread(work: Callable[[], _T], wake: Callable[[], None]) -> _T:
-    """``work()`` in a worker thread; its result or exception. Cancelled, ``wake()`` is called
-    (it must make ``work`` return soon) and the cancellation is raised once ``work`` has
-    returned: nothing ``work`` touches is in use after this returns or raises."""
-    task = trio.lowlevel.current_task()
-    token = trio.lowlevel.current_trio_token()
-    raise_cancel: Callable[[], object] | None = None
-
-    def report(result: outcome.Outcome[_T]) -> None:  # in the trio thread
-        if raise_cancel is not None:
-            trio.lowlevel.reschedule(task, outcome.capture(raise_cancel))
-        else:
-            trio.lowlevel.reschedule(task, result)
-
-    def abort(cancel: Callable[[], object]) -> trio.lowlevel.Abort:
-        nonlocal raise_cancel
-        raise_cancel = cancel
-        wake()
-        return trio.lowlevel.Abort.FAILED  # rescheduled by report, once the thread has ended
-
-    trio.lowlevel.start_thread_soon(work, lambda result: token.run_sync_soon(report, result),
-                                    name="kitfs http receive")
-    result: _T = await trio.lowlevel.wait_task_rescheduled(abort)
-    return result
-
-
-async def _close_quietly(conn: _Connection) -> None:
-    if conn.thread_socket is not None:
-        conn.thread_socket.close()  # the duplicate descriptor only; the stream closes the socket
-    with trio.CancelScope(shield=True), trio.move_on_after(1):
-        try:
-            await conn.stream.aclose()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
-            pass

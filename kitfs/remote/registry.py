@@ -64,6 +64,7 @@ from kitfs.format.hosts import Capability, HostsConfig, upstream_only
 from kitfs.format.mediatypes import MANIFEST_ACCEPT
 from kitfs.format.oci import MAX_MANIFEST_BYTES
 from kitfs.remote.auth import Credentials
+from kitfs.remote.connection import Response
 from kitfs.remote.host import (
     DEFAULT_TIMEOUT_S,
     HostClient,
@@ -71,7 +72,7 @@ from kitfs.remote.host import (
     RegistryStatistics,
     check_blob_size,
 )
-from kitfs.remote.http import Into, Response
+from kitfs.remote.http import Into
 
 __all__ = ["DEFAULT_TIMEOUT_S", "RegistryClient", "RegistryConfig", "RegistryStatistics"]
 
