@@ -16,18 +16,17 @@ when it asks for it.
 
 from __future__ import annotations
 
-import gc
 import logging
 import posixpath
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import trio
 
-from kitfs.cache.index import MemberColumns, load_members, store_members
 from kitfs.cache.store import ChunkStore
+from kitfs.core.indexing import LayerIndexer
 from kitfs.core.reader import (
     DEFAULT_CHUNK_SIZE_BYTES,
     BlobReader,
@@ -51,7 +50,7 @@ from kitfs.format.layout import CREATED_ANNOTATION, LayoutPlan, Placement, plan_
 from kitfs.format.mediatypes import Compression, Kind, Layout
 from kitfs.format.oci import Manifest
 from kitfs.format.reference import Reference
-from kitfs.format.tar import TarMember, TarScanner
+from kitfs.format.tar import TarMember
 from kitfs.format.tree import FileSource, Node, Tree, TreeBuilder
 from kitfs.remote.hostsdir import load_hosts
 from kitfs.remote.registry import RegistryClient, RegistryConfig, RegistryStatistics
@@ -60,14 +59,6 @@ log = logging.getLogger(__name__)
 
 MAX_MODEL_REFERENCE_CHAIN = 10
 EVERYTHING = Selection()  # no --filter: the whole kit, Kitfile included
-# Index building reads headers chunk by chunk; while chunks keep holding several headers it has
-# the next ones fetched ahead in parallel, doubling up to this many (see layer_members), in
-# runs of half as many chunks per Range request, at most MAX_INDEX_RUN_CHUNKS.
-MAX_INDEX_AHEAD_CHUNKS = 8
-MAX_INDEX_RUN_CHUNKS = 4
-# A layer indexed with at least this many members has its objects frozen out of the cyclic
-# garbage collector's sight afterwards (see _collector_paused).
-FREEZE_AFTER_MEMBERS = 10_000
 # On close, how long a session waits for chunks already served to be hashed and stored.
 SETTLE_TIMEOUT_S = 30.0
 
@@ -166,8 +157,7 @@ class KitSession:
         self._resolver = ManifestResolver(store, options.select)
         self._registries: dict[str, RegistryClient] = {}
         self._nursery = nursery
-        self._index_stores = 0  # layer indexes being written behind the lookups they answered
-        self._index_stores_done = trio.Event()
+        self._indexer = LayerIndexer(store, self.reader, nursery, options.chunk_size_bytes)
 
     def registry(self, host: str, loopback: bool) -> RegistryClient:
         client = self._registries.get(host)
@@ -387,90 +377,12 @@ class KitSession:
 
     async def layer_members(self, source: LayerSource,
                             add: Callable[[list[TarMember]], None]) -> None:
-        """Hand a tar layer's members to ``add``: from the cache index, or by reading its
-        headers.
-
-        ``add`` is given them as they come (in order, in batches, the garbage collector
-        paused), so the caller's work on them overlaps the fetching of the rest; an exception
-        it raises ends the scan. The index read from the headers is stored in the cache after
-        this returns (``_store_index``), not before.
-        """
-        key = source.content.key
-        with _collector_paused():
-            cached = load_members(self.store.database, key)
-        # another process may have built it from bytes not verified yet: strict mode trusts
-        # only the index of a verified blob (and builds its own from verified bytes)
-        if (cached is not None and self.reader.verify is VerifyMode.STRICT
-                and VerifyState.of(self.store.blob_state(key)) is not VerifyState.VERIFIED):
-            cached = None
-        if cached is not None:
-            with _collector_paused() as pause:
-                add(cached)
-                pause.freeze = len(cached) >= FREEZE_AFTER_MEMBERS
-            return
-        size = await self.reader.size(source.content)
-        with _collector_paused() as pause:  # the whole scan, not per batch (_collector_paused)
-            columns = await self._scan_members(source, size, add)
-            pause.freeze = len(columns) >= FREEZE_AFTER_MEMBERS
-        if not self._index_stores:
-            self._index_stores_done = trio.Event()
-        self._index_stores += 1
-        self._nursery.start_soon(self._store_index, key, columns, name=f"store index {key}")
-
-    async def _scan_members(self, source: LayerSource, size: int,
-                            add: Callable[[list[TarMember]], None]) -> MemberColumns:
-        """Read a tar layer's headers, chunk by chunk, handing each batch to ``add``; what
-        the index keeps of them."""
-        scanner = TarScanner(size)
-        columns = MemberColumns()
-        chunk = self.options.chunk_size_bytes
-        last_chunk = (size - 1) // chunk
-        window = 0  # chunks kept fetched ahead of the scan
-        ahead = -1  # the last chunk asked for ahead of it
-        while (want := scanner.wants()) is not None:
-            offset, length = want
-            here = offset // chunk
-            # Headers sit close together here: keep the chunks after this one fetched in
-            # parallel while this one is parsed, topped up a run at a time (one Range request
-            # per run: the registry's CPU per request is shared with us). The scan asks from
-            # the next header on, so after a big file body (which it jumps over) nothing of
-            # the body is fetched.
-            run = min(max(1, window // 2), MAX_INDEX_RUN_CHUNKS)
-            ahead = max(ahead, here)
-            while window and ahead < last_chunk and here + window - ahead >= run:
-                first, ahead = ahead + 1, min(ahead + run, last_chunk)
-                self.reader.prefetch(source.content, first * chunk, (ahead - first + 1) * chunk)
-            # Read to the end of the chunk holding the header (the reader fetches whole chunks
-            # anyway), one chunk at a time: memory stays a few chunks, whatever the layer.
-            end = min(max(offset + length, (here + 1) * chunk), size)
-            data = await self.reader.read(source.content, offset, end - offset, read_ahead=False)
-            found = scanner.feed(data)
-            if found:
-                add(found)
-                columns.extend(found)
-            window = min(max(1, 2 * window), MAX_INDEX_AHEAD_CHUNKS) if len(found) > 1 else 0
-        return columns
-
-    async def _store_index(self, key: str, columns: MemberColumns) -> None:
-        """Keep a layer's index in the cache, behind the lookup it answered: packed in a
-        worker thread, written unless the blob failed verification meanwhile (its index was
-        read from bad bytes; ``store_members`` checks that in the same statement)."""
-        try:
-            packed = await trio.to_thread.run_sync(columns.pack)
-            store_members(self.store.database, key, len(columns), packed)
-        except KitfsError as exc:  # the layer is indexed again next time
-            log.warning("cache: the index of %s is not kept: %s", key, exc)
-        except Exception:  # a bug: never let it end the session's nursery (and the mount)
-            log.exception("cache: keeping the index of %s failed unexpectedly", key)
-        finally:
-            self._index_stores -= 1
-            if not self._index_stores:
-                self._index_stores_done.set()
+        """Hand a tar layer's members to ``add`` (``kitfs.core.indexing``)."""
+        await self._indexer.members(source.content, add)
 
     async def settle(self) -> None:
         """Wait until the layer indexes and the chunks fetched so far are kept in the cache."""
-        while self._index_stores:
-            await self._index_stores_done.wait()
+        await self._indexer.settle()
         await self.reader.settle()
 
     # --- reading ----------------------------------------------------------------------------
@@ -497,40 +409,6 @@ class KitSession:
                 "its tar header says"
             )
         return data
-
-
-@dataclass
-class _Pause:
-    freeze: bool = False  # set by the owner of a pause: gc.freeze when it ends
-
-
-@contextmanager
-def _collector_paused() -> Iterator[_Pause]:
-    """No cyclic garbage collection meanwhile: indexing a layer of 100,000 files makes several
-    objects per file, none in a cycle, and the collections their allocations start go on
-    walking the older generations, which hold everything made so far (half the time of
-    building the tree went there). A layer's scan keeps it paused from its first chunk to its
-    last, across the waits for chunks: paused per chunk, the collections at the end of each
-    still walked everything made so far (a tenth of the trio thread's samples in the first
-    find over 100,000 files).
-
-    With ``freeze`` set (a layer of ``FREEZE_AFTER_MEMBERS`` or more), what was made is then
-    put out of the collector's sight (``gc.freeze``), or the next collections would walk all
-    of it once more, twice: the tree lives as long as the mount, and reference counting still
-    frees what dies of it; only a reference cycle made during the pause, anywhere in the
-    process, would never be collected. A pause inside another (or inside the embedding
-    program's own) leaves both to the outer one."""
-    pause = _Pause()
-    if not gc.isenabled():  # paused already (an outer pause, or the embedding program's choice)
-        yield pause
-        return
-    gc.disable()
-    try:
-        yield pause
-    finally:
-        if pause.freeze:
-            gc.freeze()
-        gc.enable()
 
 
 def verification_label(state: VerifyState | None) -> str:
