@@ -53,7 +53,7 @@ from common import (
 from kits import Blob, Kit, remove
 from mounts import KitfsMount, Passthrough, Ratarmount
 
-from kitfs.sample import Registry
+from kitfs.demo import Registry
 
 RATARMOUNT = "ratarmount (HTTP)"
 FLOOR = "verifying floor"

@@ -392,8 +392,8 @@ def _demo(args: argparse.Namespace) -> int:
     import tempfile
 
     _require_pyfuse3()
+    from kitfs.demo import Pusher, Registry, sample_kit
     from kitfs.mount.daemon import STATUS_INTERVAL_S, unmount
-    from kitfs.sample import Pusher, Registry, sample_kit
 
     workdir = Path(tempfile.mkdtemp(prefix="kitfs-demo-"))
     registry = Registry(workdir / "registry").start()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kitfs.sample import Pusher, Registry
+from kitfs.demo import Pusher, Registry
 from tests.mounts import Mounter
 
 

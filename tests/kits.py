@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from kitfs.sample import KIT, Layer, Push, Pusher, tar_layer, with_layer_info
+from kitfs.demo import Layer, Push, Pusher, tar_layer, with_layer_info
+from kitfs.format.mediatypes import KIT
 
 FILEPATH = "org.cncf.model.filepath"
 PROMPT_SUBTYPE = {"ml.kitops.modelkit.layer-subtype": "prompt"}

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kitfs.api.fs import KitFileSystem
-from kitfs.sample import Layer, Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Layer, Pusher, Registry, tar_layer, with_layer_info
 
 MiB = 1 << 20
 

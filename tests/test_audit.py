@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from kitfs.audit import AuditLog, default_path
-from kitfs.sample import KIT, Layer, Pusher, Registry, sample_kit, tar_layer, with_layer_info
+from kitfs.demo import Layer, Pusher, Registry, sample_kit, tar_layer, with_layer_info
+from kitfs.format.mediatypes import KIT
 from tests.mounts import Mount, Mounter
 
 MiB = 1024 * 1024

@@ -29,7 +29,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from kitfs.cli import PYFUSE3_MISSING
-from kitfs.sample import Pusher, Registry, sample_kit
+from kitfs.demo import Pusher, Registry, sample_kit
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = os.urandom(3 * 1024 * 1024 + 5)

@@ -32,7 +32,7 @@ import kitfs.cache.database as database_module
 import kitfs.cache.schema as schema_module
 from kitfs.cache.files import unlink_quietly
 from kitfs.cache.store import ChunkStore
-from kitfs.sample import Pusher, Registry, sample_kit
+from kitfs.demo import Pusher, Registry, sample_kit
 
 CHUNK = 4 * 1024 * 1024  # the reader's default chunk size, which the CLI uses
 WEIGHTS = os.urandom(6 * CHUNK + 12345)  # the model layer spans 7 chunks

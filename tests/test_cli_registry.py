@@ -17,17 +17,8 @@ from typing import Any
 
 import pytest
 
-from kitfs.sample import (
-    KIT,
-    Layer,
-    Pusher,
-    Registry,
-    kit_tar,
-    sample_kit,
-    sha256,
-    tar_layer,
-    with_layer_info,
-)
+from kitfs.demo import Layer, Pusher, Registry, kit_tar, sample_kit, sha256, tar_layer, with_layer_info
+from kitfs.format.mediatypes import KIT
 
 WEIGHTS = os.urandom(24 * 1024 * 1024 + 4321)  # bigger than several 4 MiB chunks
 
@@ -142,7 +133,7 @@ def test_unknown_tag_and_repository(kitfs: Any, sample: str, registry: Registry)
 
 
 def test_dead_registry_fails_within_the_timeout(kitfs: Any) -> None:
-    from kitfs.sample import free_port
+    from kitfs.demo import free_port
 
     result = kitfs("ls", "--timeout", "2", f"127.0.0.1:{free_port()}/x/y:v1", check=False)
     assert result.returncode == 69

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
+from kitfs.demo import Pusher, Registry, sample_kit
 from kitfs.remote.auth import Credentials
-from kitfs.sample import Pusher, Registry, sample_kit
 
 USER = "alice"
 PASSWORD = "kitfs-pw-" + secrets.token_hex(8)  # unique, so finding it in stderr means a leak

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Pusher, Registry, tar_layer, with_layer_info
 from tests.kits import ALL_FILES, FILTERS, EveryPartKit, push_every_part_kit
 from tests.mounts import Mounter
 

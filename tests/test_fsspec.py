@@ -31,7 +31,7 @@ import kitfs
 from kitfs import open_kit
 from kitfs.api.fs import KitFileSystem
 from kitfs.api.runtime import shutdown
-from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Pusher, Registry, tar_layer, with_layer_info
 from tests.pykit import (
     COLUMN_BYTES,
     CSV,

@@ -23,10 +23,10 @@ import trio
 
 from kitfs.cache.store import ChunkStore
 from kitfs.core.reader import DEFAULT_CHUNK_SIZE_BYTES, BlobReader, Content, VerifyMode
+from kitfs.demo import Layer, Pusher, Registry, tar_layer, with_layer_info
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import Compression
 from kitfs.remote.registry import RegistryClient, RegistryConfig
-from kitfs.sample import Layer, Pusher, Registry, tar_layer, with_layer_info
 
 CHUNK = DEFAULT_CHUNK_SIZE_BYTES  # the CLI's chunk size, and the checkpoint spacing
 MIB = 1024 * 1024

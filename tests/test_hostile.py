@@ -26,16 +26,8 @@ from typing import Any
 
 import pytest
 
-from kitfs.sample import (
-    KIT,
-    Layer,
-    Pusher,
-    Registry,
-    kit_tar,
-    sha256,
-    tar_layer,
-    with_layer_info,
-)
+from kitfs.demo import Layer, Pusher, Registry, kit_tar, sha256, tar_layer, with_layer_info
+from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule, running
 from tests.mounts import Mounter
 

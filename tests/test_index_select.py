@@ -17,18 +17,10 @@ from typing import Any
 
 import pytest
 
+from kitfs.demo import Push, Pusher, Registry, tar_layer, with_layer_info
 from kitfs.errors import NotFoundError, UsageError
+from kitfs.format.mediatypes import KIT_ARTIFACT, OCI_INDEX, OCI_MANIFEST
 from kitfs.format.oci import Index, parse_document
-from kitfs.sample import (
-    KIT_MANIFEST_ARTIFACT,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    Push,
-    Pusher,
-    Registry,
-    tar_layer,
-    with_layer_info,
-)
 
 # ============================================================================================
 # Index.select on parsed bytes
@@ -163,7 +155,7 @@ def push_variant(pusher: Pusher, repository: str, name: str, weights: bytes) -> 
                                "model": {"name": name, "path": path, "format": "gguf"}}
     with_layer_info(kitfile, [(kitfile["model"], model)])
     return pusher.push_kit(f"{pusher.host}/{repository}", kitfile, [model],
-                           artifact_type=KIT_MANIFEST_ARTIFACT, by_digest=True)
+                           artifact_type=KIT_ARTIFACT, by_digest=True)
 
 
 class Pushed:
@@ -234,7 +226,7 @@ def test_inspect_shows_the_selected_manifest_digest(kitfs: Any, pushed: Pushed) 
         info = json.loads(kitfs("inspect", "--json", pushed.ref, "--select", selector).text)
         assert info["digest"] == push.digest
         assert info["digest"] != pushed.index_digest
-        assert info["artifactType"] == KIT_MANIFEST_ARTIFACT
+        assert info["artifactType"] == KIT_ARTIFACT
         assert [layer["digest"] for layer in info["layers"]] == [push.layers[0].digest]
         text = kitfs("inspect", pushed.ref, "--select", selector).text
         assert f"digest     {push.digest}" in text

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Pusher, Registry, tar_layer, with_layer_info
 from tests.mounts import Mount, Mounter
 
 MiB = 1 << 20

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kitfs.sample import Layer, Pusher, Registry, free_port, sample_kit, tar_layer, with_layer_info
+from kitfs.demo import Layer, Pusher, Registry, free_port, sample_kit, tar_layer, with_layer_info
 from tests.mounts import Mount, Mounter
 
 MiB = 1024 * 1024

@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 import trio
 
+from kitfs.demo import Layer, Pusher, Registry, tar_layer, with_layer_info
 from kitfs.format.digest import Digest
 from kitfs.format.hosts import parse_hosts_toml
+from kitfs.format.mediatypes import KIT
 from kitfs.remote.registry import RegistryClient, RegistryConfig
-from kitfs.sample import KIT, Layer, Pusher, Registry, tar_layer, with_layer_info
 from tests.faultproxy import FaultProxy, Rule, issue, make_ca, running, server_context
 from tests.mounts import Mounter
 

@@ -34,7 +34,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
-from kitfs.sample import KIT, Pusher, Registry, kit_tar, tar_layer, with_layer_info
+from kitfs.demo import Pusher, Registry, kit_tar, tar_layer, with_layer_info
+from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule
 from tests.mounts import Mounter, wait_gone
 
@@ -374,7 +375,7 @@ def test_hostile_layer_fails_only_its_own_accesses(
     link = tarfile.TarInfo("data/evil")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/shadow"
     bad_tar = kit_tar({"data/ok.txt": b"ok"}, "data", extra=[link])
-    from kitfs.sample import Layer, sha256
+    from kitfs.demo import Layer, sha256
 
     bad = Layer(f"{KIT}.dataset.v1.tar", bad_tar, diff_id=sha256(bad_tar))
     kitfile: dict[str, Any] = {"manifestVersion": "1.0.0",

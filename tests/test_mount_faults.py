@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from kitfs.cache.database import BUSY_BACKOFF_S
-from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Pusher, Registry, tar_layer, with_layer_info
 from tests.faultproxy import FaultProxy, Rule, running
 from tests.mounts import Mount, Mounter, wait_gone
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kitfs.cli import mount_options_to_argv
-from kitfs.sample import Pusher, Registry
+from kitfs.demo import Pusher, Registry
 from tests.kits import ALL_FILES, EveryPartKit, push_every_part_kit
 from tests.mounts import Mount, Mounter
 

@@ -18,10 +18,10 @@ import pyfuse3
 import pytest
 
 from kitfs.cli import mount_options_to_argv
+from kitfs.demo import Pusher, Registry
 from kitfs.errors import IntegrityError, UsageError
 from kitfs.format.tree import Node, Tree
 from kitfs.mount.filesystem import KitFilesystem
-from kitfs.sample import Pusher, Registry
 from tests.mounts import Mounter, wait_gone
 from tests.test_mount import push_mount_kit
 

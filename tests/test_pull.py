@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kitfs.sample import Pusher, Registry, sample_kit, tar_layer, with_layer_info
+from kitfs.demo import Pusher, Registry, sample_kit, tar_layer, with_layer_info
 from tests.kits import ALL_FILES, EveryPartKit, push_every_part_kit
 from tests.mounts import Mounter
 

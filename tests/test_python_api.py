@@ -24,13 +24,13 @@ from kitfs import open_kit  # a public name of the package, as kitfs.open_kit
 from kitfs.api.fs import KitFileSystem
 from kitfs.api.kit import Entry, VerifyProgress
 from kitfs.api.runtime import shutdown
-from kitfs.sample import Push, Pusher, Registry, sample_kit, tar_layer, with_layer_info
+from kitfs.demo import Push, Pusher, Registry, sample_kit, tar_layer, with_layer_info
 from tests.mounts import Mounter
 from tests.pykit import MiB, flip_byte_in_registry, register_kitfs
 
 register_kitfs()
 WEIGHTS = os.urandom(6 * MiB + 777)
-CSV_003 = b"id,value\n3,9\n"  # data/train/part-003.csv of kitfs.sample.sample_kit
+CSV_003 = b"id,value\n3,9\n"  # data/train/part-003.csv of kitfs.demo.sample_kit
 
 
 @pytest.fixture(scope="module")

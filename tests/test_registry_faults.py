@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from kitfs.sample import Pusher, Registry, sample_kit
+from kitfs.demo import Pusher, Registry, sample_kit
 from tests.faultproxy import Cert, FaultProxy, Rule, issue, make_ca, running, server_context
 
 WEIGHTS = os.urandom(6 * 1024 * 1024 + 4321)  # two 4 MiB chunks: the second starts past 0
