@@ -176,7 +176,7 @@ PASSWORD = "kitfs-audit-pw-" + secrets.token_hex(8)
 HEADER_SECRET = "kitfs-header-" + secrets.token_hex(8)
 
 
-def test_no_credentials_ever(mounter: Mounter, tmp_path: Path) -> None:
+def test_no_credentials_ever(mounter: Mounter, tmp_path: Path, docker_registry: str) -> None:
     """A registry wanting a password (from a Docker config), a hosts.toml header carrying a
     token, ``--debug``: mount, read, a verification outcome, unmount, cache clear. Neither the
     password, nor its Basic form, nor the header's value is in the audit log or the daemon's log."""

@@ -19,6 +19,7 @@ import pytest
 
 from kitfs.demo import Layer, Pusher, Registry, kit_tar, sample_kit, sha256, tar_layer, with_layer_info
 from kitfs.format.mediatypes import KIT
+from tests.kitfs_cli import run_kitfs
 
 WEIGHTS = os.urandom(24 * 1024 * 1024 + 4321)  # bigger than several 4 MiB chunks
 
@@ -356,15 +357,13 @@ def test_a_full_cache_disk_serves_uncached_with_a_warning(
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
     try:
         env = dict(os.environ, KITFS_CACHE_DIR=str(small / "cache"))
-        done = subprocess.run([sys.executable, "-m", "kitfs", "cat", sample, "models/weights.safetensors"],
-                              capture_output=True, env=env, timeout=120)
+        done = run_kitfs("cat", sample, "models/weights.safetensors", env=env)
         assert done.returncode == 0, done.stderr
         assert done.stdout == WEIGHTS
-        stderr = done.stderr.decode()
+        stderr = done.stderr
         assert "WARNING" in stderr and "Traceback" not in stderr
         assert stderr.count("WARNING") == 1, stderr  # one warning, not one per chunk
-        verify = subprocess.run([sys.executable, "-m", "kitfs", "cache", "verify"], env=env,
-                                capture_output=True, text=True, timeout=60)
-        assert verify.returncode == 0, verify.stdout + verify.stderr
+        verify = run_kitfs("cache", "verify", env=env, timeout_s=60)
+        assert verify.returncode == 0, verify.text + verify.stderr
     finally:
         subprocess.run(["umount", str(small)], check=True)

@@ -21,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kitfs.demo import Layer, Pusher, Registry, free_port, sample_kit, tar_layer, with_layer_info
+from tests.kitfs_cli import kitfs_argv
 from tests.mounts import Mount, Mounter
 
 MiB = 1024 * 1024
@@ -37,8 +38,8 @@ class MetricsServer:
         mounter.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "kitfs", "metrics", "--listen", f"127.0.0.1:{self.port}",
-                 *args], env=env or mounter.env(), stdout=log, stderr=log)
+                kitfs_argv("metrics", "--listen", f"127.0.0.1:{self.port}", *args),
+                env=env or mounter.env(), stdout=log, stderr=log)
         deadline = time.monotonic() + 30
         while True:
             assert self.process.poll() is None, self.log.read_text()

@@ -17,7 +17,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tarfile
 import tempfile
 import threading
@@ -37,6 +36,7 @@ from safetensors.numpy import save as save_safetensors
 from kitfs.demo import Pusher, Registry, kit_tar, tar_layer, with_layer_info
 from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule
+from tests.kitfs_cli import kitfs_argv
 from tests.mounts import Mounter, wait_gone
 
 CREATED = "2024-05-01T12:30:00Z"
@@ -120,7 +120,7 @@ def test_mount_shows_the_tree_kit_unpack_writes_with_the_same_bytes(
         for i in range(1, len(parts)):
             expected["/".join(parts[:i])] = ("dir", 0)
         expected[path] = ("file", len(data))
-    kitfile = mounter.kitfs("cat", kit, "Kitfile").stdout.encode()
+    kitfile = mounter.kitfs("cat", kit, "Kitfile").stdout
     expected["Kitfile"] = ("file", len(kitfile))
     assert _tree(mount.path) == expected
     for path, data in PACKED.items():
@@ -286,7 +286,7 @@ def test_status_reports_digest_pid_bytes_and_verification(
     states = {b["path"]: b["state"] for b in record["blobs"]}
     assert states["models/model.safetensors"] == "verified"
     assert states["data"] == "not fetched"
-    text = mounter.kitfs("status").stdout
+    text = mounter.kitfs("status").text
     assert str(mount.path) in text and inspect["digest"] in text
 
 
@@ -307,7 +307,7 @@ def test_sigterm_and_kitfs_umount_unmount_cleanly_with_exit_0(
         log_file = path.with_suffix(".log")
         with open(log_file, "wb") as log_stream:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "kitfs", "mount", "--foreground", kit, str(path)],
+                kitfs_argv("mount", "--foreground", kit, str(path)),
                 env=mounter.env(), stdout=log_stream, stderr=log_stream)
         try:
             mount = mounter.adopt_when_ready(kit, path, log_file, daemon)

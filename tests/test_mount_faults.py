@@ -81,10 +81,10 @@ def proxy(registry: Registry) -> Iterator[FaultProxy]:
 def cache_verify(mounter: Mounter) -> str:
     """``kitfs cache verify`` on the test's cache: must exit 0 with nothing dropped."""
     done = mounter.kitfs("cache", "verify", check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip().endswith(", 0 dropped"), done.stdout
+    assert done.returncode == 0, done.text + done.stderr
+    assert done.text.strip().endswith(", 0 dropped"), done.text
     assert "dropping chunk" not in done.stderr, done.stderr
-    return done.stdout
+    return done.text
 
 
 def drop_page_cache(mount: Mount) -> None:

@@ -21,7 +21,7 @@ from tests.mounts import Mount, Mounter
 
 
 @pytest.fixture
-def own_registry(tmp_path: Path) -> Iterator[Registry]:
+def own_registry(tmp_path: Path, docker_registry: str) -> Iterator[Registry]:
     """A registry of this test's own: the test stops it."""
     registry = Registry(tmp_path / "registry").start()
     try:

@@ -9,13 +9,13 @@ import os
 import pty
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kitfs.demo import Pusher, Registry, sample_kit, tar_layer, with_layer_info
+from tests.kitfs_cli import kitfs_argv
 from tests.kits import ALL_FILES, EveryPartKit, push_every_part_kit
 from tests.mounts import Mounter
 
@@ -79,7 +79,7 @@ def pull_on_a_terminal(reference: str, cache_dir: Path, *args: str) -> tuple[str
     leader, follower = pty.openpty()
     env = dict(os.environ, KITFS_CACHE_DIR=str(cache_dir), COLUMNS="160", TERM="xterm")
     with os.fdopen(leader, "rb", buffering=0) as terminal, subprocess.Popen(
-            [sys.executable, "-m", "kitfs", "pull", reference, *args], stdout=subprocess.PIPE,
+            kitfs_argv("pull", reference, *args), stdout=subprocess.PIPE,
             stderr=follower, env=env) as proc:
         os.close(follower)
         out = b""

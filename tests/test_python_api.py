@@ -186,7 +186,7 @@ def test_errors_are_python_exceptions_with_the_mounts_errnos(
 
 
 @pytest.fixture(scope="module")
-def auth_kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def auth_kit(tmp_path_factory: pytest.TempPathFactory, docker_registry: str) -> Iterator[str]:
     """A registry that wants alice's password for every request, holding the sample kit."""
     registry = Registry(tmp_path_factory.mktemp("auth-registry"),
                         users={"alice": "api-secret"}).start()
@@ -303,7 +303,7 @@ def test_the_api_and_mounts_share_one_cache(
 
 
 def test_a_registry_that_does_not_answer_is_an_eio_and_reads_work_again_once_it_is_back(
-        tmp_path: Path, cache_dir: Path) -> None:
+        tmp_path: Path, cache_dir: Path, docker_registry: str) -> None:
     registry = Registry(tmp_path / "registry").start()
     try:
         reference = f"{registry.host}/team/outage:v1"
