@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
 
 import fsspec
 import numpy as np
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kitfs.api.fs import KitFileSystem
-from kitfs.demo import Layer, Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Entry, Layer, Pusher, Registry, push_entries, tar_layer
 
 MiB = 1 << 20
 
@@ -47,27 +46,15 @@ PACKED = {"models/weights.bin": WEIGHTS, **DATA, **CODE, "README.md": README}
 
 def push_analytics_kit(pusher: Pusher, reference: str) -> dict[str, Layer]:
     """Push the kit at ``reference``; its layers by Kitfile path."""
-    layers = {
-        "models/weights.bin": tar_layer("model", {"models/weights.bin": WEIGHTS},
-                                        "models/weights.bin"),
-        "data": tar_layer("dataset", DATA, "data"),
-        "src": tar_layer("code", CODE, "src"),
-        "README.md": tar_layer("docs", {"README.md": README}, "README.md"),
-    }
-    kitfile: dict[str, Any] = {
-        "manifestVersion": "1.0.0",
-        "package": {"name": "analytics", "version": "1.0.0"},
-        "model": {"name": "m", "path": "models/weights.bin"},
-        "datasets": [{"name": "data", "path": "data"}],
-        "code": [{"path": "src"}],
-        "docs": [{"path": "README.md"}],
-    }
-    with_layer_info(kitfile, [(kitfile["model"], layers["models/weights.bin"]),
-                              (kitfile["datasets"][0], layers["data"]),
-                              (kitfile["code"][0], layers["src"]),
-                              (kitfile["docs"][0], layers["README.md"])])
-    pusher.push_kit(reference, kitfile, list(layers.values()))
-    return layers
+    entries = [
+        Entry("model", {"name": "m", "path": "models/weights.bin"},
+              tar_layer("model", {"models/weights.bin": WEIGHTS}, "models/weights.bin")),
+        Entry("datasets", {"name": "data", "path": "data"}, tar_layer("dataset", DATA, "data")),
+        Entry("code", {"path": "src"}, tar_layer("code", CODE, "src")),
+        Entry("docs", {"path": "README.md"}, tar_layer("docs", {"README.md": README}, "README.md")),
+    ]
+    push_entries(pusher, reference, entries, package={"name": "analytics", "version": "1.0.0"})
+    return {entry.fields["path"]: entry.layer for entry in entries if entry.layer}
 
 
 def flip_byte_in_registry(registry: Registry, digest: str, at: int) -> None:

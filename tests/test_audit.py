@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from kitfs.audit import AuditLog, default_path
-from kitfs.demo import Layer, Pusher, Registry, sample_kit, tar_layer, with_layer_info
+from kitfs.demo import Entry, Layer, Pusher, Registry, push_entries, sample_kit, tar_layer, with_layer_info
 from kitfs.format.mediatypes import KIT
 from tests.mounts import Mount, Mounter
 
@@ -44,10 +44,8 @@ def wait_for(path: Path, count: int, **match: Any) -> list[dict[str, Any]]:
 def push_two_layer_kit(pusher: Pusher, reference: str, weights: bytes) -> tuple[Layer, Layer]:
     model = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
     docs = tar_layer("docs", {"README.md": b"# audited\n"}, "README.md")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/w.bin"},
-                               "docs": [{"path": "README.md"}]}
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["docs"][0], docs)])
-    pusher.push_kit(reference, kitfile, [model, docs])
+    push_entries(pusher, reference, [Entry("model", {"path": "models/w.bin"}, model),
+                                     Entry("docs", {"path": "README.md"}, docs)])
     return model, docs
 
 

@@ -23,7 +23,17 @@ from typing import Any
 
 import pytest
 
-from kitfs.demo import Layer, Pusher, Registry, kit_tar, sha256, tar_layer, with_layer_info
+from kitfs.demo import (
+    Entry,
+    Layer,
+    Pusher,
+    Registry,
+    kit_tar,
+    push_entries,
+    sha256,
+    tar_layer,
+    with_layer_info,
+)
 from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule, running
 from tests.kitfs_cli import Result, run_kitfs
@@ -41,14 +51,8 @@ def kitfs_in(cache_dir: Path, *args: str) -> Result:
 
 def push_one_layer_kit(pusher: Pusher, reference: str, layer: Layer, section: str = "code",
                        path: str = "src", **kwargs: Any) -> None:
-    entry: dict[str, Any] = {"path": path}
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "package": {"name": "hostile"}}
-    if section == "model":
-        kitfile["model"] = entry
-    else:
-        kitfile[section] = [entry]
-    with_layer_info(kitfile, [(entry, layer)])
-    pusher.push_kit(reference, kitfile, [layer], **kwargs)
+    push_entries(pusher, reference, [Entry(section, {"path": path}, layer)],
+                 package={"name": "hostile"}, **kwargs)
 
 
 def refused(result: Any, *fragments: str) -> None:
@@ -200,10 +204,8 @@ def registry_manifest(registry: Registry, reference: str) -> bytes:
 def push_referencing_kit(pusher: Pusher, reference: str, model_path: str) -> None:
     """A kit whose model is another kit (``model.path`` is a reference), with docs of its own."""
     docs = tar_layer("docs", {"README.md": reference.encode()}, "README.md")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": model_path},
-                               "docs": [{"path": "README.md"}]}
-    with_layer_info(kitfile, [(kitfile["docs"][0], docs)])
-    pusher.push_kit(reference, kitfile, [docs])
+    push_entries(pusher, reference, [Entry("model", {"path": model_path}),
+                                     Entry("docs", {"path": "README.md"}, docs)])
 
 
 def manifest_requests(registry: Registry, since: int) -> int:
@@ -288,9 +290,7 @@ def test_unknown_media_types_are_named(kitfs: Any, registry: Registry, pusher: P
 def push_with_sizes(pusher: Pusher, reference: str, layer: Layer, *, layer_size: int | None = None,
                     config_size: int | None = None) -> Any:
     """A one-layer kit whose manifest states other sizes than its blobs have."""
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}]}
-    with_layer_info(kitfile, [(kitfile["code"][0], layer)])
-    push = pusher.push_kit(reference, kitfile, [layer])
+    push = push_entries(pusher, reference, [Entry("code", {"path": "src"}, layer)])
     manifest = dict(push.manifest)
     if layer_size is not None:
         manifest["layers"] = [{**manifest["layers"][0], "size": layer_size}]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from kitfs.demo import Layer, Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Entry, Layer, Pusher, Registry, push_entries, tar_layer
 from kitfs.format.digest import Digest
 from kitfs.format.hosts import parse_hosts_toml
 from kitfs.format.mediatypes import KIT
@@ -48,11 +48,10 @@ def push_kit(pusher: Pusher, host: str, name: str, weights: bytes) -> Kit:
     """A raw weights file (one layer, read without any index) and a small tar of code."""
     model = Layer(f"{KIT}.model.v1.raw", weights, {"org.cncf.model.filepath": "model.bin"})
     code = tar_layer("code", {"src/train.py": b"print('train')\n"}, "src")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "package": {},
-                               "model": {"path": "model.bin"}, "code": [{"path": "src"}]}
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["code"][0], code)])
     repository = f"mirrors/{name}"
-    pusher.push_kit(f"{host}/{repository}:v1", kitfile, [model, code])
+    push_entries(pusher, f"{host}/{repository}:v1", [Entry("model", {"path": "model.bin"}, model),
+                                                     Entry("code", {"path": "src"}, code)],
+                 package={})
     return Kit(f"{host}/{repository}:v1", repository, weights, [model, code])
 
 

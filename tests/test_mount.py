@@ -33,7 +33,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
-from kitfs.demo import Pusher, Registry, kit_tar, tar_layer, with_layer_info
+from kitfs.demo import Entry, Pusher, Registry, kit_tar, push_entries, tar_layer, with_layer_info
 from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule
 from tests.kitfs_cli import kitfs_argv
@@ -79,22 +79,14 @@ PACKED = {"models/model.safetensors": WEIGHTS, **DATA, **CODE, "README.md": b"# 
 
 
 def push_mount_kit(pusher: Pusher, reference: str, readme: bytes = b"# Mount kit\n") -> str:
-    model = tar_layer("model", {"models/model.safetensors": WEIGHTS}, "models/model.safetensors")
-    dataset = tar_layer("dataset", DATA, "data")
-    code = tar_layer("code", CODE, "src", modes=CODE_MODES)
-    docs = tar_layer("docs", {"README.md": readme}, "README.md")
-    kitfile: dict[str, Any] = {
-        "manifestVersion": "1.0.0",
-        "package": {"name": "mount-kit", "version": "1.0.0"},
-        "model": {"name": "m", "path": "models/model.safetensors", "format": "safetensors"},
-        "datasets": [{"name": "data", "path": "data"}],
-        "code": [{"path": "src"}],
-        "docs": [{"path": "README.md"}],
-    }
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["datasets"][0], dataset),
-                              (kitfile["code"][0], code), (kitfile["docs"][0], docs)])
-    pusher.push_kit(reference, kitfile, [model, dataset, code, docs],
-                    annotations={"org.opencontainers.image.created": CREATED})
+    push_entries(pusher, reference, [
+        Entry("model", {"name": "m", "path": "models/model.safetensors", "format": "safetensors"},
+              tar_layer("model", {"models/model.safetensors": WEIGHTS}, "models/model.safetensors")),
+        Entry("datasets", {"name": "data", "path": "data"}, tar_layer("dataset", DATA, "data")),
+        Entry("code", {"path": "src"}, tar_layer("code", CODE, "src", modes=CODE_MODES)),
+        Entry("docs", {"path": "README.md"}, tar_layer("docs", {"README.md": readme}, "README.md")),
+    ], package={"name": "mount-kit", "version": "1.0.0"},
+        annotations={"org.opencontainers.image.created": CREATED})
     return reference
 
 

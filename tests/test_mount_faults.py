@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from kitfs.cache.database import BUSY_BACKOFF_S
-from kitfs.demo import Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Entry, Pusher, Registry, push_entries, tar_layer, with_layer_info
 from tests.faultproxy import FaultProxy, Rule, running
 from tests.mounts import Mount, Mounter, wait_gone
 
@@ -52,17 +52,11 @@ def push_fault_kit(pusher: Pusher, reference: str) -> Kit:
     dataset = tar_layer("dataset", SHARDS, "data")
     code = tar_layer("code", CODE, "src")
     docs = tar_layer("docs", {"README.md": README}, "README.md")
-    kitfile: dict[str, Any] = {
-        "manifestVersion": "1.0.0",
-        "package": {"name": "fault-kit", "version": "1.0.0"},
-        "model": {"name": "m", "path": "models/weights.bin"},
-        "datasets": [{"name": "shards", "path": "data"}],
-        "code": [{"path": "src"}],
-        "docs": [{"path": "README.md"}],
-    }
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["datasets"][0], dataset),
-                              (kitfile["code"][0], code), (kitfile["docs"][0], docs)])
-    pusher.push_kit(reference, kitfile, [model, dataset, code, docs])
+    push_entries(pusher, reference, [
+        Entry("model", {"name": "m", "path": "models/weights.bin"}, model),
+        Entry("datasets", {"name": "shards", "path": "data"}, dataset),
+        Entry("code", {"path": "src"}, code), Entry("docs", {"path": "README.md"}, docs),
+    ], package={"name": "fault-kit", "version": "1.0.0"})
     return Kit(reference, {"models/weights.bin": model.digest, "data": dataset.digest,
                            "src": code.digest, "README.md": docs.digest})
 
@@ -133,9 +127,7 @@ def kill_9(registry: Registry) -> None:
 def push_model_kit(pusher: Pusher, reference: str, weights: bytes) -> str:
     """A kit of one model file (one layer)."""
     model = tar_layer("model", {"models/weights.bin": weights}, "models/weights.bin")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/weights.bin"}}
-    with_layer_info(kitfile, [(kitfile["model"], model)])
-    pusher.push_kit(reference, kitfile, [model])
+    push_entries(pusher, reference, [Entry("model", {"path": "models/weights.bin"}, model)])
     return reference
 
 

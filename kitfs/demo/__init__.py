@@ -7,12 +7,15 @@ import-linter layer above the core says so), and it is the only kitfs code that 
 """
 
 from kitfs.demo.kits import (
+    Entry,
     Layer,
     Push,
     Pusher,
     compress,
     kit_tar,
+    kitfile_of,
     manifest_bytes,
+    push_entries,
     sample_kit,
     sha256,
     split_reference,
@@ -22,6 +25,7 @@ from kitfs.demo.kits import (
 from kitfs.demo.registry import Registry, free_port, htpasswd_line
 
 __all__ = [
+    "Entry",
     "Layer",
     "Push",
     "Pusher",
@@ -30,7 +34,9 @@ __all__ = [
     "free_port",
     "htpasswd_line",
     "kit_tar",
+    "kitfile_of",
     "manifest_bytes",
+    "push_entries",
     "sample_kit",
     "sha256",
     "split_reference",

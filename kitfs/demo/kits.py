@@ -260,26 +260,59 @@ def with_layer_info(kitfile: dict[str, Any], entries: list[tuple[dict[str, Any],
     return kitfile
 
 
+@dataclass
+class Entry:
+    """One Kitfile entry and the layer that holds it (none: a model that names another kit)."""
+
+    section: str  # model; parts (the model's); datasets, code, docs, prompts, mcpServers
+    fields: dict[str, Any]
+    layer: Layer | None = None
+
+
+def kitfile_of(entries: list[Entry], package: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Kitfile of ``entries`` (in their order), with digests as kit pack records them."""
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0"}
+    if package is not None:
+        kitfile["package"] = package
+    placed = []
+    for entry in entries:
+        fields = dict(entry.fields)
+        if entry.section == "model":
+            kitfile["model"] = fields
+        elif entry.section == "parts":
+            kitfile["model"].setdefault("parts", []).append(fields)
+        else:
+            kitfile.setdefault(entry.section, []).append(fields)
+        if entry.layer is not None:
+            placed.append((fields, entry.layer))
+    return with_layer_info(kitfile, placed)
+
+
+def push_entries(pusher: Pusher, reference: str, entries: list[Entry], *,
+                 package: dict[str, Any] | None = None, layers: list[Layer] | None = None,
+                 **push: Any) -> Push:
+    """Push a kit of ``entries``: its Kitfile, and their layers in that order (or ``layers``).
+    ``push``: the rest of ``Pusher.push_kit``'s options."""
+    return pusher.push_kit(reference, kitfile_of(entries, package),
+                           [e.layer for e in entries if e.layer] if layers is None else layers,
+                           **push)
+
+
 def sample_kit(pusher: Pusher, reference: str, weights: bytes, compression: str = "none") -> Push:
     """The sample ModelKit: weights, a dataset directory, code and docs."""
-    model = tar_layer("model", {"models/weights.safetensors": weights},
-                      "models/weights.safetensors", compression)
     data_files = {f"data/train/part-{i:03d}.csv": f"id,value\n{i},{i * i}\n".encode()
                   for i in range(20)}
-    dataset = tar_layer("dataset", data_files, "data/train", compression)
-    code = tar_layer("code", {"src/train.py": b"print('train')\n",
-                              "src/util/io.py": b"def load():\n    pass\n"}, "src", compression)
-    docs = tar_layer("docs", {"README.md": b"# Sample kit\n"}, "README.md", compression)
-    kitfile: dict[str, Any] = {
-        "manifestVersion": "1.0.0",
-        "package": {"name": "sample", "version": "1.0.0", "authors": ["kitfs"]},
-        "model": {"name": "sample-model", "path": "models/weights.safetensors",
-                  "format": "safetensors"},
-        "code": [{"path": "src", "description": "training code"}],
-        "datasets": [{"name": "train", "path": "data/train"}],
-        "docs": [{"path": "README.md"}],
-    }
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["code"][0], code),
-                              (kitfile["datasets"][0], dataset), (kitfile["docs"][0], docs)])
-    return pusher.push_kit(reference, kitfile, [model, code, dataset, docs],
-                           annotations={"ml.kitops.modelkit.cli-version": "1.7.0"})
+    code = {"src/train.py": b"print('train')\n", "src/util/io.py": b"def load():\n    pass\n"}
+    return push_entries(pusher, reference, [
+        Entry("model", {"name": "sample-model", "path": "models/weights.safetensors",
+                        "format": "safetensors"},
+              tar_layer("model", {"models/weights.safetensors": weights},
+                        "models/weights.safetensors", compression)),
+        Entry("code", {"path": "src", "description": "training code"},
+              tar_layer("code", code, "src", compression)),
+        Entry("datasets", {"name": "train", "path": "data/train"},
+              tar_layer("dataset", data_files, "data/train", compression)),
+        Entry("docs", {"path": "README.md"},
+              tar_layer("docs", {"README.md": b"# Sample kit\n"}, "README.md", compression)),
+    ], package={"name": "sample", "version": "1.0.0", "authors": ["kitfs"]},
+        annotations={"ml.kitops.modelkit.cli-version": "1.7.0"})
