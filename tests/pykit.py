@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kitfs.api.fs import KitFileSystem
-from kitfs.demo import Entry, Layer, Pusher, Registry, push_entries, tar_layer
+from kitfs.demo import Entry, Layer, Pusher, push_entries, tar_layer
 
 MiB = 1 << 20
 
@@ -55,14 +55,6 @@ def push_analytics_kit(pusher: Pusher, reference: str) -> dict[str, Layer]:
     ]
     push_entries(pusher, reference, entries, package={"name": "analytics", "version": "1.0.0"})
     return {entry.fields["path"]: entry.layer for entry in entries if entry.layer}
-
-
-def flip_byte_in_registry(registry: Registry, digest: str, at: int) -> None:
-    """Flip one byte of a blob in the registry's own storage (it serves it as it is)."""
-    stored = registry.blob_file(digest)
-    data = bytearray(stored.read_bytes())
-    data[at] ^= 0x01
-    stored.write_bytes(bytes(data))
 
 
 def register_kitfs() -> None:

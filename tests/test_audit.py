@@ -89,10 +89,7 @@ def test_a_verification_failure_is_recorded_once_with_the_layers_outcome(
     log = tmp_path / "audit.jsonl"
     reference = f"{registry.host}/audit/tampered:v1"
     model, _ = push_two_layer_kit(pusher, reference, os.urandom(3 * MiB))
-    stored = registry.blob_file(model.digest)
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
+    registry.flip_stored_byte(model.digest)
     mount = mounter.mount(reference, "--audit-log", str(log))
     mount.expect_error(rf"{model.digest} failed verification")
     for _ in range(3):  # the same failure, answered three times
@@ -142,10 +139,7 @@ def test_pulls_pins_and_unpins_are_recorded(
 
     forged = f"{registry.host}/audit/forged:v1"
     model, _ = push_two_layer_kit(pusher, forged, os.urandom(3 * MiB))
-    stored = registry.blob_file(model.digest)
-    data = bytearray(stored.read_bytes())
-    data[-100] ^= 0xFF
-    stored.write_bytes(data)
+    registry.flip_stored_byte(model.digest, -100)
     done = mounter.kitfs("pull", forged, "--progress", "none", "--audit-log", str(log),
                          check=False)
     assert done.returncode == 65

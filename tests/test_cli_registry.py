@@ -149,10 +149,7 @@ def _tampered_kit(registry: Registry, pusher: Pusher, name: str) -> tuple[str, b
     reference = f"{registry.host}/team/{name}:v1"
     push = sample_kit(pusher, reference, weights)
     model = push.layers[0]
-    blob = registry.blob_file(model.digest)
-    data = bytearray(blob.read_bytes())
-    data[2048] ^= 0xFF  # inside the weights file, after its tar header
-    blob.write_bytes(bytes(data))
+    registry.flip_stored_byte(model.digest, 2048)  # inside the weights file, after its tar header
     return reference, weights, model
 
 

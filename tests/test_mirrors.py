@@ -214,10 +214,7 @@ def test_a_mirror_serving_wrong_bytes_is_caught_by_the_digest(
     EIO and the layer is named as failing verification; the registry's copy is intact."""
     kit = push_kit(pusher, registry.host, "forged", os.urandom(10 * MiB))
     warm(mirror, kit.repository, kit.model.digest)
-    stored = mirror.blob_file(kit.model.digest)
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
+    mirror.flip_stored_byte(kit.model.digest)
     mount = mounter.mount(kit.reference, "--hosts-dir",
                           str(hosts_dir(tmp_path, registry.host, mirror.host)))
     mount.expect_error(rf"{kit.model.digest} failed verification")

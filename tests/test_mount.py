@@ -33,7 +33,17 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
-from kitfs.demo import Entry, Pusher, Registry, kit_tar, push_entries, tar_layer, with_layer_info
+from kitfs.demo import (
+    Entry,
+    Layer,
+    Pusher,
+    Registry,
+    kit_tar,
+    push_entries,
+    sha256,
+    tar_layer,
+    with_layer_info,
+)
 from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule
 from tests.kitfs_cli import kitfs_argv
@@ -367,7 +377,6 @@ def test_hostile_layer_fails_only_its_own_accesses(
     link = tarfile.TarInfo("data/evil")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/shadow"
     bad_tar = kit_tar({"data/ok.txt": b"ok"}, "data", extra=[link])
-    from kitfs.demo import Layer, sha256
 
     bad = Layer(f"{KIT}.dataset.v1.tar", bad_tar, diff_id=sha256(bad_tar))
     kitfile: dict[str, Any] = {"manifestVersion": "1.0.0",
@@ -480,18 +489,20 @@ def test_xattrs_tie_each_file_to_its_layer_digest(mounter: Mounter, kit: str) ->
     assert os.listxattr(mount.path / "src/train.py") == ["user.kitfs.digest"]
 
 
-def test_a_tampered_weights_file_fails_with_eio_and_says_why(
-        mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
+def push_tampered_weights(registry: Registry, pusher: Pusher, reference: str) -> tuple[bytes, Layer]:
+    """A kit of one 10 MiB weights file whose layer has one flipped byte in the registry's
+    storage (the middle of the blob): the weights as packed, and the layer."""
     weights = os.urandom(10 * MiB)
     model = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/w.bin"}}
-    with_layer_info(kitfile, [(kitfile["model"], model)])
+    push_entries(pusher, reference, [Entry("model", {"path": "models/w.bin"}, model)])
+    registry.flip_stored_byte(model.digest)
+    return weights, model
+
+
+def test_a_tampered_weights_file_fails_with_eio_and_says_why(
+        mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
     reference = f"{registry.host}/team/tampered:v1"
-    pusher.push_kit(reference, kitfile, [model])
-    stored = registry.blob_file(model.digest)
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte in the registry's storage
-    stored.write_bytes(bytes(data))
+    _, model = push_tampered_weights(registry, pusher, reference)
     mount = mounter.mount(reference)
     mount.expect_error(rf"{model.digest} failed verification")
     assert os.stat(mount.path / "models/w.bin").st_mtime_ns == 0  # no created annotation
@@ -505,16 +516,8 @@ def test_a_tampered_weights_file_fails_with_eio_and_says_why(
 
 def test_a_failure_found_by_another_process_fails_the_mounts_reads_within_a_second(
         mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
-    weights = os.urandom(10 * MiB)
-    model = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/w.bin"}}
-    with_layer_info(kitfile, [(kitfile["model"], model)])
     reference = f"{registry.host}/team/tampered-elsewhere:v1"
-    pusher.push_kit(reference, kitfile, [model])
-    stored = registry.blob_file(model.digest)
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
+    weights, model = push_tampered_weights(registry, pusher, reference)
     mount = mounter.mount(reference)
     path = mount.path / "models/w.bin"
     with path.open("rb") as f:  # eventual mode: a read that does not reach the end is served

@@ -261,14 +261,6 @@ def test_bearer_tokens_expiring_mid_read(
     assert len(expired) >= 4 and len(proxy.tokens_issued) >= 4, (len(expired), proxy.tokens_issued)
 
 
-def flip_byte_in_registry(registry: Registry, digest: str, at: int) -> None:
-    """Flip one byte of a blob in the registry's own storage (it serves it as it is)."""
-    stored = registry.blob_file(digest)
-    data = bytearray(stored.read_bytes())
-    data[at] ^= 0x01
-    stored.write_bytes(bytes(data))
-
-
 def read_every_file(root: Path, paths: list[str]) -> None:
     for path in paths:
         (root / path).read_bytes()
@@ -286,7 +278,7 @@ def test_a_flipped_byte_in_a_small_file_gives_eio(
     with_layer_info(kitfile, [(kitfile["code"][0], code), (kitfile["docs"][0], docs)])
     reference = f"{registry.host}/faults/flipped-small:v1"
     pusher.push_kit(reference, kitfile, [code, docs])
-    flip_byte_in_registry(registry, code.digest, code.data.index(script) + 3)
+    registry.flip_stored_byte(code.digest, code.data.index(script) + 3, 0x01)
     mount = mounter.mount(reference)
     mount.expect_error(rf"{code.digest}.*failed verification")
     for _ in range(2):
@@ -312,7 +304,7 @@ def test_a_flipped_byte_in_a_dataset_layer(
     reference = f"{registry.host}/faults/flipped-dataset:v1"
     pusher.push_kit(reference, kitfile, [dataset])
     victim = "data/big-1.bin"
-    flip_byte_in_registry(registry, dataset.digest, dataset.data.index(shards[victim][:64]) + 7 * MiB)
+    registry.flip_stored_byte(dataset.digest, dataset.data.index(shards[victim][:64]) + 7 * MiB, 0x01)
 
     strict = mounter.mount(reference, "--verify", "strict", name="strict")
     strict.expect_error(rf"{dataset.digest}.*failed verification")

@@ -125,10 +125,7 @@ def test_a_layer_failing_its_digest_fails_the_pull_naming_it(
                                "docs": [{"path": "docs"}]}
     with_layer_info(kitfile, [(kitfile["datasets"][0], data), (kitfile["docs"][0], docs)])
     pusher.push_kit(reference, kitfile, [docs, data])
-    stored = registry.blob_file(docs.digest)
-    blob = bytearray(stored.read_bytes())
-    blob[3 * MiB] ^= 0xFF
-    stored.write_bytes(bytes(blob))
+    registry.flip_stored_byte(docs.digest, 3 * MiB)
     done = kitfs("pull", reference, "--pin", "--progress", "plain", check=False)
     assert done.returncode == 65
     assert re.search(rf"^kitfs: layer {docs.digest} \(docs docs\) of \S+: layer "

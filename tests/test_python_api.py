@@ -26,7 +26,7 @@ from kitfs.api.kit import Entry, VerifyProgress
 from kitfs.api.runtime import shutdown
 from kitfs.demo import Push, Pusher, Registry, sample_kit, tar_layer, with_layer_info
 from tests.mounts import Mounter
-from tests.pykit import MiB, flip_byte_in_registry, register_kitfs
+from tests.pykit import MiB, register_kitfs
 
 register_kitfs()
 WEIGHTS = os.urandom(6 * MiB + 777)
@@ -143,7 +143,7 @@ def _tampered_kit(registry: Registry, pusher: Pusher, name: str) -> tuple[str, s
     with_layer_info(kitfile, [(kitfile["code"][0], code), (kitfile["docs"][0], docs)])
     reference = f"{registry.host}/team/{name}:v1"
     pusher.push_kit(reference, kitfile, [code, docs])
-    flip_byte_in_registry(registry, code.digest, code.data.index(script) + 3)
+    registry.flip_stored_byte(code.digest, code.data.index(script) + 3, 0x01)
     return reference, code.digest, docs.digest
 
 

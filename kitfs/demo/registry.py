@@ -183,3 +183,12 @@ class Registry:
     def blob_file(self, digest: str) -> Path:
         algo, hex_ = digest.split(":")
         return self.root / "docker/registry/v2/blobs" / algo / hex_[:2] / hex_ / "data"
+
+    def flip_stored_byte(self, digest: str, at: int | None = None, mask: int = 0xFF) -> None:
+        """XOR one byte of a blob in this registry's own storage with ``mask`` (``at``: an
+        index, negative from the end; default the middle). The registry then serves the
+        changed bytes under the old digest, as a tampered or broken registry would."""
+        stored = self.blob_file(digest)
+        data = bytearray(stored.read_bytes())
+        data[len(data) // 2 if at is None else at] ^= mask
+        stored.write_bytes(bytes(data))
