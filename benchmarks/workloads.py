@@ -153,6 +153,35 @@ class Bench:
 
         self.guarded(workload, "local file", body)
 
+    def kitfs_three_ways(self, workload: str, measure: Callable[[KitfsMount], dict[str, Any]], *,
+                         before: Callable[[KitfsMount], object] | None = None,
+                         memory: bool = True, mount_time: bool = False) -> None:
+        """``measure(mount)`` three times on one fresh mount per repeat (after ``before``):
+        cold (page cache dropped, kitfs' cache empty), from kitfs' disk cache (page cache
+        dropped again), from the page cache. Each with its CPU and the registry's bytes;
+        ``memory``: the daemon's peak RSS; ``mount_time``: how long the mount took."""
+        cold: list[dict[str, Any]] = []
+        disk: list[dict[str, Any]] = []
+        page: list[dict[str, Any]] = []
+        for _ in range(self.repeat):
+            with self.kitfs(self.fresh_cache()) as m:
+                if before is not None:
+                    before(m)
+                for runs, drop in ((cold, True), (disk, True), (page, False)):
+                    if drop:
+                        drop_caches()
+                    mark = self.mark()
+                    r = self.metered(lambda m=m: measure(m), pid=m.pid)
+                    r |= self.fetched(mark, r["size_bytes"])
+                    if memory:
+                        r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
+                    if mount_time:
+                        r["mount_s"] = m.mount_s
+                    runs.append(r)
+        self.record(workload, "kitfs", "cold", cold)
+        self.record(workload, "kitfs", "disk cache, page cache dropped", disk)
+        self.record(workload, "kitfs", "page cache warm", page)
+
     def guarded(self, workload: str, system: str, body: Callable[[], None]) -> None:
         """Run one comparison; a failure is recorded (and the run goes on), not raised."""
         try:
@@ -298,22 +327,8 @@ def seq(b: Bench) -> None:
     _users(b, w, kit.model, kit.model_path, gzip=False)
 
     def kitfs() -> None:
-        cold, disk, page = [], [], []
-        for _ in range(b.repeat):
-            with b.kitfs(b.fresh_cache()) as m:
-                target = m.path / kit.model_path
-                for runs, drop in ((cold, True), (disk, True), (page, False)):
-                    if drop:
-                        drop_caches()
-                    mark = b.mark()
-                    r = b.metered(lambda target=target: read_sequential(target).as_dict(), pid=m.pid)
-                    r |= b.fetched(mark, r["size_bytes"])
-                    r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
-                    r["mount_s"] = m.mount_s
-                    runs.append(r)
-        b.record(w, "kitfs", "cold", cold)
-        b.record(w, "kitfs", "disk cache, page cache dropped", disk)
-        b.record(w, "kitfs", "page cache warm", page)
+        b.kitfs_three_ways(w, lambda m: read_sequential(m.path / kit.model_path).as_dict(),
+                           mount_time=True)
 
     def kitfs_verify_off() -> None:
         """Diagnostic, not a target: the same cold read without any digest check, which
@@ -513,32 +528,9 @@ def random_io(b: Bench) -> None:
         offsets = random_offsets(file_size, block, b.random_read_count, seed=42)
 
         def kitfs(block: int = block, label: str = label, offsets: list[int] = offsets) -> None:
-            cold, disk, page = [], [], []
-            for _ in range(b.repeat):
-                with b.kitfs(b.fresh_cache()) as m:
-                    target = m.path / kit.model_path
-                    target.stat()  # index the layer first: this measures the reads
-                    for runs, drop in ((cold, True), (disk, True), (page, False)):
-                        if drop:
-                            drop_caches()
-                        mark = b.mark()
-                        r = b.metered(lambda target=target, offsets=offsets, block=block: random_reads(
-                            target, offsets, block), pid=m.pid)
-                        r |= b.fetched(mark, r["size_bytes"])
-                        r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
-                        runs.append(r)
-            b.record(f"random-{label}", "kitfs", "cold", cold)
-            b.record(f"random-{label}", "kitfs", "disk cache, page cache dropped", disk)
-            b.record(f"random-{label}", "kitfs", "page cache warm", page)
-
-        def local(block: int = block, label: str = label, offsets: list[int] = offsets) -> None:
-            cold, warm = [], []
-            for _ in range(b.repeat):
-                drop_caches()
-                cold.append(random_reads(kit.local["model"], offsets, block))
-                warm.append(random_reads(kit.local["model"], offsets, block))
-            b.record(f"random-{label}", "local file", "page cache dropped", cold)
-            b.record(f"random-{label}", "local file", "page cache warm", warm)
+            b.kitfs_three_ways(  # the layer indexed first (a stat): this measures the reads
+                f"random-{label}", lambda m: random_reads(m.path / kit.model_path, offsets, block),
+                before=lambda m: (m.path / kit.model_path).stat())
 
         def peer(block: int = block, label: str = label, offsets: list[int] = offsets) -> None:
             runs = []
@@ -554,7 +546,8 @@ def random_io(b: Bench) -> None:
             b.record(f"random-{label}", RATARMOUNT, "cold", runs)
 
         b.guarded(f"random-{label}", "kitfs", kitfs)
-        b.guarded(f"random-{label}", "local file", local)
+        b.local_file(f"random-{label}", lambda block=block, offsets=offsets: random_reads(
+            kit.local["model"], offsets, block))
         b.guarded(f"random-{label}", RATARMOUNT, peer)
     isolated_reads(b, "random-4KiB", b.kitfs, kit.blob_url(kit.model))
 
@@ -684,20 +677,7 @@ def safetensors(b: Bench) -> None:
     log("workload: safe_open + get_tensor of every tensor")
 
     def kitfs() -> None:
-        cold, disk, page = [], [], []
-        for _ in range(b.repeat):
-            with b.kitfs(b.fresh_cache()) as m:
-                for runs, drop in ((cold, True), (disk, True), (page, False)):
-                    if drop:
-                        drop_caches()
-                    mark = b.mark()
-                    r = b.metered(lambda m=m: load_safetensors(m.path / kit.model_path), pid=m.pid)
-                    r |= b.fetched(mark, r["size_bytes"])
-                    r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
-                    runs.append(r)
-        b.record(w, "kitfs", "cold", cold)
-        b.record(w, "kitfs", "disk cache, page cache dropped", disk)
-        b.record(w, "kitfs", "page cache warm", page)
+        b.kitfs_three_ways(w, lambda m: load_safetensors(m.path / kit.model_path))
 
     b.guarded(w, "kitfs", kitfs)
     b.local_file(w, lambda: load_safetensors(kit.local["model"]))
@@ -764,18 +744,8 @@ def raw_layer(b: Bench) -> None:
     _limits(b, w, kit.raw, kit.local["raw"])
 
     def kitfs() -> None:
-        cold, disk, page = [], [], []
-        for _ in range(b.repeat):
-            with b.kitfs(b.fresh_cache()) as m:
-                for runs, drop in ((cold, True), (disk, True), (page, False)):
-                    if drop:
-                        drop_caches()
-                    mark = b.mark()
-                    r = b.metered(lambda m=m: read_sequential(m.path / kit.raw_path).as_dict(), pid=m.pid)
-                    runs.append(r | b.fetched(mark, r["size_bytes"]))
-        b.record(w, "kitfs", "cold", cold)
-        b.record(w, "kitfs", "disk cache, page cache dropped", disk)
-        b.record(w, "kitfs", "page cache warm", page)
+        b.kitfs_three_ways(w, lambda m: read_sequential(m.path / kit.raw_path).as_dict(),
+                           memory=False)
 
     b.guarded(w, "kitfs", kitfs)
 
