@@ -153,6 +153,17 @@ class Bench:
 
         self.guarded(workload, "local file", body)
 
+    def measured_read(self, measure: Callable[[], dict[str, Any]], *, pid: int,
+                      drop: bool = True, read_bytes: float | None = None) -> dict[str, Any]:
+        """``measure()`` (page cache dropped first with ``drop``): its CPU (``pid``'s,
+        ``metered``) and the bytes the registry served for it (``fetched``, against
+        ``read_bytes``, default what it read)."""
+        if drop:
+            drop_caches()
+        mark = self.mark()
+        r = self.metered(measure, pid=pid)
+        return r | self.fetched(mark, r["size_bytes"] if read_bytes is None else read_bytes)
+
     def kitfs_three_ways(self, workload: str, measure: Callable[[KitfsMount], dict[str, Any]], *,
                          before: Callable[[KitfsMount], object] | None = None,
                          memory: bool = True, mount_time: bool = False) -> None:
@@ -168,11 +179,7 @@ class Bench:
                 if before is not None:
                     before(m)
                 for runs, drop in ((cold, True), (disk, True), (page, False)):
-                    if drop:
-                        drop_caches()
-                    mark = self.mark()
-                    r = self.metered(lambda m=m: measure(m), pid=m.pid)
-                    r |= self.fetched(mark, r["size_bytes"])
+                    r = self.measured_read(lambda m=m: measure(m), pid=m.pid, drop=drop)
                     if memory:
                         r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
                     if mount_time:
@@ -336,10 +343,8 @@ def seq(b: Bench) -> None:
         runs = []
         for _ in range(b.repeat):
             with b.kitfs(b.fresh_cache(), "--verify", "off") as m:
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(), pid=m.pid)
-                r |= b.fetched(mark, r["size_bytes"])
+                r = b.measured_read(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
+                                    pid=m.pid)
                 runs.append(r | {"peak_rss_mib": m.peak_rss_bytes() / MiB})
         b.record(w, "kitfs", "cold, --verify off (diagnostic)", runs)
 
@@ -347,11 +352,8 @@ def seq(b: Bench) -> None:
         runs = []
         for _ in range(b.repeat):
             with b.ratarmount(kit.model, b.path("rindex")) as m:
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
-                              pid=m.pid)
-                r |= b.fetched(mark, r["size_bytes"])
+                r = b.measured_read(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
+                                    pid=m.pid)
                 r["mount_s"] = m.mount_s
                 r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
                 runs.append(r)
@@ -538,11 +540,9 @@ def random_io(b: Bench) -> None:
                 with b.ratarmount(kit.model, b.path("rindex")) as m:
                     target = m.path / kit.model_path
                     target.stat()
-                    drop_caches()
-                    mark = b.mark()
-                    r = b.metered(lambda target=target, offsets=offsets, block=block: random_reads(
-                        target, offsets, block), pid=m.pid)
-                    runs.append(r | b.fetched(mark, r["size_bytes"]))
+                    runs.append(b.measured_read(
+                        lambda target=target, offsets=offsets, block=block: random_reads(
+                            target, offsets, block), pid=m.pid))
             b.record(f"random-{label}", RATARMOUNT, "cold", runs)
 
         b.guarded(f"random-{label}", "kitfs", kitfs)
@@ -568,10 +568,8 @@ def isolated_reads(b: Bench, workload: str, mount: Callable[[Path], KitfsMount],
             with mount(b.fresh_cache()) as m:
                 target = m.path / b.kit.model_path
                 target.stat()  # index the layer first: this measures the reads
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda target=target: random_reads(target, offsets, 4096), pid=m.pid)
-                r |= b.fetched(mark, r["size_bytes"])
+                r = b.measured_read(lambda target=target: random_reads(target, offsets, 4096),
+                                    pid=m.pid)
                 runs.append(r | {"fetched_per_read_kib": r["fetched_bytes"] / len(offsets) / 1024})
         b.record(workload, "kitfs", "isolated reads, cold", runs)
 
@@ -597,20 +595,16 @@ def find_dataset(b: Bench) -> None:
         for _ in range(b.repeat):
             cache = b.fresh_cache()
             with b.kitfs(cache) as m:
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda m=m: find_stat(m.path / kit.dataset_path), pid=m.pid)
-                r |= b.fetched(mark, kit.dataset.size_bytes)
+                r = b.measured_read(lambda m=m: find_stat(m.path / kit.dataset_path), pid=m.pid,
+                                    read_bytes=kit.dataset.size_bytes)
                 r |= {"mount_s": m.mount_s, "peak_rss_mib": m.peak_rss_bytes() / MiB}
                 first.append(r)
                 mark = b.mark()
                 r = find_stat(m.path / kit.dataset_path)
                 warm.append(r | b.fetched(mark, kit.dataset.size_bytes))
             with b.kitfs(cache) as m:
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda m=m: find_stat(m.path / kit.dataset_path), pid=m.pid)
-                r |= b.fetched(mark, kit.dataset.size_bytes)
+                r = b.measured_read(lambda m=m: find_stat(m.path / kit.dataset_path), pid=m.pid,
+                                    read_bytes=kit.dataset.size_bytes)
                 r |= {"mount_s": m.mount_s, "peak_rss_mib": m.peak_rss_bytes() / MiB}
                 remount.append(r)
         b.record(w, "kitfs", "first mount", first)
@@ -696,10 +690,8 @@ def concurrent(b: Bench) -> None:
             for _ in range(b.repeat):
                 with b.kitfs(b.fresh_cache()) as m:
                     paths = [m.path / kit.part_path(i) for i in range(n)]
-                    drop_caches()
-                    mark = b.mark()  # each reader's open() indexes its layer: counted and timed
-                    r = b.metered(lambda paths=paths: read_many_concurrently(paths), pid=m.pid)
-                    r |= b.fetched(mark, r["size_bytes"])
+                    # each reader's open() indexes its layer: counted and timed
+                    r = b.measured_read(lambda paths=paths: read_many_concurrently(paths), pid=m.pid)
                     r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
                     runs.append(r)
             b.record(w, "kitfs", f"{n} readers, cold", runs, readers=n)
@@ -727,11 +719,9 @@ def concurrent(b: Bench) -> None:
         for _ in range(b.repeat):
             with b.kitfs(b.fresh_cache()) as m:
                 path = m.path / kit.part_path(0)
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda path=path: read_many_concurrently([path] * 4), pid=m.pid)
-                runs.append(r | b.fetched(mark, kit.parts[0].size_bytes)
-                            | {"peak_rss_mib": m.peak_rss_bytes() / MiB})
+                r = b.measured_read(lambda path=path: read_many_concurrently([path] * 4), pid=m.pid,
+                                    read_bytes=kit.parts[0].size_bytes)
+                runs.append(r | {"peak_rss_mib": m.peak_rss_bytes() / MiB})
         b.record(w, "kitfs", "4 readers of one file, cold", runs, readers=4)
 
     b.guarded(w, "kitfs one file", one_file)
@@ -778,10 +768,8 @@ def gzip_layer(b: Bench) -> None:
         for _ in range(b.repeat):
             cache = b.fresh_cache()
             with b.kitfs(cache) as m:
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda m=m: read_sequential(m.path / last).as_dict(), pid=m.pid)
-                first_pass.append(r | b.fetched(mark, r["size_bytes"]))
+                first_pass.append(b.measured_read(
+                    lambda m=m: read_sequential(m.path / last).as_dict(), pid=m.pid))
                 drop_caches()
                 mark = b.mark()
                 r = _random_1mib_reads(m.path / middle, reads, seed=7)
