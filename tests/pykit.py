@@ -23,8 +23,10 @@ from kitfs.demo import Entry, Layer, Pusher, push_entries, tar_layer
 MiB = 1 << 20
 
 
-def _parquet() -> tuple[bytes, pd.DataFrame]:
-    rng = np.random.default_rng(23)
+def parquet_table(seed: int) -> tuple[bytes, pd.DataFrame]:
+    """A 64 MiB Parquet file of four 16 MiB float64 columns (one row group, uncompressed), and
+    the frame it holds."""
+    rng = np.random.default_rng(seed)
     rows = 1 << 21  # 4 float64 columns x 16 MiB
     frame = pd.DataFrame({name: rng.standard_normal(rows) for name in ("a", "b", "c", "d")})
     buffer = io.BytesIO()
@@ -33,7 +35,7 @@ def _parquet() -> tuple[bytes, pd.DataFrame]:
     return buffer.getvalue(), frame
 
 
-PARQUET, FRAME = _parquet()
+PARQUET, FRAME = parquet_table(23)
 COLUMN_BYTES = len(PARQUET) // 4
 WEIGHTS = os.urandom(12 * MiB + 12345)
 CSV = {f"data/csv/part-{i}.csv": ("id,value\n" + "".join(

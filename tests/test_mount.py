@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import io
 import json
 import os
 import shutil
@@ -27,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
@@ -48,6 +46,7 @@ from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule
 from tests.kitfs_cli import kitfs_argv
 from tests.mounts import Mounter, wait_gone
+from tests.pykit import parquet_table
 
 CREATED = "2024-05-01T12:30:00Z"
 CREATED_NS = 1714566600 * 1_000_000_000
@@ -64,19 +63,9 @@ def _tensors() -> dict[str, np.ndarray[Any, Any]]:
     }
 
 
-def _parquet() -> tuple[bytes, pd.DataFrame]:
-    rng = np.random.default_rng(11)
-    rows = 1 << 21  # 4 float64 columns x 16 MiB
-    frame = pd.DataFrame({name: rng.standard_normal(rows) for name in ("a", "b", "c", "d")})
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer,
-                   compression="none", row_group_size=rows)
-    return buffer.getvalue(), frame
-
-
 TENSORS = _tensors()
 WEIGHTS = save_safetensors(TENSORS)
-PARQUET, FRAME = _parquet()
+PARQUET, FRAME = parquet_table(11)
 ARRAY = np.arange(3 * MiB // 8, dtype=np.float64)
 CSV_FILES = {f"data/csv/part-{i}.csv": "id,value\n" + "".join(
     f"{j},{i * j}\n" for j in range(20_000)) for i in range(4)}
