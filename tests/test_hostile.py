@@ -29,10 +29,10 @@ from kitfs.demo import (
     Pusher,
     Registry,
     kit_tar,
+    kitfile_of,
     push_entries,
     sha256,
     tar_layer,
-    with_layer_info,
 )
 from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule, running
@@ -255,11 +255,10 @@ def test_config_entries_naming_missing_layers(kitfs: Any, registry: Registry,
                                               pusher: Pusher) -> None:
     layer = tar_layer("code", {"src/a.py": b"x"}, "src")
     missing = sha256(b"a layer that is not in the manifest")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}],
-                               "datasets": [{"path": "data", "digest": missing, "diffId": missing}]}
-    with_layer_info(kitfile, [(kitfile["code"][0], layer)])
     reference = f"{registry.host}/hostile/missing:v1"
-    pusher.push_kit(reference, kitfile, [layer])
+    push_entries(pusher, reference, [
+        Entry("code", {"path": "src"}, layer),
+        Entry("datasets", {"path": "data", "digest": missing, "diffId": missing})])
     refused(kitfs("ls", reference, check=False),
             f"Kitfile datasets entry 'data' names layer {missing}, which is not in the manifest")
 
@@ -329,8 +328,7 @@ def test_descriptor_sizes_that_disagree_with_the_blob(
 
 
 def run_config_size(pusher: Pusher, reference: str, layer: Layer) -> int:
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}]}
-    with_layer_info(kitfile, [(kitfile["code"][0], layer)])
+    kitfile = kitfile_of([Entry("code", {"path": "src"}, layer)])
     return len(json.dumps(kitfile, separators=(",", ":")).encode())
 
 
@@ -402,11 +400,9 @@ def ten_thousand_layers(registry: Registry, pusher: Pusher) -> str:
     blob = b"one small file\n"
     layers = [Layer(f"{KIT}.code.v1.raw", blob,
                     {"org.cncf.model.filepath": f"layers/f{i:05d}.txt"}) for i in range(LAYER_COUNT)]
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0",
-                               "code": [{"path": f"layers/f{i:05d}.txt"} for i in range(LAYER_COUNT)]}
-    with_layer_info(kitfile, list(zip(kitfile["code"], layers, strict=True)))
     reference = f"{registry.host}/hostile/layers:v1"
-    pusher.push_kit(reference, kitfile, layers)
+    push_entries(pusher, reference, [Entry("code", {"path": f"layers/f{i:05d}.txt"}, layer)
+                                     for i, layer in enumerate(layers)])
     return reference
 
 

@@ -40,7 +40,6 @@ from kitfs.demo import (
     push_entries,
     sha256,
     tar_layer,
-    with_layer_info,
 )
 from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule
@@ -368,12 +367,9 @@ def test_hostile_layer_fails_only_its_own_accesses(
     bad_tar = kit_tar({"data/ok.txt": b"ok"}, "data", extra=[link])
 
     bad = Layer(f"{KIT}.dataset.v1.tar", bad_tar, diff_id=sha256(bad_tar))
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0",
-                               "model": {"path": "models/w.bin"},
-                               "datasets": [{"name": "d", "path": "data"}]}
-    with_layer_info(kitfile, [(kitfile["model"], good), (kitfile["datasets"][0], bad)])
     reference = f"{registry.host}/team/hostile:v1"
-    pusher.push_kit(reference, kitfile, [good, bad])
+    push_entries(pusher, reference, [Entry("model", {"path": "models/w.bin"}, good),
+                                     Entry("datasets", {"name": "d", "path": "data"}, bad)])
     mount = mounter.mount(reference)
     mount.expect_error(rf"{bad.digest}.*symbolic link")
     assert (mount.path / "models/w.bin").read_bytes() == b"weights"
