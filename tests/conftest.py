@@ -5,7 +5,7 @@ Tiers come from fixtures, never from hand-written marks: a test whose fixtures i
 ``fuse`` (``mounter`` does) is marked ``mount``, one whose fixtures include ``docker_registry``
 (``registry`` and ``pusher`` do) is marked ``registry``. The fast tier,
 ``pytest -m "not mount and not registry"``, is every other test: no FUSE, no registry. A test
-outside both marks that starts ``docker-registry``, ``fusermount3``, mount(8) or
+outside both marks that starts ``docker-registry``, ``fusermount3``, a FUSE mount(8) or
 ``kitfs mount``/``kitfs demo`` fails at once (the tier guard), so no test lands in the fast tier
 by mistake. When the selected tests include mount tests, a missing ``/dev/fuse`` or
 ``fusermount3`` fails the run before any test runs; a missing ``docker-registry`` fails the
@@ -97,7 +97,7 @@ def tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.fixture(scope="session")
 def fuse() -> None:
-    """Marks its users ``mount`` (FUSE itself is checked once, when the run starts)."""
+    """Marks its users ``mount`` (FUSE itself is checked once, before the first test)."""
 
 
 @pytest.fixture(scope="session")
