@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 from common import MiB, log, run_quiet
 
-from kitfs.sample import KIT, KIT_CONFIG, OCI_MANIFEST, Pusher, manifest_bytes
+from kitfs.demo import Pusher, manifest_bytes
+from kitfs.format.mediatypes import KIT, KIT_CONFIG, OCI_MANIFEST
 
 CREATED = "2026-01-01T00:00:00Z"
 SEED = 20261126

@@ -13,26 +13,62 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from common import run_quiet, vm_hwm_bytes
 
-from kitfs.mount.status import process_alive, wait_exit
+from kitfs.mount.status import find_mount, process_alive, wait_exit
 
 KITFS = [sys.executable, "-m", "kitfs"]
 EXIT_WAIT_S = 20.0
 
 
 def mounted_fstype(path: Path) -> str | None:
-    """The fstype of the topmost mount at ``path``, if any (from /proc/self/mountinfo)."""
-    wanted = str(path.absolute())
-    found = None
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split(" ")
-        if len(fields) > 4 and fields[4].replace("\\040", " ") == wanted and "-" in fields:
-            found = fields[fields.index("-") + 1]
-    return found
+    """The fstype of the topmost mount at ``path``, if any."""
+    found = find_mount(path)
+    return found.fstype if found is not None else None
+
+
+def wait_fuse_ready(process: subprocess.Popen[bytes], path: Path, name: str, log_file: Path,
+                    timeout_s: float, ready: Callable[[], object]) -> bool:
+    """Wait until the child ``process`` has ``path`` mounted as FUSE and ``ready()`` (a listing
+    or a stat) no longer raises OSError: the mount shows before FUSE INIT is answered. False
+    after ``timeout_s``; a child that exits first is an error with its log's tail."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited {process.returncode}: "
+                               f"{log_file.read_text(errors='replace')[-1500:]}")
+        if (mounted_fstype(path) or "").startswith("fuse"):
+            try:
+                ready()
+                return True
+            except OSError:
+                pass
+        time.sleep(0.01)
+    return False
+
+
+def stop_child(process: subprocess.Popen[bytes], path: Path, *, terminate: bool) -> None:
+    """Unmount ``path`` (``fusermount3 -u``), wait ``EXIT_WAIT_S`` for the child to exit, then
+    end it by its PID (SIGTERM first with ``terminate``, then SIGKILL)."""
+    if mounted_fstype(path) is not None:
+        subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, check=False)
+    signals = [signal.SIGTERM, signal.SIGKILL] if terminate else [signal.SIGKILL]
+    try:
+        process.wait(timeout=EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        for number in signals:
+            process.send_signal(number)
+            try:
+                process.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        process.wait()
+    force_unmount(path)
 
 
 def force_unmount(path: Path) -> None:
@@ -134,25 +170,10 @@ class Ratarmount:
                 [binary, "-f", "--index-folders", str(self.index_dir), *self.extra_args,
                  self.source, str(self.path)],
                 stdin=subprocess.DEVNULL, stdout=log_stream, stderr=log_stream, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ratarmount exited {self.process.returncode}: "
-                                   f"{self.log_file.read_text(errors='replace')[-1500:]}")
-            fstype = mounted_fstype(self.path)
-            if fstype is not None and fstype.startswith("fuse"):
-                break
-            time.sleep(0.01)
-        else:
+        if not wait_fuse_ready(self.process, self.path, "ratarmount", self.log_file, 600,
+                               lambda: os.listdir(self.path)):
             self.__exit__(None, None, None)
             raise RuntimeError("ratarmount did not mount within 600 s")
-        # the mount shows up before the FUSE INIT is answered; wait until it answers
-        while time.monotonic() < deadline:
-            try:
-                os.listdir(self.path)
-                break
-            except OSError:
-                time.sleep(0.01)
         self.mount_s = time.perf_counter() - start
         return self
 
@@ -165,18 +186,8 @@ class Ratarmount:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if mounted_fstype(self.path) is not None:
-            subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True, check=False)
         if self.process is not None:
-            try:
-                self.process.wait(timeout=EXIT_WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            stop_child(self.process, self.path, terminate=True)
             self.process = None
         force_unmount(self.path)
 
@@ -213,19 +224,8 @@ class Passthrough:
                 stdin=subprocess.DEVNULL, stdout=log_stream, stderr=log_stream,
                 start_new_session=True)
         self.pid = self.process.pid
-        deadline = time.monotonic() + 120  # --tree first reads the whole tree
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"passfs exited {self.process.returncode}: "
-                                   f"{self.log_file.read_text(errors='replace')[-1500:]}")
-            if (mounted_fstype(self.path) or "").startswith("fuse"):
-                try:
-                    self.file.stat()
-                    break
-                except OSError:
-                    pass
-            time.sleep(0.01)
-        else:
+        # --tree first reads the whole tree
+        if not wait_fuse_ready(self.process, self.path, "passfs", self.log_file, 120, self.file.stat):
             self.__exit__(None, None, None)
             raise RuntimeError("passfs did not mount within 120 s")
         set_read_ahead(self.path, self.READ_AHEAD_KB)
@@ -233,13 +233,7 @@ class Passthrough:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if mounted_fstype(self.path) is not None:
-            subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True, check=False)
         if self.process is not None:
-            try:
-                self.process.wait(timeout=EXIT_WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_child(self.process, self.path, terminate=False)
             self.process = None
         force_unmount(self.path)

@@ -39,7 +39,7 @@ from report import charts, profile_markdown, results_tables, targets, targets_ta
 from workloads import WORKLOADS as LOCAL_WORKLOADS
 from workloads import Bench, profile_find, profile_seq, summarise_collapsed
 
-from kitfs.sample import Registry
+from kitfs.demo import Registry
 
 WORKLOADS = {**LOCAL_WORKLOADS, "remote": remote_profile}
 README = Path(__file__).resolve().parent / "README.md"

@@ -53,7 +53,7 @@ from common import (
 from kits import Blob, Kit, remove
 from mounts import KitfsMount, Passthrough, Ratarmount
 
-from kitfs.sample import Registry
+from kitfs.demo import Registry
 
 RATARMOUNT = "ratarmount (HTTP)"
 FLOOR = "verifying floor"
@@ -152,6 +152,42 @@ class Bench:
             self.record(workload, "local file", "page cache warm", warm)
 
         self.guarded(workload, "local file", body)
+
+    def measured_read(self, measure: Callable[[], dict[str, Any]], *, pid: int,
+                      drop: bool = True, read_bytes: float | None = None) -> dict[str, Any]:
+        """``measure()`` (page cache dropped first with ``drop``): its CPU (``pid``'s,
+        ``metered``) and the bytes the registry served for it (``fetched``, against
+        ``read_bytes``, default what it read)."""
+        if drop:
+            drop_caches()
+        mark = self.mark()
+        r = self.metered(measure, pid=pid)
+        return r | self.fetched(mark, r["size_bytes"] if read_bytes is None else read_bytes)
+
+    def kitfs_three_ways(self, workload: str, measure: Callable[[KitfsMount], dict[str, Any]], *,
+                         before: Callable[[KitfsMount], object] | None = None,
+                         memory: bool = True, mount_time: bool = False) -> None:
+        """``measure(mount)`` three times on one fresh mount per repeat (after ``before``):
+        cold (page cache dropped, kitfs' cache empty), from kitfs' disk cache (page cache
+        dropped again), from the page cache. Each with its CPU and the registry's bytes;
+        ``memory``: the daemon's peak RSS; ``mount_time``: how long the mount took."""
+        cold: list[dict[str, Any]] = []
+        disk: list[dict[str, Any]] = []
+        page: list[dict[str, Any]] = []
+        for _ in range(self.repeat):
+            with self.kitfs(self.fresh_cache()) as m:
+                if before is not None:
+                    before(m)
+                for runs, drop in ((cold, True), (disk, True), (page, False)):
+                    r = self.measured_read(lambda m=m: measure(m), pid=m.pid, drop=drop)
+                    if memory:
+                        r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
+                    if mount_time:
+                        r["mount_s"] = m.mount_s
+                    runs.append(r)
+        self.record(workload, "kitfs", "cold", cold)
+        self.record(workload, "kitfs", "disk cache, page cache dropped", disk)
+        self.record(workload, "kitfs", "page cache warm", page)
 
     def guarded(self, workload: str, system: str, body: Callable[[], None]) -> None:
         """Run one comparison; a failure is recorded (and the run goes on), not raised."""
@@ -298,22 +334,8 @@ def seq(b: Bench) -> None:
     _users(b, w, kit.model, kit.model_path, gzip=False)
 
     def kitfs() -> None:
-        cold, disk, page = [], [], []
-        for _ in range(b.repeat):
-            with b.kitfs(b.fresh_cache()) as m:
-                target = m.path / kit.model_path
-                for runs, drop in ((cold, True), (disk, True), (page, False)):
-                    if drop:
-                        drop_caches()
-                    mark = b.mark()
-                    r = b.metered(lambda target=target: read_sequential(target).as_dict(), pid=m.pid)
-                    r |= b.fetched(mark, r["size_bytes"])
-                    r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
-                    r["mount_s"] = m.mount_s
-                    runs.append(r)
-        b.record(w, "kitfs", "cold", cold)
-        b.record(w, "kitfs", "disk cache, page cache dropped", disk)
-        b.record(w, "kitfs", "page cache warm", page)
+        b.kitfs_three_ways(w, lambda m: read_sequential(m.path / kit.model_path).as_dict(),
+                           mount_time=True)
 
     def kitfs_verify_off() -> None:
         """Diagnostic, not a target: the same cold read without any digest check, which
@@ -321,10 +343,8 @@ def seq(b: Bench) -> None:
         runs = []
         for _ in range(b.repeat):
             with b.kitfs(b.fresh_cache(), "--verify", "off") as m:
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(), pid=m.pid)
-                r |= b.fetched(mark, r["size_bytes"])
+                r = b.measured_read(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
+                                    pid=m.pid)
                 runs.append(r | {"peak_rss_mib": m.peak_rss_bytes() / MiB})
         b.record(w, "kitfs", "cold, --verify off (diagnostic)", runs)
 
@@ -332,11 +352,8 @@ def seq(b: Bench) -> None:
         runs = []
         for _ in range(b.repeat):
             with b.ratarmount(kit.model, b.path("rindex")) as m:
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
-                              pid=m.pid)
-                r |= b.fetched(mark, r["size_bytes"])
+                r = b.measured_read(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
+                                    pid=m.pid)
                 r["mount_s"] = m.mount_s
                 r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
                 runs.append(r)
@@ -513,32 +530,9 @@ def random_io(b: Bench) -> None:
         offsets = random_offsets(file_size, block, b.random_read_count, seed=42)
 
         def kitfs(block: int = block, label: str = label, offsets: list[int] = offsets) -> None:
-            cold, disk, page = [], [], []
-            for _ in range(b.repeat):
-                with b.kitfs(b.fresh_cache()) as m:
-                    target = m.path / kit.model_path
-                    target.stat()  # index the layer first: this measures the reads
-                    for runs, drop in ((cold, True), (disk, True), (page, False)):
-                        if drop:
-                            drop_caches()
-                        mark = b.mark()
-                        r = b.metered(lambda target=target, offsets=offsets, block=block: random_reads(
-                            target, offsets, block), pid=m.pid)
-                        r |= b.fetched(mark, r["size_bytes"])
-                        r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
-                        runs.append(r)
-            b.record(f"random-{label}", "kitfs", "cold", cold)
-            b.record(f"random-{label}", "kitfs", "disk cache, page cache dropped", disk)
-            b.record(f"random-{label}", "kitfs", "page cache warm", page)
-
-        def local(block: int = block, label: str = label, offsets: list[int] = offsets) -> None:
-            cold, warm = [], []
-            for _ in range(b.repeat):
-                drop_caches()
-                cold.append(random_reads(kit.local["model"], offsets, block))
-                warm.append(random_reads(kit.local["model"], offsets, block))
-            b.record(f"random-{label}", "local file", "page cache dropped", cold)
-            b.record(f"random-{label}", "local file", "page cache warm", warm)
+            b.kitfs_three_ways(  # the layer indexed first (a stat): this measures the reads
+                f"random-{label}", lambda m: random_reads(m.path / kit.model_path, offsets, block),
+                before=lambda m: (m.path / kit.model_path).stat())
 
         def peer(block: int = block, label: str = label, offsets: list[int] = offsets) -> None:
             runs = []
@@ -546,15 +540,14 @@ def random_io(b: Bench) -> None:
                 with b.ratarmount(kit.model, b.path("rindex")) as m:
                     target = m.path / kit.model_path
                     target.stat()
-                    drop_caches()
-                    mark = b.mark()
-                    r = b.metered(lambda target=target, offsets=offsets, block=block: random_reads(
-                        target, offsets, block), pid=m.pid)
-                    runs.append(r | b.fetched(mark, r["size_bytes"]))
+                    runs.append(b.measured_read(
+                        lambda target=target, offsets=offsets, block=block: random_reads(
+                            target, offsets, block), pid=m.pid))
             b.record(f"random-{label}", RATARMOUNT, "cold", runs)
 
         b.guarded(f"random-{label}", "kitfs", kitfs)
-        b.guarded(f"random-{label}", "local file", local)
+        b.local_file(f"random-{label}", lambda block=block, offsets=offsets: random_reads(
+            kit.local["model"], offsets, block))
         b.guarded(f"random-{label}", RATARMOUNT, peer)
     isolated_reads(b, "random-4KiB", b.kitfs, kit.blob_url(kit.model))
 
@@ -575,10 +568,8 @@ def isolated_reads(b: Bench, workload: str, mount: Callable[[Path], KitfsMount],
             with mount(b.fresh_cache()) as m:
                 target = m.path / b.kit.model_path
                 target.stat()  # index the layer first: this measures the reads
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda target=target: random_reads(target, offsets, 4096), pid=m.pid)
-                r |= b.fetched(mark, r["size_bytes"])
+                r = b.measured_read(lambda target=target: random_reads(target, offsets, 4096),
+                                    pid=m.pid)
                 runs.append(r | {"fetched_per_read_kib": r["fetched_bytes"] / len(offsets) / 1024})
         b.record(workload, "kitfs", "isolated reads, cold", runs)
 
@@ -604,20 +595,16 @@ def find_dataset(b: Bench) -> None:
         for _ in range(b.repeat):
             cache = b.fresh_cache()
             with b.kitfs(cache) as m:
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda m=m: find_stat(m.path / kit.dataset_path), pid=m.pid)
-                r |= b.fetched(mark, kit.dataset.size_bytes)
+                r = b.measured_read(lambda m=m: find_stat(m.path / kit.dataset_path), pid=m.pid,
+                                    read_bytes=kit.dataset.size_bytes)
                 r |= {"mount_s": m.mount_s, "peak_rss_mib": m.peak_rss_bytes() / MiB}
                 first.append(r)
                 mark = b.mark()
                 r = find_stat(m.path / kit.dataset_path)
                 warm.append(r | b.fetched(mark, kit.dataset.size_bytes))
             with b.kitfs(cache) as m:
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda m=m: find_stat(m.path / kit.dataset_path), pid=m.pid)
-                r |= b.fetched(mark, kit.dataset.size_bytes)
+                r = b.measured_read(lambda m=m: find_stat(m.path / kit.dataset_path), pid=m.pid,
+                                    read_bytes=kit.dataset.size_bytes)
                 r |= {"mount_s": m.mount_s, "peak_rss_mib": m.peak_rss_bytes() / MiB}
                 remount.append(r)
         b.record(w, "kitfs", "first mount", first)
@@ -696,20 +683,7 @@ def safetensors(b: Bench) -> None:
     log("workload: safe_open + get_tensor of every tensor")
 
     def kitfs() -> None:
-        cold, disk, page = [], [], []
-        for _ in range(b.repeat):
-            with b.kitfs(b.fresh_cache()) as m:
-                for runs, drop in ((cold, True), (disk, True), (page, False)):
-                    if drop:
-                        drop_caches()
-                    mark = b.mark()
-                    r = b.metered(lambda m=m: load_safetensors(m.path / kit.model_path), pid=m.pid)
-                    r |= b.fetched(mark, r["size_bytes"])
-                    r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
-                    runs.append(r)
-        b.record(w, "kitfs", "cold", cold)
-        b.record(w, "kitfs", "disk cache, page cache dropped", disk)
-        b.record(w, "kitfs", "page cache warm", page)
+        b.kitfs_three_ways(w, lambda m: load_safetensors(m.path / kit.model_path))
 
     b.guarded(w, "kitfs", kitfs)
     b.local_file(w, lambda: load_safetensors(kit.local["model"]))
@@ -728,10 +702,8 @@ def concurrent(b: Bench) -> None:
             for _ in range(b.repeat):
                 with b.kitfs(b.fresh_cache()) as m:
                     paths = [m.path / kit.part_path(i) for i in range(n)]
-                    drop_caches()
-                    mark = b.mark()  # each reader's open() indexes its layer: counted and timed
-                    r = b.metered(lambda paths=paths: read_many_concurrently(paths), pid=m.pid)
-                    r |= b.fetched(mark, r["size_bytes"])
+                    # each reader's open() indexes its layer: counted and timed
+                    r = b.measured_read(lambda paths=paths: read_many_concurrently(paths), pid=m.pid)
                     r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
                     runs.append(r)
             b.record(w, "kitfs", f"{n} readers, cold", runs, readers=n)
@@ -759,11 +731,9 @@ def concurrent(b: Bench) -> None:
         for _ in range(b.repeat):
             with b.kitfs(b.fresh_cache()) as m:
                 path = m.path / kit.part_path(0)
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda path=path: read_many_concurrently([path] * 4), pid=m.pid)
-                runs.append(r | b.fetched(mark, kit.parts[0].size_bytes)
-                            | {"peak_rss_mib": m.peak_rss_bytes() / MiB})
+                r = b.measured_read(lambda path=path: read_many_concurrently([path] * 4), pid=m.pid,
+                                    read_bytes=kit.parts[0].size_bytes)
+                runs.append(r | {"peak_rss_mib": m.peak_rss_bytes() / MiB})
         b.record(w, "kitfs", "4 readers of one file, cold", runs, readers=4)
 
     b.guarded(w, "kitfs one file", one_file)
@@ -776,18 +746,8 @@ def raw_layer(b: Bench) -> None:
     _limits(b, w, kit.raw, kit.local["raw"])
 
     def kitfs() -> None:
-        cold, disk, page = [], [], []
-        for _ in range(b.repeat):
-            with b.kitfs(b.fresh_cache()) as m:
-                for runs, drop in ((cold, True), (disk, True), (page, False)):
-                    if drop:
-                        drop_caches()
-                    mark = b.mark()
-                    r = b.metered(lambda m=m: read_sequential(m.path / kit.raw_path).as_dict(), pid=m.pid)
-                    runs.append(r | b.fetched(mark, r["size_bytes"]))
-        b.record(w, "kitfs", "cold", cold)
-        b.record(w, "kitfs", "disk cache, page cache dropped", disk)
-        b.record(w, "kitfs", "page cache warm", page)
+        b.kitfs_three_ways(w, lambda m: read_sequential(m.path / kit.raw_path).as_dict(),
+                           memory=False)
 
     b.guarded(w, "kitfs", kitfs)
 
@@ -820,10 +780,8 @@ def gzip_layer(b: Bench) -> None:
         for _ in range(b.repeat):
             cache = b.fresh_cache()
             with b.kitfs(cache) as m:
-                drop_caches()
-                mark = b.mark()
-                r = b.metered(lambda m=m: read_sequential(m.path / last).as_dict(), pid=m.pid)
-                first_pass.append(r | b.fetched(mark, r["size_bytes"]))
+                first_pass.append(b.measured_read(
+                    lambda m=m: read_sequential(m.path / last).as_dict(), pid=m.pid))
                 drop_caches()
                 mark = b.mark()
                 r = _random_1mib_reads(m.path / middle, reads, seed=7)

@@ -1,4 +1,4 @@
-"""``kitfs demo``, the README's quick start: a loopback registry (``kitfs.sample``) holding a
+"""``kitfs demo``, the README's quick start: a loopback registry (``kitfs.demo``) holding a
 sample kit, the command line run on it (``ls``, ``inspect``, ``cat``) with what the registry
 served, then the kit mounted, listed and read, and ``kitfs status``; left mounted, with the
 commands that clean up, unless ``--cleanup``. Owns the demo's script only: each step is a real
@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kitfs.demo import Pusher, Registry, sample_kit
 from kitfs.mount.control import unmount
 from kitfs.mount.daemon import STATUS_INTERVAL_S
-from kitfs.sample import Pusher, Registry, sample_kit
 
 SAMPLE_WEIGHTS_BYTES = 64 * 1024 * 1024
 

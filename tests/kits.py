@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
 
-from kitfs.sample import KIT, Layer, Push, Pusher, tar_layer, with_layer_info
+from kitfs.demo import Entry, Layer, Push, Pusher, push_entries, tar_layer
+from kitfs.format.mediatypes import KIT
 
 FILEPATH = "org.cncf.model.filepath"
 PROMPT_SUBTYPE = {"ml.kitops.modelkit.layer-subtype": "prompt"}
@@ -69,22 +69,14 @@ def push_every_part_kit(pusher: Pusher, reference: str) -> EveryPartKit:
         "mcp": Layer(f"{KIT}.mcpb.v1.raw", MCP["servers/fs.mcpb"], {FILEPATH: "servers/fs.mcpb"}),
     }
     layers["prompt"].annotations.update(PROMPT_SUBTYPE)
-    kitfile: dict[str, Any] = {
-        "manifestVersion": "1.0.0",
-        "package": {"name": "every-part"},
-        "model": {"name": "llama", "path": "models/llama.gguf",
-                  "parts": [{"name": "tokenizer", "path": "models/tokenizer.json"}]},
-        "code": [{"path": "src"}],
-        "datasets": [{"name": "training", "path": "data/train"},
-                     {"name": "validation", "path": "data/validation"}],
-        "docs": [{"path": "README.md"}],
-        "prompts": [{"name": "system", "path": "prompts/system.md"}],
-        "mcpServers": [{"name": "filesystem", "path": "servers/fs.mcpb"}],
-    }
-    with_layer_info(kitfile, [
-        (kitfile["model"], layers["model"]), (kitfile["model"]["parts"][0], layers["part"]),
-        (kitfile["code"][0], layers["code"]), (kitfile["datasets"][0], layers["train"]),
-        (kitfile["datasets"][1], layers["validation"]), (kitfile["docs"][0], layers["docs"]),
-        (kitfile["prompts"][0], layers["prompt"]), (kitfile["mcpServers"][0], layers["mcp"])])
-    push = pusher.push_kit(reference, kitfile, list(layers.values()))
+    push = push_entries(pusher, reference, [
+        Entry("model", {"name": "llama", "path": "models/llama.gguf"}, layers["model"]),
+        Entry("parts", {"name": "tokenizer", "path": "models/tokenizer.json"}, layers["part"]),
+        Entry("code", {"path": "src"}, layers["code"]),
+        Entry("datasets", {"name": "training", "path": "data/train"}, layers["train"]),
+        Entry("datasets", {"name": "validation", "path": "data/validation"}, layers["validation"]),
+        Entry("docs", {"path": "README.md"}, layers["docs"]),
+        Entry("prompts", {"name": "system", "path": "prompts/system.md"}, layers["prompt"]),
+        Entry("mcpServers", {"name": "filesystem", "path": "servers/fs.mcpb"}, layers["mcp"]),
+    ], package={"name": "every-part"}, layers=list(layers.values()))
     return EveryPartKit(push, reference, layers)

@@ -13,13 +13,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kitfs.mount.status import find_mount, wait_exit
+from tests.kitfs_cli import Result, run_kitfs
 
 DAEMON_EXIT_S = 15.0
 
@@ -80,13 +80,9 @@ class Mounter:
         return dict(os.environ, KITFS_RUNTIME_DIR=str(self.runtime_dir),
                     KITFS_CACHE_DIR=str(self.cache_dir), **self.extra_env, **extra)
 
-    def kitfs(self, *args: str, check: bool = True, timeout_s: float = 120,
-              ) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "kitfs", *args], capture_output=True,
-                              text=True, env=self.env(), timeout=timeout_s)
-        if check and done.returncode != 0:
-            raise AssertionError(f"kitfs {' '.join(args)} exited {done.returncode}: {done.stderr}")
-        return done
+    def kitfs(self, *args: str, check: bool = True, timeout_s: float = 120) -> Result:
+        """``kitfs ARGS`` with this mounter's cache and runtime directory."""
+        return run_kitfs(*args, env=self.env(), check=check, timeout_s=timeout_s)
 
     def mountpoint(self, name: str = "mnt") -> Path:
         path = self.workdir / name

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
 
 import fsspec
 import numpy as np
@@ -19,13 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kitfs.api.fs import KitFileSystem
-from kitfs.sample import Layer, Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Entry, Layer, Pusher, push_entries, tar_layer
 
 MiB = 1 << 20
 
 
-def _parquet() -> tuple[bytes, pd.DataFrame]:
-    rng = np.random.default_rng(23)
+def parquet_table(seed: int) -> tuple[bytes, pd.DataFrame]:
+    """A 64 MiB Parquet file of four 16 MiB float64 columns (one row group, uncompressed), and
+    the frame it holds."""
+    rng = np.random.default_rng(seed)
     rows = 1 << 21  # 4 float64 columns x 16 MiB
     frame = pd.DataFrame({name: rng.standard_normal(rows) for name in ("a", "b", "c", "d")})
     buffer = io.BytesIO()
@@ -34,7 +35,7 @@ def _parquet() -> tuple[bytes, pd.DataFrame]:
     return buffer.getvalue(), frame
 
 
-PARQUET, FRAME = _parquet()
+PARQUET, FRAME = parquet_table(23)
 COLUMN_BYTES = len(PARQUET) // 4
 WEIGHTS = os.urandom(12 * MiB + 12345)
 CSV = {f"data/csv/part-{i}.csv": ("id,value\n" + "".join(
@@ -47,35 +48,15 @@ PACKED = {"models/weights.bin": WEIGHTS, **DATA, **CODE, "README.md": README}
 
 def push_analytics_kit(pusher: Pusher, reference: str) -> dict[str, Layer]:
     """Push the kit at ``reference``; its layers by Kitfile path."""
-    layers = {
-        "models/weights.bin": tar_layer("model", {"models/weights.bin": WEIGHTS},
-                                        "models/weights.bin"),
-        "data": tar_layer("dataset", DATA, "data"),
-        "src": tar_layer("code", CODE, "src"),
-        "README.md": tar_layer("docs", {"README.md": README}, "README.md"),
-    }
-    kitfile: dict[str, Any] = {
-        "manifestVersion": "1.0.0",
-        "package": {"name": "analytics", "version": "1.0.0"},
-        "model": {"name": "m", "path": "models/weights.bin"},
-        "datasets": [{"name": "data", "path": "data"}],
-        "code": [{"path": "src"}],
-        "docs": [{"path": "README.md"}],
-    }
-    with_layer_info(kitfile, [(kitfile["model"], layers["models/weights.bin"]),
-                              (kitfile["datasets"][0], layers["data"]),
-                              (kitfile["code"][0], layers["src"]),
-                              (kitfile["docs"][0], layers["README.md"])])
-    pusher.push_kit(reference, kitfile, list(layers.values()))
-    return layers
-
-
-def flip_byte_in_registry(registry: Registry, digest: str, at: int) -> None:
-    """Flip one byte of a blob in the registry's own storage (it serves it as it is)."""
-    stored = registry.blob_file(digest)
-    data = bytearray(stored.read_bytes())
-    data[at] ^= 0x01
-    stored.write_bytes(bytes(data))
+    entries = [
+        Entry("model", {"name": "m", "path": "models/weights.bin"},
+              tar_layer("model", {"models/weights.bin": WEIGHTS}, "models/weights.bin")),
+        Entry("datasets", {"name": "data", "path": "data"}, tar_layer("dataset", DATA, "data")),
+        Entry("code", {"path": "src"}, tar_layer("code", CODE, "src")),
+        Entry("docs", {"path": "README.md"}, tar_layer("docs", {"README.md": README}, "README.md")),
+    ]
+    push_entries(pusher, reference, entries, package={"name": "analytics", "version": "1.0.0"})
+    return {entry.fields["path"]: entry.layer for entry in entries if entry.layer}
 
 
 def register_kitfs() -> None:

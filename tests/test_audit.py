@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from kitfs.audit import AuditLog
+from kitfs.demo import Entry, Layer, Pusher, Registry, push_entries, sample_kit, tar_layer, with_layer_info
 from kitfs.environment import default_audit_log
-from kitfs.sample import KIT, Layer, Pusher, Registry, sample_kit, tar_layer, with_layer_info
+from kitfs.format.mediatypes import KIT
 from tests.mounts import Mount, Mounter
 
 MiB = 1024 * 1024
@@ -44,10 +45,8 @@ def wait_for(path: Path, count: int, **match: Any) -> list[dict[str, Any]]:
 def push_two_layer_kit(pusher: Pusher, reference: str, weights: bytes) -> tuple[Layer, Layer]:
     model = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
     docs = tar_layer("docs", {"README.md": b"# audited\n"}, "README.md")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/w.bin"},
-                               "docs": [{"path": "README.md"}]}
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["docs"][0], docs)])
-    pusher.push_kit(reference, kitfile, [model, docs])
+    push_entries(pusher, reference, [Entry("model", {"path": "models/w.bin"}, model),
+                                     Entry("docs", {"path": "README.md"}, docs)])
     return model, docs
 
 
@@ -91,10 +90,7 @@ def test_a_verification_failure_is_recorded_once_with_the_layers_outcome(
     log = tmp_path / "audit.jsonl"
     reference = f"{registry.host}/audit/tampered:v1"
     model, _ = push_two_layer_kit(pusher, reference, os.urandom(3 * MiB))
-    stored = registry.blob_file(model.digest)
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
+    registry.flip_stored_byte(model.digest)
     mount = mounter.mount(reference, "--audit-log", str(log))
     mount.expect_error(rf"{model.digest} failed verification")
     for _ in range(3):  # the same failure, answered three times
@@ -144,10 +140,7 @@ def test_pulls_pins_and_unpins_are_recorded(
 
     forged = f"{registry.host}/audit/forged:v1"
     model, _ = push_two_layer_kit(pusher, forged, os.urandom(3 * MiB))
-    stored = registry.blob_file(model.digest)
-    data = bytearray(stored.read_bytes())
-    data[-100] ^= 0xFF
-    stored.write_bytes(data)
+    registry.flip_stored_byte(model.digest, -100)
     done = mounter.kitfs("pull", forged, "--progress", "none", "--audit-log", str(log),
                          check=False)
     assert done.returncode == 65
@@ -176,7 +169,7 @@ PASSWORD = "kitfs-audit-pw-" + secrets.token_hex(8)
 HEADER_SECRET = "kitfs-header-" + secrets.token_hex(8)
 
 
-def test_no_credentials_ever(mounter: Mounter, tmp_path: Path) -> None:
+def test_no_credentials_ever(mounter: Mounter, tmp_path: Path, docker_registry: str) -> None:
     """A registry wanting a password (from a Docker config), a hosts.toml header carrying a
     token, ``--debug``: mount, read, a verification outcome, unmount, cache clear. Neither the
     password, nor its Basic form, nor the header's value is in the audit log or the daemon's log."""

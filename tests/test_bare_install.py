@@ -29,7 +29,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from kitfs.cli import PYFUSE3_MISSING
-from kitfs.sample import Pusher, Registry, sample_kit
+from kitfs.demo import Pusher, Registry, sample_kit
 from tests.mounts import Mounter, wait_gone
 
 ROOT = Path(__file__).resolve().parent.parent

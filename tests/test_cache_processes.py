@@ -32,7 +32,8 @@ import kitfs.cache.database as database_module
 import kitfs.cache.schema as schema_module
 from kitfs.cache.files import unlink_quietly
 from kitfs.cache.store import ChunkStore
-from kitfs.sample import Pusher, Registry, sample_kit
+from kitfs.demo import Pusher, Registry, sample_kit
+from tests.kitfs_cli import kitfs_argv
 
 CHUNK = 4 * 1024 * 1024  # the reader's default chunk size, which the CLI uses
 WEIGHTS = os.urandom(6 * CHUNK + 12345)  # the model layer spans 7 chunks
@@ -91,7 +92,7 @@ def start_cat(tmp_path: Path) -> Iterator[Callable[..., Cat]]:
         n = len(started)
         out, err = tmp_path / f"cat-{n}.out", tmp_path / f"cat-{n}.err"
         stdout, stderr = open(out, "wb"), open(err, "wb")  # noqa: SIM115 (closed by wait)
-        process = subprocess.Popen([sys.executable, "-m", "kitfs", "cat", reference, path, *args],
+        process = subprocess.Popen(kitfs_argv("cat", reference, path, *args),
                                    stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
         cat = Cat(process, out, err, [stdout, stderr])
         started.append(cat)

@@ -10,24 +10,15 @@ import gzip
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kitfs.sample import (
-    KIT,
-    Layer,
-    Pusher,
-    Registry,
-    kit_tar,
-    sample_kit,
-    sha256,
-    tar_layer,
-    with_layer_info,
-)
+from kitfs.demo import Layer, Pusher, Registry, kit_tar, sample_kit, sha256, tar_layer, with_layer_info
+from kitfs.format.mediatypes import KIT
+from tests.kitfs_cli import run_kitfs
 
 WEIGHTS = os.urandom(24 * 1024 * 1024 + 4321)  # bigger than several 4 MiB chunks
 
@@ -132,7 +123,7 @@ def test_unknown_tag_and_repository(kitfs: Any, sample: str, registry: Registry)
 
 
 def test_dead_registry_fails_within_the_timeout(kitfs: Any) -> None:
-    from kitfs.sample import free_port
+    from kitfs.demo import free_port
 
     result = kitfs("ls", "--timeout", "2", f"127.0.0.1:{free_port()}/x/y:v1", check=False)
     assert result.returncode == 69
@@ -147,10 +138,7 @@ def _tampered_kit(registry: Registry, pusher: Pusher, name: str) -> tuple[str, b
     reference = f"{registry.host}/team/{name}:v1"
     push = sample_kit(pusher, reference, weights)
     model = push.layers[0]
-    blob = registry.blob_file(model.digest)
-    data = bytearray(blob.read_bytes())
-    data[2048] ^= 0xFF  # inside the weights file, after its tar header
-    blob.write_bytes(bytes(data))
+    registry.flip_stored_byte(model.digest, 2048)  # inside the weights file, after its tar header
     return reference, weights, model
 
 
@@ -355,15 +343,13 @@ def test_a_full_cache_disk_serves_uncached_with_a_warning(
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)], check=True)
     try:
         env = dict(os.environ, KITFS_CACHE_DIR=str(small / "cache"))
-        done = subprocess.run([sys.executable, "-m", "kitfs", "cat", sample, "models/weights.safetensors"],
-                              capture_output=True, env=env, timeout=120)
+        done = run_kitfs("cat", sample, "models/weights.safetensors", env=env)
         assert done.returncode == 0, done.stderr
         assert done.stdout == WEIGHTS
-        stderr = done.stderr.decode()
+        stderr = done.stderr
         assert "WARNING" in stderr and "Traceback" not in stderr
         assert stderr.count("WARNING") == 1, stderr  # one warning, not one per chunk
-        verify = subprocess.run([sys.executable, "-m", "kitfs", "cache", "verify"], env=env,
-                                capture_output=True, text=True, timeout=60)
-        assert verify.returncode == 0, verify.stdout + verify.stderr
+        verify = run_kitfs("cache", "verify", env=env, timeout_s=60)
+        assert verify.returncode == 0, verify.text + verify.stderr
     finally:
         subprocess.run(["umount", str(small)], check=True)

@@ -14,8 +14,6 @@ import json
 import os
 import secrets
 import stat
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,9 +25,10 @@ import pytest
 import trio
 
 from kitfs.core.modelkit import SessionOptions, open_session
+from kitfs.demo import Pusher, Registry, sample_kit
 from kitfs.format.reference import Reference
 from kitfs.remote.auth import Credentials
-from kitfs.sample import Pusher, Registry, sample_kit
+from tests.kitfs_cli import Result, run_kitfs
 
 USER = "alice"
 PASSWORD = "kitfs-pw-" + secrets.token_hex(8)  # unique, so finding it in stderr means a leak
@@ -48,7 +47,8 @@ class AuthKit:
 
 
 @pytest.fixture(scope="module")
-def auth_kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthKit]:
+def auth_kit(tmp_path_factory: pytest.TempPathFactory, docker_registry: str
+             ) -> Iterator[AuthKit]:
     """A registry that wants alice's password (stopped by PID), holding the sample kit."""
     registry = Registry(tmp_path_factory.mktemp("auth-registry"), users={USER: PASSWORD}).start()
     try:
@@ -57,13 +57,6 @@ def auth_kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthKit]:
         yield AuthKit(registry, reference)
     finally:
         registry.stop()
-
-
-@dataclass
-class Outcome:
-    returncode: int
-    stdout: bytes
-    stderr: str
 
 
 class Sandbox:
@@ -113,10 +106,8 @@ class Sandbox:
     def helper_calls(self) -> list[str]:
         return self.helper_log.read_text().splitlines() if self.helper_log.exists() else []
 
-    def kitfs(self, *args: str) -> Outcome:
-        proc = subprocess.run([sys.executable, "-m", "kitfs", *args], capture_output=True,
-                              env=self.env, timeout=60, check=False)
-        return Outcome(proc.returncode, proc.stdout, proc.stderr.decode())
+    def kitfs(self, *args: str) -> Result:
+        return run_kitfs(*args, env=self.env, timeout_s=60)
 
 
 @pytest.fixture
@@ -133,7 +124,7 @@ def assert_no_secret(text: str) -> None:
         assert secret not in text, "a credential leaked into the output"
 
 
-def assert_lists_the_kit(outcome: Outcome) -> None:
+def assert_lists_the_kit(outcome: Result) -> None:
     assert outcome.returncode == 0, outcome.stderr
     assert "Traceback" not in outcome.stderr
     assert KIT_PATH in outcome.stdout.decode()

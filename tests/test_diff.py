@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from kitfs.sample import KIT, Layer, Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Layer, Pusher, Registry, tar_layer, with_layer_info
+from kitfs.format.mediatypes import KIT
 
 MiB = 1024 * 1024
 FILEPATH = "org.cncf.model.filepath"

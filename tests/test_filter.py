@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Pusher, Registry, tar_layer, with_layer_info
 from tests.kits import ALL_FILES, FILTERS, EveryPartKit, push_every_part_kit
 from tests.mounts import Mounter
 
@@ -65,7 +65,7 @@ def test_filters_repeat_and_the_kitfile_is_the_one_kit_unpack_writes(
                           "datasets:validation", "--filter", "model:llama")
     assert files_on(mount.path) == ({"Kitfile", "models/llama.gguf"} | FILTERS["code"]
                                     | FILTERS["datasets:validation"])
-    kitfile = mounter.kitfs("cat", every.reference, "Kitfile").stdout.encode()
+    kitfile = mounter.kitfs("cat", every.reference, "Kitfile").stdout
     assert (mount.path / "Kitfile").read_bytes() == kitfile
     whole = mounter.mount(every.reference, name="whole")
     assert files_on(whole.path) == set(ALL_FILES) | {"Kitfile"}

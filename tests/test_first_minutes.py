@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 import kitfs as kitfs_package
+from kitfs.demo import Pusher, Registry, free_port, sample_kit, tar_layer
 from kitfs.errors import NotInstalledError
 from kitfs.mount.device import FUSE_DEVICE, check_fuse_device
-from kitfs.sample import Pusher, Registry, free_port, sample_kit, tar_layer
 from tests.test_hostile import push_one_layer_kit
 
 PIPE_BUFFER_BYTES = 64 * 1024  # Linux's default pipe capacity

@@ -31,7 +31,7 @@ import kitfs
 from kitfs import open_kit
 from kitfs.api.fs import KitFileSystem
 from kitfs.api.runtime import shutdown
-from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Pusher, Registry, tar_layer, with_layer_info
 from tests.pykit import (
     COLUMN_BYTES,
     CSV,
@@ -41,7 +41,6 @@ from tests.pykit import (
     PARQUET,
     WEIGHTS,
     MiB,
-    flip_byte_in_registry,
     push_analytics_kit,
     register_kitfs,
 )
@@ -229,7 +228,7 @@ def test_get_writes_nothing_of_a_layer_that_fails_its_digest(
     with_layer_info(kitfile, [(kitfile["datasets"][0], dataset), (kitfile["docs"][0], docs)])
     reference = f"{registry.host}/team/tampered-get:v1"
     pusher.push_kit(reference, kitfile, [dataset, docs])
-    flip_byte_in_registry(registry, dataset.digest, dataset.data.index(files["data/part-2.csv"]) + 9)
+    registry.flip_stored_byte(dataset.digest, dataset.data.index(files["data/part-2.csv"]) + 9, 0x01)
     fs = _fs(cache_dir)
     target = tmp_path / "out"
     with pytest.raises(OSError, match="failed verification") as caught:

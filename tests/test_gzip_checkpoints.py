@@ -23,10 +23,10 @@ import trio
 
 from kitfs.cache.store import ChunkStore
 from kitfs.core.reader import DEFAULT_CHUNK_SIZE_BYTES, BlobReader, Content, VerifyMode
+from kitfs.demo import Entry, Layer, Pusher, Registry, push_entries, tar_layer
 from kitfs.format.digest import Digest
 from kitfs.format.mediatypes import Compression
 from kitfs.remote.registry import RegistryClient, RegistryConfig
-from kitfs.sample import Layer, Pusher, Registry, tar_layer, with_layer_info
 
 CHUNK = DEFAULT_CHUNK_SIZE_BYTES  # the CLI's chunk size, and the checkpoint spacing
 MIB = 1024 * 1024
@@ -64,11 +64,9 @@ class GzipKit:
 
 def push_gzip_kit(registry: Registry, pusher: Pusher, name: str, files: dict[str, bytes]) -> GzipKit:
     layer = tar_layer("dataset", files, "data", "gzip")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "package": {"name": name},
-                               "datasets": [{"name": name, "path": "data"}]}
-    with_layer_info(kitfile, [(kitfile["datasets"][0], layer)])
     reference = f"{registry.host}/gzip/{name}:v1"
-    pusher.push_kit(reference, kitfile, [layer])
+    push_entries(pusher, reference, [Entry("datasets", {"name": name, "path": "data"}, layer)],
+                 package={"name": name})
     return GzipKit(reference, layer, files)
 
 

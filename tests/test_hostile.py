@@ -17,71 +17,42 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 import tarfile
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kitfs.sample import (
-    KIT,
+from kitfs.demo import (
+    Entry,
     Layer,
     Pusher,
     Registry,
     kit_tar,
+    kitfile_of,
+    push_entries,
     sha256,
     tar_layer,
-    with_layer_info,
 )
+from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule, running
+from tests.kitfs_cli import Result, run_kitfs
 from tests.mounts import Mounter
 
 MiB = 1 << 20
 MANIFEST_LIMIT_BYTES = 4 * MiB
 
 
-@dataclass
-class Run:
-    returncode: int
-    stdout: bytes
-    stderr: str
-    peak_rss_bytes: int  # the kitfs process's high-water mark of resident memory (VmHWM)
-
-
-# ``python -m kitfs`` that writes its VmHWM to a file as it exits. (wait4's ru_maxrss would
-# count the pages of the forking test process too: it survives exec.)
-_MEASURED_MAIN = """import atexit, sys
-from pathlib import Path
-atexit.register(lambda: Path(sys.argv[1]).write_text(Path("/proc/self/status").read_text()))
-from kitfs.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
-def run_kitfs(cache_dir: Path, *args: str) -> Run:
-    """``kitfs ARGS`` in a subprocess, with its peak resident memory."""
-    env = {**os.environ, "KITFS_CACHE_DIR": str(cache_dir)}
-    with tempfile.NamedTemporaryFile() as status:
-        done = subprocess.run([sys.executable, "-c", _MEASURED_MAIN, status.name, *args],
-                              env=env, capture_output=True, timeout=120)
-        peak_kib = next(int(line.split()[1]) for line in Path(status.name).read_text().splitlines()
-                        if line.startswith("VmHWM:"))
-    return Run(done.returncode, done.stdout, done.stderr.decode(errors="replace"), peak_kib * 1024)
+def kitfs_in(cache_dir: Path, *args: str) -> Result:
+    """``kitfs ARGS`` in a subprocess with ``cache_dir``, and its peak resident memory."""
+    return run_kitfs(*args, env={**os.environ, "KITFS_CACHE_DIR": str(cache_dir)},
+                     measure_memory=True)
 
 
 def push_one_layer_kit(pusher: Pusher, reference: str, layer: Layer, section: str = "code",
                        path: str = "src", **kwargs: Any) -> None:
-    entry: dict[str, Any] = {"path": path}
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "package": {"name": "hostile"}}
-    if section == "model":
-        kitfile["model"] = entry
-    else:
-        kitfile[section] = [entry]
-    with_layer_info(kitfile, [(entry, layer)])
-    pusher.push_kit(reference, kitfile, [layer], **kwargs)
+    push_entries(pusher, reference, [Entry(section, {"path": path}, layer)],
+                 package={"name": "hostile"}, **kwargs)
 
 
 def refused(result: Any, *fragments: str) -> None:
@@ -176,15 +147,16 @@ def test_a_100_mb_manifest_is_refused_before_it_is_read(
     pad = b"x" * (100 * MiB)
     huge = b'{"schemaVersion":2,"layers":[],"annotations":{"pad":"' + pad + b'"}}'
     # Create the cache first: its creation imports sqlite-utils, whose memory is not the point.
-    assert run_kitfs(cache_dir, "cache", "stats").returncode == 0
+    assert kitfs_in(cache_dir, "cache", "stats").returncode == 0
     with running(FaultProxy(registry.host)) as proxy:
         proxy.add(Rule("forward", path="/manifests/", body=huge, chunked=chunked, times=None))
-        result = run_kitfs(cache_dir, "ls", small_kit.replace(registry.host, proxy.host))
+        result = kitfs_in(cache_dir, "ls", small_kit.replace(registry.host, proxy.host))
         (request,) = proxy.requests("/manifests/")
     refused(result, "manifest hostile/small:v1", f"over the {MANIFEST_LIMIT_BYTES} allowed")
     if not chunked:
         assert f"a body of {len(huge)} bytes" in result.stderr
     assert request.body_bytes < len(huge) // 4  # written before kitfs hung up: the rest never
+    assert result.peak_rss_bytes is not None
     assert result.peak_rss_bytes < 100 * MiB, result.peak_rss_bytes
 
 
@@ -193,7 +165,7 @@ def test_a_huge_error_page_is_not_read_and_its_status_is_the_answer(
     """A 404 with a 100 MB body: 'not found' at once, from one request, the body left unread."""
     with running(FaultProxy(registry.host)) as proxy:
         proxy.add(Rule("forward", path="/manifests/", body=b"x" * (100 * MiB), times=None))
-        result = run_kitfs(cache_dir, "ls", f"{proxy.host}/hostile/nowhere:v1")
+        result = kitfs_in(cache_dir, "ls", f"{proxy.host}/hostile/nowhere:v1")
         (request,) = proxy.requests("/manifests/")
     assert result.returncode == 66 and "manifest hostile/nowhere:v1 not found" in result.stderr
     assert request.status == 404 and request.body_bytes < 25 * MiB
@@ -202,7 +174,7 @@ def test_a_huge_error_page_is_not_read_and_its_status_is_the_answer(
 def test_a_manifest_just_under_4_mib_is_read(
         registry: Registry, small_kit: str, cache_dir: Path, pusher: Pusher) -> None:
     """The limit is the registry's and kit's: a manifest it stores, kitfs reads."""
-    manifest = json.loads(run_kitfs(cache_dir, "inspect", "--json", small_kit).stdout)
+    manifest = json.loads(kitfs_in(cache_dir, "inspect", "--json", small_kit).stdout)
     assert manifest["format"] == "kitops"
     body = registry_manifest(registry, small_kit)
     padded = json.loads(body)
@@ -210,7 +182,7 @@ def test_a_manifest_just_under_4_mib_is_read(
     data = json.dumps(padded, separators=(",", ":")).encode()
     assert MANIFEST_LIMIT_BYTES - 200 < len(data) <= MANIFEST_LIMIT_BYTES
     pusher.put_manifest("hostile/small", "padded", data, "application/vnd.oci.image.manifest.v1+json")
-    result = run_kitfs(cache_dir, "cat", f"{registry.host}/hostile/small:padded", "src/a.py")
+    result = kitfs_in(cache_dir, "cat", f"{registry.host}/hostile/small:padded", "src/a.py")
     assert result.returncode == 0 and result.stdout == b"print(1)\n", result.stderr
 
 
@@ -232,10 +204,8 @@ def registry_manifest(registry: Registry, reference: str) -> bytes:
 def push_referencing_kit(pusher: Pusher, reference: str, model_path: str) -> None:
     """A kit whose model is another kit (``model.path`` is a reference), with docs of its own."""
     docs = tar_layer("docs", {"README.md": reference.encode()}, "README.md")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": model_path},
-                               "docs": [{"path": "README.md"}]}
-    with_layer_info(kitfile, [(kitfile["docs"][0], docs)])
-    pusher.push_kit(reference, kitfile, [docs])
+    push_entries(pusher, reference, [Entry("model", {"path": model_path}),
+                                     Entry("docs", {"path": "README.md"}, docs)])
 
 
 def manifest_requests(registry: Registry, since: int) -> int:
@@ -285,11 +255,10 @@ def test_config_entries_naming_missing_layers(kitfs: Any, registry: Registry,
                                               pusher: Pusher) -> None:
     layer = tar_layer("code", {"src/a.py": b"x"}, "src")
     missing = sha256(b"a layer that is not in the manifest")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}],
-                               "datasets": [{"path": "data", "digest": missing, "diffId": missing}]}
-    with_layer_info(kitfile, [(kitfile["code"][0], layer)])
     reference = f"{registry.host}/hostile/missing:v1"
-    pusher.push_kit(reference, kitfile, [layer])
+    push_entries(pusher, reference, [
+        Entry("code", {"path": "src"}, layer),
+        Entry("datasets", {"path": "data", "digest": missing, "diffId": missing})])
     refused(kitfs("ls", reference, check=False),
             f"Kitfile datasets entry 'data' names layer {missing}, which is not in the manifest")
 
@@ -320,9 +289,7 @@ def test_unknown_media_types_are_named(kitfs: Any, registry: Registry, pusher: P
 def push_with_sizes(pusher: Pusher, reference: str, layer: Layer, *, layer_size: int | None = None,
                     config_size: int | None = None) -> Any:
     """A one-layer kit whose manifest states other sizes than its blobs have."""
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}]}
-    with_layer_info(kitfile, [(kitfile["code"][0], layer)])
-    push = pusher.push_kit(reference, kitfile, [layer])
+    push = push_entries(pusher, reference, [Entry("code", {"path": "src"}, layer)])
     manifest = dict(push.manifest)
     if layer_size is not None:
         manifest["layers"] = [{**manifest["layers"][0], "size": layer_size}]
@@ -361,8 +328,7 @@ def test_descriptor_sizes_that_disagree_with_the_blob(
 
 
 def run_config_size(pusher: Pusher, reference: str, layer: Layer) -> int:
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "code": [{"path": "src"}]}
-    with_layer_info(kitfile, [(kitfile["code"][0], layer)])
+    kitfile = kitfile_of([Entry("code", {"path": "src"}, layer)])
     return len(json.dumps(kitfile, separators=(",", ":")).encode())
 
 
@@ -404,7 +370,7 @@ def test_bytes_that_do_not_match_their_digest_are_refused(
                 original.replace(b'"manifestVersion"', b'"manifestversion"'))
             assert body != original and len(body) == len(original)
         proxy.add(Rule("forward", path=path, body=body, times=None))
-        result = run_kitfs(cache_dir, "cat", pinned.replace(registry.host, proxy.host), "src/a.py")
+        result = kitfs_in(cache_dir, "cat", pinned.replace(registry.host, proxy.host), "src/a.py")
     expected = {"manifest": manifest_digest, "config": config_digest, "layer": layer.digest}[what]
     refused(result, f"expected {expected}")
     assert b"forgery" not in result.stdout  # a full read never passes forged bytes on
@@ -434,11 +400,9 @@ def ten_thousand_layers(registry: Registry, pusher: Pusher) -> str:
     blob = b"one small file\n"
     layers = [Layer(f"{KIT}.code.v1.raw", blob,
                     {"org.cncf.model.filepath": f"layers/f{i:05d}.txt"}) for i in range(LAYER_COUNT)]
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0",
-                               "code": [{"path": f"layers/f{i:05d}.txt"} for i in range(LAYER_COUNT)]}
-    with_layer_info(kitfile, list(zip(kitfile["code"], layers, strict=True)))
     reference = f"{registry.host}/hostile/layers:v1"
-    pusher.push_kit(reference, kitfile, layers)
+    push_entries(pusher, reference, [Entry("code", {"path": f"layers/f{i:05d}.txt"}, layer)
+                                     for i, layer in enumerate(layers)])
     return reference
 
 
@@ -501,7 +465,7 @@ def test_100000_entries_in_one_directory(mounter: Mounter, big_directory: str) -
     """Listed whole, read and looked up by name through a mount, in bounded memory: the daemon
     peaked at about 160 MB while it indexed the 51 MB tar (it reads windows of up to 64 MiB of
     headers), and held about 105 MB when it loaded the index from the cache instead."""
-    assert run_kitfs(mounter.cache_dir, "cache", "stats").returncode == 0  # see the 100 MB test
+    assert kitfs_in(mounter.cache_dir, "cache", "stats").returncode == 0  # see the 100 MB test
     mount = mounter.mount(big_directory)
     names = os.listdir(mount.path / "data/big")
     assert sorted(names) == [f"f{i:06d}.txt" for i in range(ENTRY_COUNT)]
@@ -597,12 +561,12 @@ def test_hostile_kits_leave_another_mount_and_the_cache_untouched(
                        body=good.data.replace(weights, forged)))
         via_proxy = victim_reference.replace(registry.host, proxy.host)
         outcomes = [
-            run_kitfs(cache_dir, "ls", itself),
-            run_kitfs(cache_dir, "ls", tar_reference),
-            run_kitfs(cache_dir, "cat", lying_reference, "src/b.py"),
-            run_kitfs(cache_dir, "ls", f"{proxy.host}/isolation/big:v1"),
+            kitfs_in(cache_dir, "ls", itself),
+            kitfs_in(cache_dir, "ls", tar_reference),
+            kitfs_in(cache_dir, "cat", lying_reference, "src/b.py"),
+            kitfs_in(cache_dir, "ls", f"{proxy.host}/isolation/big:v1"),
             # the same digest through a registry that forges it: served from the cache
-            run_kitfs(cache_dir, "cat", via_proxy, "models/w.bin"),
+            kitfs_in(cache_dir, "cat", via_proxy, "models/w.bin"),
         ]
         forged_fetches = len(proxy.requests(f"/blobs/{good.digest}"))
     assert [o.returncode for o in outcomes] == [65, 65, 65, 65, 0], [o.stderr for o in outcomes]
@@ -611,9 +575,9 @@ def test_hostile_kits_leave_another_mount_and_the_cache_untouched(
     assert cache_files(cache_dir) == {**before, **{k: v for k, v in cache_files(cache_dir).items()
                                                    if k not in before}}  # kept, not rewritten
     assert all(cache_files(cache_dir)[name] == before[name] for name in before)
-    state = json.loads(run_kitfs(cache_dir, "inspect", "--json", victim_reference).stdout)
+    state = json.loads(kitfs_in(cache_dir, "inspect", "--json", victim_reference).stdout)
     assert [layer["verification"] for layer in state["layers"]] == ["verified"]
-    verify = run_kitfs(cache_dir, "cache", "verify")
+    verify = kitfs_in(cache_dir, "cache", "verify")
     assert verify.returncode == 0 and b", 0 dropped" in verify.stdout, verify.stdout
 
 
@@ -626,7 +590,7 @@ def test_a_verified_layer_refetched_from_a_forging_registry_is_refused_chunk_by_
     layer = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
     reference = f"{registry.host}/hostile/verified:v1"
     push_one_layer_kit(pusher, reference, layer, "model", "models/w.bin")
-    assert run_kitfs(cache_dir, "cat", reference, "models/w.bin").stdout == weights
+    assert kitfs_in(cache_dir, "cat", reference, "models/w.bin").stdout == weights
     chunk_files = sorted(p for p in (cache_dir / "chunks").rglob("*") if p.is_file())
     assert len(chunk_files) == 3
     chunk_files[1].unlink()  # chunk 1 (bytes 4-8 MiB) must come from the registry again
@@ -634,11 +598,11 @@ def test_a_verified_layer_refetched_from_a_forging_registry_is_refused_chunk_by_
     forged = layer.data.replace(weights, weights[: 5 * MiB] + flipped + weights[5 * MiB + 1 :])
     with running(FaultProxy(registry.host)) as proxy:
         proxy.add(Rule("forward", path=f"/blobs/{layer.digest}", body=forged, times=None))
-        result = run_kitfs(cache_dir, "cat", reference.replace(registry.host, proxy.host),
+        result = kitfs_in(cache_dir, "cat", reference.replace(registry.host, proxy.host),
                            "models/w.bin")
     refused(result, f"layer {layer.digest}: chunk 1 from the registry differs from the verified "
             "blob's (BLAKE3 of its pieces)")
-    assert run_kitfs(cache_dir, "cat", reference, "models/w.bin").stdout == weights
+    assert kitfs_in(cache_dir, "cat", reference, "models/w.bin").stdout == weights
 
 
 def test_verify_off_serves_forged_bytes(registry: Registry, pusher: Pusher,
@@ -651,8 +615,8 @@ def test_verify_off_serves_forged_bytes(registry: Registry, pusher: Pusher,
         proxy.add(Rule("forward", path=f"/blobs/{layer.digest}", times=None,
                        body=layer.data.replace(b"genuine", b"forgery")))
         via_proxy = reference.replace(registry.host, proxy.host)
-        off = run_kitfs(cache_dir, "cat", via_proxy, "src/a.py", "--verify", "off")
-        eventual = run_kitfs(cache_dir / "other", "cat", via_proxy, "src/a.py")
+        off = kitfs_in(cache_dir, "cat", via_proxy, "src/a.py", "--verify", "off")
+        eventual = kitfs_in(cache_dir / "other", "cat", via_proxy, "src/a.py")
     assert off.returncode == 0 and off.stdout == b"print('forgery')\n"
     refused(eventual, f"expected {layer.digest}")
 
@@ -667,11 +631,11 @@ def test_a_digest_forged_by_one_registry_fails_for_the_whole_cache_until_cleared
     with running(FaultProxy(registry.host)) as proxy:
         proxy.add(Rule("forward", path=f"/blobs/{layer.digest}", times=None,
                        body=layer.data.replace(b"genuine", b"forgery")))
-        refused(run_kitfs(cache_dir, "cat", reference.replace(registry.host, proxy.host),
+        refused(kitfs_in(cache_dir, "cat", reference.replace(registry.host, proxy.host),
                           "src/a.py"), f"expected {layer.digest}")
-    refused(run_kitfs(cache_dir, "cat", reference, "src/a.py"), "failed verification earlier")
-    assert run_kitfs(cache_dir, "cache", "clear").returncode == 0
-    assert run_kitfs(cache_dir, "cat", reference, "src/a.py").stdout == b"print('genuine')\n"
+    refused(kitfs_in(cache_dir, "cat", reference, "src/a.py"), "failed verification earlier")
+    assert kitfs_in(cache_dir, "cache", "clear").returncode == 0
+    assert kitfs_in(cache_dir, "cat", reference, "src/a.py").stdout == b"print('genuine')\n"
 
 
 def test_strict_mode_never_lists_a_tree_read_from_unverified_bytes(
@@ -688,15 +652,15 @@ def test_strict_mode_never_lists_a_tree_read_from_unverified_bytes(
     push_one_layer_kit(pusher, reference, layer)
     with running(FaultProxy(registry.host)) as proxy:
         proxy.add(Rule("forward", path=f"/blobs/{layer.digest}", body=forged.data, times=None))
-        lying = run_kitfs(cache_dir, "ls", reference.replace(registry.host, proxy.host))
+        lying = kitfs_in(cache_dir, "ls", reference.replace(registry.host, proxy.host))
     assert lying.returncode == 0 and b"src/evil.py" in lying.stdout  # eventual: unverified
     # strict: the layer is verified before its index is trusted; the forged chunks the cache
     # holds fail it (the shared-cache limit of the threat model), never "no such file"
-    refused(run_kitfs(cache_dir, "cat", "--verify", "strict", reference, "src/good.py"),
+    refused(kitfs_in(cache_dir, "cat", "--verify", "strict", reference, "src/good.py"),
             "failed verification")
     # the failure also drops the index read from those bytes: no listing shows them again
-    after = run_kitfs(cache_dir, "ls", reference)
+    after = kitfs_in(cache_dir, "ls", reference)
     assert after.returncode == 65 and b"evil" not in after.stdout, after
-    assert run_kitfs(cache_dir, "cache", "clear").returncode == 0
-    strict = run_kitfs(cache_dir, "cat", "--verify", "strict", reference, "src/good.py")
+    assert kitfs_in(cache_dir, "cache", "clear").returncode == 0
+    strict = kitfs_in(cache_dir, "cat", "--verify", "strict", reference, "src/good.py")
     assert strict.returncode == 0 and strict.stdout == b"print(1)\n", strict.stderr

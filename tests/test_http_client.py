@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import trio
 
+from kitfs.demo import Pusher, Registry, sha256
 from kitfs.errors import RemoteTimeoutError
 from kitfs.format.digest import Digest
 from kitfs.remote.connection import THREAD_RECEIVE_MIN_BYTES, Progress, Response, TransportError
 from kitfs.remote.http import HttpClient
 from kitfs.remote.registry import RegistryClient, RegistryConfig
-from kitfs.sample import Pusher, Registry, sha256
 from tests.faultproxy import FaultProxy, Rule, running
 
 MiB = 1024 * 1024

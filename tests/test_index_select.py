@@ -17,18 +17,10 @@ from typing import Any
 
 import pytest
 
+from kitfs.demo import Entry, Push, Pusher, Registry, push_entries, tar_layer
 from kitfs.errors import NotFoundError, UsageError
+from kitfs.format.mediatypes import KIT_ARTIFACT, OCI_INDEX, OCI_MANIFEST
 from kitfs.format.oci import Index, parse_document
-from kitfs.sample import (
-    KIT_MANIFEST_ARTIFACT,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    Push,
-    Pusher,
-    Registry,
-    tar_layer,
-    with_layer_info,
-)
 
 # ============================================================================================
 # Index.select on parsed bytes
@@ -159,11 +151,9 @@ def push_variant(pusher: Pusher, repository: str, name: str, weights: bytes) -> 
     """A one-model ModelKit pushed by digest only (no tag), as ``kit`` puts a kit in an index."""
     path = f"models/model-{name}.gguf"
     model = tar_layer("model", {path: weights}, path)
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "package": {"name": f"m-{name}"},
-                               "model": {"name": name, "path": path, "format": "gguf"}}
-    with_layer_info(kitfile, [(kitfile["model"], model)])
-    return pusher.push_kit(f"{pusher.host}/{repository}", kitfile, [model],
-                           artifact_type=KIT_MANIFEST_ARTIFACT, by_digest=True)
+    return push_entries(pusher, f"{pusher.host}/{repository}",
+                        [Entry("model", {"name": name, "path": path, "format": "gguf"}, model)],
+                        package={"name": f"m-{name}"}, artifact_type=KIT_ARTIFACT, by_digest=True)
 
 
 class Pushed:
@@ -234,7 +224,7 @@ def test_inspect_shows_the_selected_manifest_digest(kitfs: Any, pushed: Pushed) 
         info = json.loads(kitfs("inspect", "--json", pushed.ref, "--select", selector).text)
         assert info["digest"] == push.digest
         assert info["digest"] != pushed.index_digest
-        assert info["artifactType"] == KIT_MANIFEST_ARTIFACT
+        assert info["artifactType"] == KIT_ARTIFACT
         assert [layer["digest"] for layer in info["layers"]] == [push.layers[0].digest]
         text = kitfs("inspect", pushed.ref, "--select", selector).text
         assert f"digest     {push.digest}" in text

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Pusher, Registry, tar_layer, with_layer_info
 from tests.mounts import Mount, Mounter
 
 MiB = 1 << 20
@@ -138,7 +138,7 @@ def test_64_readers_over_8_files(mounter: Mounter, kit: str) -> None:
         drop_pages(mount.path / path)
         assert (mount.path / path).read_bytes() == BIG[path], path
     verify = mounter.kitfs("cache", "verify")
-    assert verify.stdout.strip().endswith(", 0 dropped"), verify.stdout
+    assert verify.text.strip().endswith(", 0 dropped"), verify.text
 
 
 def test_a_thousand_opens_of_small_files(mounter: Mounter, kit: str) -> None:

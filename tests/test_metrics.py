@@ -15,12 +15,12 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kitfs.sample import Layer, Pusher, Registry, free_port, sample_kit, tar_layer, with_layer_info
+from kitfs.demo import Entry, Pusher, Registry, free_port, push_entries, sample_kit, tar_layer
+from tests.kitfs_cli import kitfs_argv
 from tests.mounts import Mount, Mounter
 
 MiB = 1024 * 1024
@@ -37,8 +37,8 @@ class MetricsServer:
         mounter.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "kitfs", "metrics", "--listen", f"127.0.0.1:{self.port}",
-                 *args], env=env or mounter.env(), stdout=log, stderr=log)
+                kitfs_argv("metrics", "--listen", f"127.0.0.1:{self.port}", *args),
+                env=env or mounter.env(), stdout=log, stderr=log)
         deadline = time.monotonic() + 30
         while True:
             assert self.process.poll() is None, self.log.read_text()
@@ -179,12 +179,10 @@ def test_verification_failures_and_mirror_fallbacks_are_counted(
     weights = os.urandom(6 * MiB)
     model = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
     docs = tar_layer("docs", {"README.md": b"# fine\n"}, "README.md")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/w.bin"},
-                               "docs": [{"path": "README.md"}]}
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["docs"][0], docs)])
     reference = f"{registry.host}/metrics/tampered:v1"
-    pusher.push_kit(reference, kitfile, [model, docs])
-    flip(registry, model)
+    push_entries(pusher, reference, [Entry("model", {"path": "models/w.bin"}, model),
+                                     Entry("docs", {"path": "README.md"}, docs)])
+    registry.flip_stored_byte(model.digest)
     dead = f"127.0.0.1:{free_port()}"
     hosts = tmp_path / "certs.d" / registry.host
     hosts.mkdir(parents=True)
@@ -203,13 +201,6 @@ def test_verification_failures_and_mirror_fallbacks_are_counted(
     hosts_seen = {dict(labels).get("host") for (name, labels) in samples
                   if name == "kitfs_fetched_bytes_total"}
     assert hosts_seen == {registry.host}
-
-
-def flip(registry: Registry, layer: Layer) -> None:
-    stored = registry.blob_file(layer.digest)
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
 
 
 def test_a_bad_listen_address_is_refused(mounter: Mounter) -> None:

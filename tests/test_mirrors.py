@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 import trio
 
+from kitfs.demo import Entry, Layer, Pusher, Registry, push_entries, tar_layer
 from kitfs.format.digest import Digest
 from kitfs.format.hosts import parse_hosts_toml
+from kitfs.format.mediatypes import KIT
 from kitfs.remote.registry import RegistryClient, RegistryConfig
-from kitfs.sample import KIT, Layer, Pusher, Registry, tar_layer, with_layer_info
 from tests.faultproxy import FaultProxy, Rule, issue, make_ca, running, server_context
 from tests.mounts import Mounter
 
@@ -47,11 +48,10 @@ def push_kit(pusher: Pusher, host: str, name: str, weights: bytes) -> Kit:
     """A raw weights file (one layer, read without any index) and a small tar of code."""
     model = Layer(f"{KIT}.model.v1.raw", weights, {"org.cncf.model.filepath": "model.bin"})
     code = tar_layer("code", {"src/train.py": b"print('train')\n"}, "src")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "package": {},
-                               "model": {"path": "model.bin"}, "code": [{"path": "src"}]}
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["code"][0], code)])
     repository = f"mirrors/{name}"
-    pusher.push_kit(f"{host}/{repository}:v1", kitfile, [model, code])
+    push_entries(pusher, f"{host}/{repository}:v1", [Entry("model", {"path": "model.bin"}, model),
+                                                     Entry("code", {"path": "src"}, code)],
+                 package={})
     return Kit(f"{host}/{repository}:v1", repository, weights, [model, code])
 
 
@@ -214,10 +214,7 @@ def test_a_mirror_serving_wrong_bytes_is_caught_by_the_digest(
     EIO and the layer is named as failing verification; the registry's copy is intact."""
     kit = push_kit(pusher, registry.host, "forged", os.urandom(10 * MiB))
     warm(mirror, kit.repository, kit.model.digest)
-    stored = mirror.blob_file(kit.model.digest)
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
+    mirror.flip_stored_byte(kit.model.digest)
     mount = mounter.mount(kit.reference, "--hosts-dir",
                           str(hosts_dir(tmp_path, registry.host, mirror.host)))
     mount.expect_error(rf"{kit.model.digest} failed verification")

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import base64
 import errno
-import io
 import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
-import sys
 import tarfile
 import tempfile
 import threading
@@ -28,15 +26,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 
-from kitfs.sample import KIT, Pusher, Registry, kit_tar, tar_layer, with_layer_info
+from kitfs.demo import (
+    Entry,
+    Layer,
+    Pusher,
+    Registry,
+    kit_tar,
+    push_entries,
+    sha256,
+    tar_layer,
+)
+from kitfs.format.mediatypes import KIT
 from tests.faultproxy import FaultProxy, Rule
+from tests.kitfs_cli import kitfs_argv
 from tests.mounts import Mounter, wait_gone
+from tests.pykit import parquet_table
 
 CREATED = "2024-05-01T12:30:00Z"
 CREATED_NS = 1714566600 * 1_000_000_000
@@ -53,19 +62,9 @@ def _tensors() -> dict[str, np.ndarray[Any, Any]]:
     }
 
 
-def _parquet() -> tuple[bytes, pd.DataFrame]:
-    rng = np.random.default_rng(11)
-    rows = 1 << 21  # 4 float64 columns x 16 MiB
-    frame = pd.DataFrame({name: rng.standard_normal(rows) for name in ("a", "b", "c", "d")})
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer,
-                   compression="none", row_group_size=rows)
-    return buffer.getvalue(), frame
-
-
 TENSORS = _tensors()
 WEIGHTS = save_safetensors(TENSORS)
-PARQUET, FRAME = _parquet()
+PARQUET, FRAME = parquet_table(11)
 ARRAY = np.arange(3 * MiB // 8, dtype=np.float64)
 CSV_FILES = {f"data/csv/part-{i}.csv": "id,value\n" + "".join(
     f"{j},{i * j}\n" for j in range(20_000)) for i in range(4)}
@@ -78,22 +77,14 @@ PACKED = {"models/model.safetensors": WEIGHTS, **DATA, **CODE, "README.md": b"# 
 
 
 def push_mount_kit(pusher: Pusher, reference: str, readme: bytes = b"# Mount kit\n") -> str:
-    model = tar_layer("model", {"models/model.safetensors": WEIGHTS}, "models/model.safetensors")
-    dataset = tar_layer("dataset", DATA, "data")
-    code = tar_layer("code", CODE, "src", modes=CODE_MODES)
-    docs = tar_layer("docs", {"README.md": readme}, "README.md")
-    kitfile: dict[str, Any] = {
-        "manifestVersion": "1.0.0",
-        "package": {"name": "mount-kit", "version": "1.0.0"},
-        "model": {"name": "m", "path": "models/model.safetensors", "format": "safetensors"},
-        "datasets": [{"name": "data", "path": "data"}],
-        "code": [{"path": "src"}],
-        "docs": [{"path": "README.md"}],
-    }
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["datasets"][0], dataset),
-                              (kitfile["code"][0], code), (kitfile["docs"][0], docs)])
-    pusher.push_kit(reference, kitfile, [model, dataset, code, docs],
-                    annotations={"org.opencontainers.image.created": CREATED})
+    push_entries(pusher, reference, [
+        Entry("model", {"name": "m", "path": "models/model.safetensors", "format": "safetensors"},
+              tar_layer("model", {"models/model.safetensors": WEIGHTS}, "models/model.safetensors")),
+        Entry("datasets", {"name": "data", "path": "data"}, tar_layer("dataset", DATA, "data")),
+        Entry("code", {"path": "src"}, tar_layer("code", CODE, "src", modes=CODE_MODES)),
+        Entry("docs", {"path": "README.md"}, tar_layer("docs", {"README.md": readme}, "README.md")),
+    ], package={"name": "mount-kit", "version": "1.0.0"},
+        annotations={"org.opencontainers.image.created": CREATED})
     return reference
 
 
@@ -119,7 +110,7 @@ def test_mount_shows_the_tree_kit_unpack_writes_with_the_same_bytes(
         for i in range(1, len(parts)):
             expected["/".join(parts[:i])] = ("dir", 0)
         expected[path] = ("file", len(data))
-    kitfile = mounter.kitfs("cat", kit, "Kitfile").stdout.encode()
+    kitfile = mounter.kitfs("cat", kit, "Kitfile").stdout
     expected["Kitfile"] = ("file", len(kitfile))
     assert _tree(mount.path) == expected
     for path, data in PACKED.items():
@@ -285,7 +276,7 @@ def test_status_reports_digest_pid_bytes_and_verification(
     states = {b["path"]: b["state"] for b in record["blobs"]}
     assert states["models/model.safetensors"] == "verified"
     assert states["data"] == "not fetched"
-    text = mounter.kitfs("status").stdout
+    text = mounter.kitfs("status").text
     assert str(mount.path) in text and inspect["digest"] in text
 
 
@@ -320,7 +311,7 @@ def test_sigterm_and_kitfs_umount_unmount_cleanly_with_exit_0(
         log_file = path.with_suffix(".log")
         with open(log_file, "wb") as log_stream:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "kitfs", "mount", "--foreground", kit, str(path)],
+                kitfs_argv("mount", "--foreground", kit, str(path)),
                 env=mounter.env(), stdout=log_stream, stderr=log_stream)
         try:
             mount = mounter.adopt_when_ready(kit, path, log_file, daemon)
@@ -388,15 +379,11 @@ def test_hostile_layer_fails_only_its_own_accesses(
     link = tarfile.TarInfo("data/evil")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/shadow"
     bad_tar = kit_tar({"data/ok.txt": b"ok"}, "data", extra=[link])
-    from kitfs.sample import Layer, sha256
 
     bad = Layer(f"{KIT}.dataset.v1.tar", bad_tar, diff_id=sha256(bad_tar))
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0",
-                               "model": {"path": "models/w.bin"},
-                               "datasets": [{"name": "d", "path": "data"}]}
-    with_layer_info(kitfile, [(kitfile["model"], good), (kitfile["datasets"][0], bad)])
     reference = f"{registry.host}/team/hostile:v1"
-    pusher.push_kit(reference, kitfile, [good, bad])
+    push_entries(pusher, reference, [Entry("model", {"path": "models/w.bin"}, good),
+                                     Entry("datasets", {"name": "d", "path": "data"}, bad)])
     mount = mounter.mount(reference)
     mount.expect_error(rf"{bad.digest}.*symbolic link")
     assert (mount.path / "models/w.bin").read_bytes() == b"weights"
@@ -501,18 +488,20 @@ def test_xattrs_tie_each_file_to_its_layer_digest(mounter: Mounter, kit: str) ->
     assert os.listxattr(mount.path / "src/train.py") == ["user.kitfs.digest"]
 
 
-def test_a_tampered_weights_file_fails_with_eio_and_says_why(
-        mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
+def push_tampered_weights(registry: Registry, pusher: Pusher, reference: str) -> tuple[bytes, Layer]:
+    """A kit of one 10 MiB weights file whose layer has one flipped byte in the registry's
+    storage (the middle of the blob): the weights as packed, and the layer."""
     weights = os.urandom(10 * MiB)
     model = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/w.bin"}}
-    with_layer_info(kitfile, [(kitfile["model"], model)])
+    push_entries(pusher, reference, [Entry("model", {"path": "models/w.bin"}, model)])
+    registry.flip_stored_byte(model.digest)
+    return weights, model
+
+
+def test_a_tampered_weights_file_fails_with_eio_and_says_why(
+        mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
     reference = f"{registry.host}/team/tampered:v1"
-    pusher.push_kit(reference, kitfile, [model])
-    stored = registry.blob_file(model.digest)
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # one flipped byte in the registry's storage
-    stored.write_bytes(bytes(data))
+    _, model = push_tampered_weights(registry, pusher, reference)
     mount = mounter.mount(reference)
     mount.expect_error(rf"{model.digest} failed verification")
     assert os.stat(mount.path / "models/w.bin").st_mtime_ns == 0  # no created annotation
@@ -526,16 +515,8 @@ def test_a_tampered_weights_file_fails_with_eio_and_says_why(
 
 def test_a_failure_found_by_another_process_fails_the_mounts_reads_within_a_second(
         mounter: Mounter, registry: Registry, pusher: Pusher) -> None:
-    weights = os.urandom(10 * MiB)
-    model = tar_layer("model", {"models/w.bin": weights}, "models/w.bin")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/w.bin"}}
-    with_layer_info(kitfile, [(kitfile["model"], model)])
     reference = f"{registry.host}/team/tampered-elsewhere:v1"
-    pusher.push_kit(reference, kitfile, [model])
-    stored = registry.blob_file(model.digest)
-    data = bytearray(stored.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    stored.write_bytes(bytes(data))
+    weights, model = push_tampered_weights(registry, pusher, reference)
     mount = mounter.mount(reference)
     path = mount.path / "models/w.bin"
     with path.open("rb") as f:  # eventual mode: a read that does not reach the end is served

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from kitfs.cache.database import BUSY_BACKOFF_S
-from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
+from kitfs.demo import Entry, Pusher, Registry, push_entries, tar_layer, with_layer_info
 from tests.faultproxy import FaultProxy, Rule, running
 from tests.mounts import Mount, Mounter, wait_gone
 
@@ -52,17 +52,11 @@ def push_fault_kit(pusher: Pusher, reference: str) -> Kit:
     dataset = tar_layer("dataset", SHARDS, "data")
     code = tar_layer("code", CODE, "src")
     docs = tar_layer("docs", {"README.md": README}, "README.md")
-    kitfile: dict[str, Any] = {
-        "manifestVersion": "1.0.0",
-        "package": {"name": "fault-kit", "version": "1.0.0"},
-        "model": {"name": "m", "path": "models/weights.bin"},
-        "datasets": [{"name": "shards", "path": "data"}],
-        "code": [{"path": "src"}],
-        "docs": [{"path": "README.md"}],
-    }
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["datasets"][0], dataset),
-                              (kitfile["code"][0], code), (kitfile["docs"][0], docs)])
-    pusher.push_kit(reference, kitfile, [model, dataset, code, docs])
+    push_entries(pusher, reference, [
+        Entry("model", {"name": "m", "path": "models/weights.bin"}, model),
+        Entry("datasets", {"name": "shards", "path": "data"}, dataset),
+        Entry("code", {"path": "src"}, code), Entry("docs", {"path": "README.md"}, docs),
+    ], package={"name": "fault-kit", "version": "1.0.0"})
     return Kit(reference, {"models/weights.bin": model.digest, "data": dataset.digest,
                            "src": code.digest, "README.md": docs.digest})
 
@@ -81,10 +75,10 @@ def proxy(registry: Registry) -> Iterator[FaultProxy]:
 def cache_verify(mounter: Mounter) -> str:
     """``kitfs cache verify`` on the test's cache: must exit 0 with nothing dropped."""
     done = mounter.kitfs("cache", "verify", check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip().endswith(", 0 dropped"), done.stdout
+    assert done.returncode == 0, done.text + done.stderr
+    assert done.text.strip().endswith(", 0 dropped"), done.text
     assert "dropping chunk" not in done.stderr, done.stderr
-    return done.stdout
+    return done.text
 
 
 def drop_page_cache(mount: Mount) -> None:
@@ -134,9 +128,7 @@ def kill_9(registry: Registry) -> None:
 def push_model_kit(pusher: Pusher, reference: str, weights: bytes) -> str:
     """A kit of one model file (one layer)."""
     model = tar_layer("model", {"models/weights.bin": weights}, "models/weights.bin")
-    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0", "model": {"path": "models/weights.bin"}}
-    with_layer_info(kitfile, [(kitfile["model"], model)])
-    pusher.push_kit(reference, kitfile, [model])
+    push_entries(pusher, reference, [Entry("model", {"path": "models/weights.bin"}, model)])
     return reference
 
 
@@ -270,14 +262,6 @@ def test_bearer_tokens_expiring_mid_read(
     assert len(expired) >= 4 and len(proxy.tokens_issued) >= 4, (len(expired), proxy.tokens_issued)
 
 
-def flip_byte_in_registry(registry: Registry, digest: str, at: int) -> None:
-    """Flip one byte of a blob in the registry's own storage (it serves it as it is)."""
-    stored = registry.blob_file(digest)
-    data = bytearray(stored.read_bytes())
-    data[at] ^= 0x01
-    stored.write_bytes(bytes(data))
-
-
 def read_every_file(root: Path, paths: list[str]) -> None:
     for path in paths:
         (root / path).read_bytes()
@@ -295,7 +279,7 @@ def test_a_flipped_byte_in_a_small_file_gives_eio(
     with_layer_info(kitfile, [(kitfile["code"][0], code), (kitfile["docs"][0], docs)])
     reference = f"{registry.host}/faults/flipped-small:v1"
     pusher.push_kit(reference, kitfile, [code, docs])
-    flip_byte_in_registry(registry, code.digest, code.data.index(script) + 3)
+    registry.flip_stored_byte(code.digest, code.data.index(script) + 3, 0x01)
     mount = mounter.mount(reference)
     mount.expect_error(rf"{code.digest}.*failed verification")
     for _ in range(2):
@@ -321,7 +305,7 @@ def test_a_flipped_byte_in_a_dataset_layer(
     reference = f"{registry.host}/faults/flipped-dataset:v1"
     pusher.push_kit(reference, kitfile, [dataset])
     victim = "data/big-1.bin"
-    flip_byte_in_registry(registry, dataset.digest, dataset.data.index(shards[victim][:64]) + 7 * MiB)
+    registry.flip_stored_byte(dataset.digest, dataset.data.index(shards[victim][:64]) + 7 * MiB, 0x01)
 
     strict = mounter.mount(reference, "--verify", "strict", name="strict")
     strict.expect_error(rf"{dataset.digest}.*failed verification")

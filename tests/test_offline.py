@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
+from kitfs.demo import Pusher, Registry
 from kitfs.mount.fstab import mount_options_to_argv
-from kitfs.sample import Pusher, Registry
 from tests.kits import ALL_FILES, EveryPartKit, push_every_part_kit
 from tests.mounts import Mount, Mounter
 
 
 @pytest.fixture
-def own_registry(tmp_path: Path) -> Iterator[Registry]:
+def own_registry(tmp_path: Path, docker_registry: str) -> Iterator[Registry]:
     """A registry of this test's own: the test stops it."""
     registry = Registry(tmp_path / "registry").start()
     try:

@@ -17,11 +17,12 @@ from typing import Any
 import pyfuse3
 import pytest
 
+from kitfs.demo import Pusher, Registry
 from kitfs.errors import IntegrityError, UsageError
 from kitfs.format.tree import Node, Tree
 from kitfs.mount.filesystem import KitFilesystem
 from kitfs.mount.fstab import mount_options_to_argv
-from kitfs.sample import Pusher, Registry
+from tests.kitfs_cli import kitfs_argv, run_kitfs
 from tests.mounts import Mounter, wait_gone
 from tests.test_mount import push_mount_kit
 
@@ -57,8 +58,8 @@ def test_foreground_daemon_notifies_systemd_ready_only_once_mounted(
         # The unit's ExecStart: kitfs mount --foreground REF MOUNTPOINT $KITFS_OPTIONS
         with open(log_file, "wb") as log_stream:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "kitfs", "mount", "--foreground", kit, str(path),
-                 "--cache-size", "1G"], env=env, stdout=log_stream, stderr=log_stream)
+                kitfs_argv("mount", "--foreground", kit, str(path), "--cache-size", "1G"),
+                env=env, stdout=log_stream, stderr=log_stream)
         try:
             message = notify.recv(4096).decode()
             assert "READY=1" in message.splitlines()
@@ -79,10 +80,9 @@ def test_a_failed_start_never_notifies_ready(mounter: Mounter, registry: Registr
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(address)
         notify.setblocking(False)
-        done = subprocess.run(
-            [sys.executable, "-m", "kitfs", "mount", "-f", f"{registry.host}/team/absent:v1",
-             str(mounter.mountpoint())], env=mounter.env(NOTIFY_SOCKET=address),
-            capture_output=True, text=True, timeout=60)
+        done = run_kitfs("mount", "-f", f"{registry.host}/team/absent:v1",
+                         str(mounter.mountpoint()), env=mounter.env(NOTIFY_SOCKET=address),
+                         timeout_s=60)
         assert done.returncode == 66, done.stderr
         with pytest.raises(BlockingIOError):
             notify.recv(4096)

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from kitfs.cache.identity import PIECE_SIZE_BYTES, piece_ids
 from kitfs.cache.store import ChunkStore
 from kitfs.core.reader import BlobReader, VerifyMode
+from kitfs.demo import Pusher, Registry, tar_layer, with_layer_info
 from kitfs.errors import IntegrityError
-from kitfs.sample import Pusher, Registry, tar_layer, with_layer_info
 from tests.mounts import Mounter
 from tests.test_reader_properties import SETTINGS, FakeRegistry, blob_of, make_content, run_with_reader
 

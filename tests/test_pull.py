@@ -9,13 +9,13 @@ import os
 import pty
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kitfs.sample import Pusher, Registry, sample_kit, tar_layer, with_layer_info
+from kitfs.demo import Pusher, Registry, sample_kit, tar_layer, with_layer_info
+from tests.kitfs_cli import kitfs_argv
 from tests.kits import ALL_FILES, EveryPartKit, push_every_part_kit
 from tests.mounts import Mounter
 
@@ -79,7 +79,7 @@ def pull_on_a_terminal(reference: str, cache_dir: Path, *args: str) -> tuple[str
     leader, follower = pty.openpty()
     env = dict(os.environ, KITFS_CACHE_DIR=str(cache_dir), COLUMNS="160", TERM="xterm")
     with os.fdopen(leader, "rb", buffering=0) as terminal, subprocess.Popen(
-            [sys.executable, "-m", "kitfs", "pull", reference, *args], stdout=subprocess.PIPE,
+            kitfs_argv("pull", reference, *args), stdout=subprocess.PIPE,
             stderr=follower, env=env) as proc:
         os.close(follower)
         out = b""
@@ -125,10 +125,7 @@ def test_a_layer_failing_its_digest_fails_the_pull_naming_it(
                                "docs": [{"path": "docs"}]}
     with_layer_info(kitfile, [(kitfile["datasets"][0], data), (kitfile["docs"][0], docs)])
     pusher.push_kit(reference, kitfile, [docs, data])
-    stored = registry.blob_file(docs.digest)
-    blob = bytearray(stored.read_bytes())
-    blob[3 * MiB] ^= 0xFF
-    stored.write_bytes(bytes(blob))
+    registry.flip_stored_byte(docs.digest, 3 * MiB)
     done = kitfs("pull", reference, "--pin", "--progress", "plain", check=False)
     assert done.returncode == 65
     assert re.search(rf"^kitfs: layer {docs.digest} \(docs docs\) of \S+: layer "

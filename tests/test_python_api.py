@@ -24,13 +24,13 @@ from kitfs import open_kit  # a public name of the package, as kitfs.open_kit
 from kitfs.api.fs import KitFileSystem
 from kitfs.api.kit import Entry, VerifyProgress
 from kitfs.api.runtime import shutdown
-from kitfs.sample import Push, Pusher, Registry, sample_kit, tar_layer, with_layer_info
+from kitfs.demo import Push, Pusher, Registry, sample_kit, tar_layer, with_layer_info
 from tests.mounts import Mounter
-from tests.pykit import MiB, flip_byte_in_registry, register_kitfs
+from tests.pykit import MiB, register_kitfs
 
 register_kitfs()
 WEIGHTS = os.urandom(6 * MiB + 777)
-CSV_003 = b"id,value\n3,9\n"  # data/train/part-003.csv of kitfs.sample.sample_kit
+CSV_003 = b"id,value\n3,9\n"  # data/train/part-003.csv of kitfs.demo.sample_kit
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def _tampered_kit(registry: Registry, pusher: Pusher, name: str) -> tuple[str, s
     with_layer_info(kitfile, [(kitfile["code"][0], code), (kitfile["docs"][0], docs)])
     reference = f"{registry.host}/team/{name}:v1"
     pusher.push_kit(reference, kitfile, [code, docs])
-    flip_byte_in_registry(registry, code.digest, code.data.index(script) + 3)
+    registry.flip_stored_byte(code.digest, code.data.index(script) + 3, 0x01)
     return reference, code.digest, docs.digest
 
 
@@ -186,7 +186,7 @@ def test_errors_are_python_exceptions_with_the_mounts_errnos(
 
 
 @pytest.fixture(scope="module")
-def auth_kit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def auth_kit(tmp_path_factory: pytest.TempPathFactory, docker_registry: str) -> Iterator[str]:
     """A registry that wants alice's password for every request, holding the sample kit."""
     registry = Registry(tmp_path_factory.mktemp("auth-registry"),
                         users={"alice": "api-secret"}).start()
@@ -305,7 +305,7 @@ def test_the_api_and_mounts_share_one_cache(
 
 
 def test_a_registry_that_does_not_answer_is_an_eio_and_reads_work_again_once_it_is_back(
-        tmp_path: Path, cache_dir: Path) -> None:
+        tmp_path: Path, cache_dir: Path, docker_registry: str) -> None:
     registry = Registry(tmp_path / "registry").start()
     try:
         reference = f"{registry.host}/team/outage:v1"

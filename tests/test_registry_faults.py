@@ -18,18 +18,15 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from kitfs.sample import Pusher, Registry, sample_kit
+from kitfs.demo import Pusher, Registry, sample_kit
 from tests.faultproxy import Cert, FaultProxy, Rule, issue, make_ca, running, server_context
+from tests.kitfs_cli import Kitfs, Result, run_kitfs
 
 WEIGHTS = os.urandom(6 * 1024 * 1024 + 4321)  # two 4 MiB chunks: the second starts past 0
 WEIGHTS_PATH = "models/weights.safetensors"
@@ -45,15 +42,7 @@ class Kit:
     weights_layer_size: int
 
 
-@dataclass
-class Outcome:
-    returncode: int
-    stdout: bytes
-    stderr: str
-    elapsed_s: float
-
-
-Run = Callable[..., Outcome]
+Run = Callable[..., Result]
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +68,11 @@ def home(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def run(kitfs: Any, home: dict[str, str]) -> Run:
-    """The ``kitfs`` CLI with this test's cache and credential places; returns an Outcome."""
+def run(kitfs: Kitfs, home: dict[str, str]) -> Run:
+    """The ``kitfs`` CLI with this test's cache and credential places; returns an Result."""
 
-    def go(*args: str, check: bool = True, env: dict[str, str] | None = None) -> Outcome:
-        started = time.monotonic()
-        result = kitfs(*args, check=check, env={**home, **(env or {})})
-        return Outcome(result.returncode, result.stdout, result.stderr,
-                       time.monotonic() - started)
+    def go(*args: str, check: bool = True, env: dict[str, str] | None = None) -> Result:
+        return kitfs(*args, check=check, env={**home, **(env or {})})
 
     return go
 
@@ -102,7 +88,7 @@ def write_credentials(path: Path, host: str, user: str, password: str) -> Path:
     return path
 
 
-def assert_clean_failure(outcome: Outcome, code: int) -> None:
+def assert_clean_failure(outcome: Result, code: int) -> None:
     assert outcome.returncode == code, (outcome.returncode, outcome.stderr)
     assert "Traceback" not in outcome.stderr, outcome.stderr
     assert outcome.stderr.startswith("kitfs: "), outcome.stderr
@@ -347,13 +333,11 @@ def test_the_token_service_refusing_the_password_exits_77(
 
 # The CLI with one DNS name faked: registry.test is 127.0.0.1 (traffic stays on loopback).
 _AS_REMOTE_HOST = f"""
-import socket, sys
+import socket
 _getaddrinfo = socket.getaddrinfo
 def getaddrinfo(host, *args, **kwargs):
     return _getaddrinfo("127.0.0.1" if host == {TLS_NAME!r} else host, *args, **kwargs)
 socket.getaddrinfo = getaddrinfo
-from kitfs.cli import main
-sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -384,13 +368,9 @@ def tls_proxy(registry: Registry, certs: Certs) -> Iterator[FaultProxy]:
 def run_remote(cache_dir: Path, home: dict[str, str]) -> Run:
     """The CLI (same ``main`` as ``python -m kitfs``) with registry.test resolving to loopback."""
 
-    def go(*args: str, env: dict[str, str] | None = None) -> Outcome:
+    def go(*args: str, env: dict[str, str] | None = None) -> Result:
         environ = {**os.environ, "KITFS_CACHE_DIR": str(cache_dir), **home, **(env or {})}
-        started = time.monotonic()
-        proc = subprocess.run([sys.executable, "-c", _AS_REMOTE_HOST, *args], capture_output=True,
-                              env=environ, timeout=120, check=False)
-        return Outcome(proc.returncode, proc.stdout, proc.stderr.decode(),
-                       time.monotonic() - started)
+        return run_kitfs(*args, env=environ, prelude=_AS_REMOTE_HOST)
 
     return go
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from kitfs.demo import Layer, Pusher, Registry, kit_tar, tar_layer, with_layer_info
 from kitfs.environment import default_cache_dir
-from kitfs.sample import KIT, Layer, Pusher, Registry, kit_tar, tar_layer, with_layer_info
+from kitfs.format.mediatypes import KIT
 from tests.mounts import Mounter
 
 

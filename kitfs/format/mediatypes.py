@@ -26,9 +26,10 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 
-KIT_CONFIG = "application/vnd.kitops.modelkit.config.v1+json"
-KIT_ARTIFACT = "application/vnd.kitops.modelkit.manifest.v1+json"
-KIT_INDEX_ARTIFACT = "application/vnd.kitops.modelkit.index.v1+json"
+KIT = "application/vnd.kitops.modelkit"  # the prefix of every KitOps media type
+KIT_CONFIG = f"{KIT}.config.v1+json"
+KIT_ARTIFACT = f"{KIT}.manifest.v1+json"
+KIT_INDEX_ARTIFACT = f"{KIT}.index.v1+json"
 MODELPACK_CONFIG = "application/vnd.cncf.model.config.v1+json"
 MODELPACK_ARTIFACT = "application/vnd.cncf.model.manifest.v1+json"
 LEGACY_MODELPACK_CONFIG = "application/vnd.cnai.model.config.v1+json"

@@ -1,12 +1,4 @@
-"""The embedded default: a loopback registry (Debian ``docker-registry``) with a sample kit.
-
-``kitfs demo`` and the test suite both use it. The registry is started by PID on 127.0.0.1
-with a free port and its own storage directory, and stopped by that PID. Its log (level info)
-has one ``response completed`` line per request with ``http.response.written``:
-``blob_bytes_served()`` sums those for blob GETs, which is how the tests prove laziness from
-the registry's own count, not from kitfs' counters.
-
-Kit builders: ModelKits written the way ``kit pack`` writes them, pushed with oras-py.
+"""ModelKits written the way ``kit pack`` writes them, pushed with oras-py; the demo's sample kit.
 
 ``kit pack`` (v0.5+) walks the context directory in lexical order and writes, per Kitfile
 entry, a tar whose names are context-relative, with every ancestor directory as its own entry
@@ -14,6 +6,7 @@ entry, a tar whose names are context-relative, with every ancestor directory as 
 where USTAR cannot hold a name or size. The config is the Kitfile as JSON with ``digest`` and
 ``diffId`` added to every entry. The builders here reproduce that, plus the older and foreign
 variants (legacy parent-relative tars, gzip, zstd, raw, ModelPack, duplicate digests).
+Media types come from ``kitfs.format.mediatypes``.
 """
 
 from __future__ import annotations
@@ -22,195 +15,16 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import posixpath
-import re
-import shutil
-import signal
-import socket
-import subprocess
 import tarfile
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import oras.provider
 import zstandard
 
-REGISTRY_BINARY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-
-_CONFIG = """version: 0.1
-log:
-  level: info
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:{port}
-  secret: kitfs-test
-health:
-  storagedriver:
-    enabled: false
-"""
-# Appended to _CONFIG for a registry that wants credentials (distribution's htpasswd access
-# controller: Basic auth, bcrypt hashes only; distribution 2.8 accepts it over plain HTTP).
-_AUTH_CONFIG = """auth:
-  htpasswd:
-    realm: {realm}
-    path: {path}
-"""
-# Appended for a pull-through cache of another registry (distribution's proxy mode): it fetches
-# what it does not hold from ``remoteurl`` and keeps it in its own storage.
-_PROXY_CONFIG = """proxy:
-  remoteurl: {url}
-"""
-_WRITTEN_RE = re.compile(r'http\.response\.written=(\d+)')
-# logfmt quotes a value only when it must (a blob URI holds ':'); a manifest by tag is bare.
-_URI_RE = re.compile(r'http\.request\.uri=(?:"([^"]+)"|([^\s"]+))')
-_METHOD_RE = re.compile(r'http\.request\.method=(\w+)')
-_AGENT_RE = re.compile(r'http\.request\.useragent=(?:"([^"]*)"|([^\s"]*))')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def htpasswd_line(username: str, password: str) -> str:
-    """One ``user:bcrypt-hash`` line as ``htpasswd -B`` writes it (cost 4: tests want speed).
-
-    Needs the ``bcrypt`` package (a test extra: ``pip install -e '.[test]'``).
-    """
-    import bcrypt  # only the tests need it; kitfs itself never hashes a password
-
-    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
-    return f"{username}:{hashed}"
-
-
-class Registry:
-    """One registry process. ``host`` is ``127.0.0.1:PORT``.
-
-    With ``users`` (name → password) the registry wants HTTP Basic credentials for every
-    request (distribution's htpasswd access controller, realm ``realm``); without, it is open.
-    With ``proxy_of`` (another registry's ``host:port``) it is a pull-through cache of that
-    registry (read-only, as distribution's proxy mode is).
-    """
-
-    def __init__(self, workdir: Path, port: int | None = None, *,
-                 users: dict[str, str] | None = None, realm: str = "kitfs-test",
-                 proxy_of: str | None = None) -> None:
-        self.workdir = workdir
-        self.port = port or free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        self.root = workdir / "storage"
-        self.log_path = workdir / "registry.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.users = dict(users or {})
-        self.realm = realm
-        self.htpasswd_path = workdir / "htpasswd"
-        self.proxy_of = proxy_of
-
-    def start(self) -> Registry:
-        if not os.path.exists(REGISTRY_BINARY):
-            raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "config.yml"
-        text = _CONFIG.format(root=self.root, port=self.port)
-        if self.users:
-            self.htpasswd_path.write_text(
-                "".join(htpasswd_line(u, p) + "\n" for u, p in self.users.items()))
-            self.htpasswd_path.chmod(0o600)
-            text += _AUTH_CONFIG.format(realm=self.realm, path=self.htpasswd_path)
-        if self.proxy_of:
-            text += _PROXY_CONFIG.format(url=f"http://{self.proxy_of}")
-        config.write_text(text)
-        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
-            self.process = subprocess.Popen([REGISTRY_BINARY, "serve", str(config)], stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"registry exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1):
-                    return self
-            except urllib.error.HTTPError as exc:
-                exc.close()
-                if exc.code == 401 and self.users:  # up, and asking for credentials
-                    return self
-                time.sleep(0.05)
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("registry did not start within 15 s")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def log_mark(self) -> int:
-        """A position in the log; ``blob_bytes_served(since=mark)`` counts after it."""
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
-
-    def requests(self, since: int = 0, agent: str | None = None) -> list[tuple[str, str, int]]:
-        """(method, uri, bytes written) of every completed request after ``since``; with
-        ``agent``, only those whose User-Agent starts with it (``kitfs/``: not a mirror's)."""
-        time.sleep(0.2)  # the registry writes its line just after the response
-        with open(self.log_path, "rb") as f:
-            f.seek(since)
-            text = f.read().decode(errors="replace")
-        out = []
-        for line in text.splitlines():
-            if "response completed" not in line:
-                continue
-            uri, method, written = _URI_RE.search(line), _METHOD_RE.search(line), _WRITTEN_RE.search(line)
-            if agent is not None:
-                found = _AGENT_RE.search(line)
-                if not found or not (found.group(1) or found.group(2) or "").startswith(agent):
-                    continue
-            if uri and method:
-                out.append((method.group(1), uri.group(1) or uri.group(2),
-                            int(written.group(1)) if written else 0))
-        return out
-
-    def blob_bytes_served(self, since: int = 0, agent: str | None = None) -> int:
-        return sum(n for method, uri, n in self.requests(since, agent)
-                   if method == "GET" and "/blobs/" in uri)
-
-    def blob_requests(self, since: int = 0, agent: str | None = None) -> int:
-        return sum(1 for method, uri, _ in self.requests(since, agent)
-                   if method == "GET" and "/blobs/" in uri)
-
-    def blob_file(self, digest: str) -> Path:
-        algo, hex_ = digest.split(":")
-        return self.root / "docker/registry/v2/blobs" / algo / hex_[:2] / hex_ / "data"
-
-
-KIT = "application/vnd.kitops.modelkit"
-KIT_CONFIG = f"{KIT}.config.v1+json"
-KIT_MANIFEST_ARTIFACT = f"{KIT}.manifest.v1+json"
-KIT_INDEX_ARTIFACT = f"{KIT}.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+from kitfs.format.mediatypes import KIT, KIT_CONFIG, KIT_INDEX_ARTIFACT, OCI_INDEX, OCI_MANIFEST
 
 
 def sha256(data: bytes) -> str:
@@ -446,32 +260,59 @@ def with_layer_info(kitfile: dict[str, Any], entries: list[tuple[dict[str, Any],
     return kitfile
 
 
+@dataclass
+class Entry:
+    """One Kitfile entry and the layer that holds it (none: a model that names another kit)."""
+
+    section: str  # model; parts (the model's); datasets, code, docs, prompts, mcpServers
+    fields: dict[str, Any]
+    layer: Layer | None = None
+
+
+def kitfile_of(entries: list[Entry], package: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Kitfile of ``entries`` (in their order), with digests as kit pack records them."""
+    kitfile: dict[str, Any] = {"manifestVersion": "1.0.0"}
+    if package is not None:
+        kitfile["package"] = package
+    placed = []
+    for entry in entries:
+        fields = dict(entry.fields)
+        if entry.section == "model":
+            kitfile["model"] = fields
+        elif entry.section == "parts":
+            kitfile["model"].setdefault("parts", []).append(fields)
+        else:
+            kitfile.setdefault(entry.section, []).append(fields)
+        if entry.layer is not None:
+            placed.append((fields, entry.layer))
+    return with_layer_info(kitfile, placed)
+
+
+def push_entries(pusher: Pusher, reference: str, entries: list[Entry], *,
+                 package: dict[str, Any] | None = None, layers: list[Layer] | None = None,
+                 **push: Any) -> Push:
+    """Push a kit of ``entries``: its Kitfile, and their layers in that order (or ``layers``).
+    ``push``: the rest of ``Pusher.push_kit``'s options."""
+    return pusher.push_kit(reference, kitfile_of(entries, package),
+                           [e.layer for e in entries if e.layer] if layers is None else layers,
+                           **push)
+
+
 def sample_kit(pusher: Pusher, reference: str, weights: bytes, compression: str = "none") -> Push:
     """The sample ModelKit: weights, a dataset directory, code and docs."""
-    model = tar_layer("model", {"models/weights.safetensors": weights},
-                      "models/weights.safetensors", compression)
     data_files = {f"data/train/part-{i:03d}.csv": f"id,value\n{i},{i * i}\n".encode()
                   for i in range(20)}
-    dataset = tar_layer("dataset", data_files, "data/train", compression)
-    code = tar_layer("code", {"src/train.py": b"print('train')\n",
-                              "src/util/io.py": b"def load():\n    pass\n"}, "src", compression)
-    docs = tar_layer("docs", {"README.md": b"# Sample kit\n"}, "README.md", compression)
-    kitfile: dict[str, Any] = {
-        "manifestVersion": "1.0.0",
-        "package": {"name": "sample", "version": "1.0.0", "authors": ["kitfs"]},
-        "model": {"name": "sample-model", "path": "models/weights.safetensors",
-                  "format": "safetensors"},
-        "code": [{"path": "src", "description": "training code"}],
-        "datasets": [{"name": "train", "path": "data/train"}],
-        "docs": [{"path": "README.md"}],
-    }
-    with_layer_info(kitfile, [(kitfile["model"], model), (kitfile["code"][0], code),
-                              (kitfile["datasets"][0], dataset), (kitfile["docs"][0], docs)])
-    return pusher.push_kit(reference, kitfile, [model, code, dataset, docs],
-                           annotations={"ml.kitops.modelkit.cli-version": "1.7.0"})
-
-
-def write_local(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return path
+    code = {"src/train.py": b"print('train')\n", "src/util/io.py": b"def load():\n    pass\n"}
+    return push_entries(pusher, reference, [
+        Entry("model", {"name": "sample-model", "path": "models/weights.safetensors",
+                        "format": "safetensors"},
+              tar_layer("model", {"models/weights.safetensors": weights},
+                        "models/weights.safetensors", compression)),
+        Entry("code", {"path": "src", "description": "training code"},
+              tar_layer("code", code, "src", compression)),
+        Entry("datasets", {"name": "train", "path": "data/train"},
+              tar_layer("dataset", data_files, "data/train", compression)),
+        Entry("docs", {"path": "README.md"},
+              tar_layer("docs", {"README.md": b"# Sample kit\n"}, "README.md", compression)),
+    ], package={"name": "sample", "version": "1.0.0", "authors": ["kitfs"]},
+        annotations={"ml.kitops.modelkit.cli-version": "1.7.0"})
