@@ -71,7 +71,10 @@ def _needs(argv: Any) -> set[str]:
     as_module = args[1:3] == ["-m", "kitfs"]
     with_prelude = args[1:2] == ["-c"] and "kitfs.cli" in "".join(args[2:3])  # kitfs_argv's
     kitfs_at = 3 if as_module or with_prelude else 1 if program == "kitfs" else None
-    command = [a for a in args[kitfs_at:] if not a.startswith("-")][:1] if kitfs_at else []
+    rest = args[kitfs_at:] if kitfs_at else []
+    if "--help" in rest or "-h" in rest:  # argparse prints and exits: nothing is started
+        return set()
+    command = [a for a in rest if not a.startswith("-")][:1]
     return {"mount"} if command == ["mount"] else {"mount", "registry"} if command == ["demo"] else set()
 
 

@@ -84,3 +84,10 @@ def test_unit_files_load_neither_the_demo_nor_oras() -> None:
 def test_a_fast_tier_test_cannot_start_a_registry_or_a_mount(command: list[str], needs: str) -> None:
     with pytest.raises(AssertionError, match=f"which needs {needs}: request"):
         subprocess.run(command, check=False)
+
+
+def test_a_fast_tier_test_may_ask_any_command_for_its_help() -> None:
+    """``kitfs mount --help`` prints and exits: it needs no FUSE, so the guard lets it run."""
+    done = subprocess.run(kitfs_argv("mount", "--help"), capture_output=True, text=True,
+                          check=False, cwd=ROOT)
+    assert done.returncode == 0 and "mountpoint" in done.stdout

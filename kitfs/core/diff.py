@@ -86,22 +86,8 @@ async def diff_kits(session: KitSession, a: ModelKit, b: ModelKit, *,
     Raises:
         KitfsError: a layer that is not shared could not be read (registry, refusal).
     """
-    in_b = Counter(_identity(s) for s in b.layers)
-    only_a = []
-    for position, source in enumerate(a.layers):
-        identity = _identity(source)
-        if in_b[identity] > 0:
-            in_b[identity] -= 1
-        else:
-            only_a.append(position)
-    in_a = Counter(_identity(s) for s in a.layers)
-    only_b = []
-    for position, source in enumerate(b.layers):
-        identity = _identity(source)
-        if in_a[identity] > 0:
-            in_a[identity] -= 1
-        else:
-            only_b.append(position)
+    only_a = _unmatched(a.layers, b.layers)
+    only_b = _unmatched(b.layers, a.layers)
 
     result = KitDiff(a, b, a.plan.kitfile != b.plan.kitfile, len(a.layers) - len(only_a))
     unpaired_b = list(only_b)
@@ -186,3 +172,17 @@ async def _content_digest(session: KitSession, kit: ModelKit, node: Node) -> str
         hasher.update(data)
         offset += len(data)
     return f"sha256:{hasher.hexdigest()}"
+
+
+def _unmatched(layers: list[LayerSource], others: list[LayerSource]) -> list[int]:
+    """Positions of ``layers`` with no layer of the same identity left in ``others`` (each
+    layer of ``others`` matches one at most)."""
+    left = Counter(_identity(s) for s in others)
+    unmatched = []
+    for position, source in enumerate(layers):
+        identity = _identity(source)
+        if left[identity] > 0:
+            left[identity] -= 1
+        else:
+            unmatched.append(position)
+    return unmatched
