@@ -131,8 +131,7 @@ class ReadAhead:
         at = self._verifier.frontier_at(key)
         if at is None or ahead - at < MAX_UNHASHED_CHUNKS:
             return False
-        entry = (key, at)
-        return entry in self._inflight or entry in self._memory or self._verifier.holds(key, at)
+        return self._held((key, at)) or self._verifier.holds(key, at)
 
     def prefetch(self, content: Content, offset: int, length: int) -> None:
         """Start fetching the chunks of ``[offset, offset+length)`` in the background."""
@@ -149,7 +148,7 @@ class ReadAhead:
         runs: list[list[int]] = []
         for idx in range(first, first + count):
             entry = (content.key, idx)
-            if entry in self._inflight or entry in self._prefetching or entry in self._memory:
+            if entry in self._prefetching or self._held(entry):
                 continue
             if self.store.has_chunk(content.key, idx):
                 # cached: have the kernel read its file ahead, so the read finds it in memory
@@ -166,11 +165,13 @@ class ReadAhead:
             self._nursery.start_soon(self._prefetch, content, run, name=f"prefetch {run[0]}")
         return sum(len(run) for run in runs)
 
+    def _held(self, entry: tuple[str, int]) -> bool:
+        """The chunk is in flight or in memory."""
+        return entry in self._inflight or entry in self._memory
+
     def _missing(self, key: str, idx: int) -> bool:
         """Chunk ``idx`` is neither in memory, nor in flight, nor cached whole."""
-        entry = (key, idx)
-        return not (entry in self._inflight or entry in self._memory
-                    or self.store.has_chunk(key, idx))
+        return not (self._held((key, idx)) or self.store.has_chunk(key, idx))
 
     async def _prefetch(self, content: Content, run: list[int]) -> None:
         key = content.key

@@ -25,6 +25,7 @@ only what is FUSE-specific:
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -85,9 +86,8 @@ class MountCounters:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
     def count_read_time(self, seconds: float) -> None:
-        bucket = next((i for i, bound in enumerate(READ_SECONDS_BUCKETS) if seconds <= bound),
-                      len(READ_SECONDS_BUCKETS))
-        self.read_buckets[bucket] += 1
+        # the first bucket whose bound is >= seconds (Prometheus' le), else the last: +Inf
+        self.read_buckets[bisect.bisect_left(READ_SECONDS_BUCKETS, seconds)] += 1
         self.read_seconds += seconds
 
 
