@@ -177,11 +177,12 @@ def test_mount_without_access_to_dev_fuse_names_it_and_exits_77(
     0600 here). The venv's interpreter lives under /root, which nobody may not enter, so this runs
     the system's Python 3.11 on the venv's packages and this tree's kitfs: the same code, another
     3.11 build."""
-    if os.geteuid() != 0 or _others_may_open(FUSE_DEVICE):
-        pytest.skip(f"needs root to switch users, and a {FUSE_DEVICE} other users may not open")
+    # what this test needs, failed loudly rather than skipped (a FUSE test never skips)
+    assert os.geteuid() == 0, "the mount tests run as root (this one switches to nobody)"
+    assert not _others_may_open(FUSE_DEVICE), \
+        f"{FUSE_DEVICE} is open to other users here: nothing to refuse them"
     python = shutil.which("python3.11", path="/usr/bin")
-    if python is None:
-        pytest.skip("no system python3.11 the user nobody may run")
+    assert python is not None, "no system python3.11 the user nobody may run (apt install python3)"
     mountpoint = nobody_home / "mnt"
     mountpoint.mkdir()
     os.chown(mountpoint, pwd.getpwnam("nobody").pw_uid, -1)
