@@ -7,6 +7,7 @@ a user who may not open ``/dev/fuse`` names the device and its permissions and e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -158,6 +159,24 @@ def _others_may_open(path: str) -> bool:
     return bool(mode & stat.S_IROTH and mode & stat.S_IWOTH)
 
 
+@contextlib.contextmanager
+def _traversable_by_others(paths: list[Path]) -> Iterator[None]:
+    """Let other users through the directories above ``paths`` (a clone made under a 0700
+    ``mktemp -d`` is root's alone), for the duration; their modes are put back after."""
+    changed: list[tuple[Path, int]] = []
+    try:
+        for path in paths:
+            for directory in [path, *path.parents]:
+                mode = directory.stat().st_mode
+                if not mode & stat.S_IXOTH:
+                    changed.append((directory, stat.S_IMODE(mode)))
+                    directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+        yield
+    finally:
+        for directory, mode in reversed(changed):
+            directory.chmod(mode)
+
+
 @pytest.fixture
 def nobody_home() -> Iterator[Path]:
     """A directory the user ``nobody`` owns (pytest's tmp_path is root's alone)."""
@@ -190,10 +209,11 @@ def test_mount_without_access_to_dev_fuse_names_it_and_exits_77(
     env = {"PATH": "/usr/bin:/bin", "HOME": str(nobody_home),
            "XDG_RUNTIME_DIR": str(nobody_home), "KITFS_CACHE_DIR": str(nobody_home / "cache"),
            "PYTHONPATH": f"{tree}:{sysconfig.get_paths()['purelib']}"}
-    done = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-         python, "-m", "kitfs", "mount", sample, str(mountpoint)],
-        capture_output=True, text=True, env=env, timeout=120, check=False)
+    with _traversable_by_others([Path(tree), Path(sysconfig.get_paths()["purelib"])]):
+        done = subprocess.run(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+             python, "-m", "kitfs", "mount", sample, str(mountpoint)],
+            capture_output=True, text=True, env=env, timeout=120, check=False)
     assert done.returncode == 77, done.stderr
     mode = stat.filemode(os.stat(FUSE_DEVICE).st_mode)
     assert done.stderr.startswith(f"kitfs: cannot open {FUSE_DEVICE}: Permission denied (mode "
