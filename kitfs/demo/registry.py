@@ -147,14 +147,32 @@ class Registry:
                 self.process.wait()
         self.process = None
 
+    def _settled_log_size(self, quiet_s: float = 0.2, limit_s: float = 3.0) -> int:
+        """The log's size once no line has been added for ``quiet_s``: the registry writes
+        a request's line just after its response, so a client that has its bytes may not
+        be in the log yet."""
+        def size() -> int:
+            return self.log_path.stat().st_size if self.log_path.exists() else 0
+        deadline = time.monotonic() + limit_s
+        last, quiet_since = size(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = size()
+            if now != last:
+                last, quiet_since = now, time.monotonic()
+            elif time.monotonic() - quiet_since >= quiet_s:
+                break
+        return last
+
     def log_mark(self) -> int:
-        """A position in the log; ``blob_bytes_served(since=mark)`` counts after it."""
-        return self.log_path.stat().st_size if self.log_path.exists() else 0
+        """A position in the log after every request made so far has been logged;
+        ``blob_bytes_served(since=mark)`` counts what comes after it."""
+        return self._settled_log_size()
 
     def requests(self, since: int = 0, agent: str | None = None) -> list[tuple[str, str, int]]:
         """(method, uri, bytes written) of every completed request after ``since``; with
         ``agent``, only those whose User-Agent starts with it (``kitfs/``: not a mirror's)."""
-        time.sleep(0.2)  # the registry writes its line just after the response
+        self._settled_log_size()
         with open(self.log_path, "rb") as f:
             f.seek(since)
             text = f.read().decode(errors="replace")
