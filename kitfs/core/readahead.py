@@ -126,12 +126,14 @@ class ReadAhead:
 
     def _digest_is_behind(self, key: str, ahead: int) -> bool:
         """Whether the blob's digest is ``MAX_UNHASHED_CHUNKS`` or more behind chunk ``ahead``
-        and on its way (the chunk it needs next is arriving or here); a digest waiting for a
-        chunk nobody fetches (a reader that skipped it) holds nothing back."""
+        and on its way (the chunk it needs next is arriving, here, or in the cache, where it
+        will read it back); a digest waiting for a chunk nobody fetches (a reader that skipped
+        it) holds nothing back."""
         at = self._verifier.frontier_at(key)
         if at is None or ahead - at < MAX_UNHASHED_CHUNKS:
             return False
-        return self._held((key, at)) or self._verifier.holds(key, at)
+        return (self._held((key, at)) or self._verifier.holds(key, at)
+                or self.store.has_chunk(key, at))
 
     def prefetch(self, content: Content, offset: int, length: int) -> None:
         """Start fetching the chunks of ``[offset, offset+length)`` in the background."""

@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 # (5-7 ms), so small chunks waste round trips; 4 MiB keeps a 4 KiB read's cost under the
 # 8 MiB budget while large reads stay near wire speed. See benchmarks/README.md.
 DEFAULT_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
+# A fetch too far ahead of its blob's digest waits this long at most for the digest to catch
+# up (Verifier.wait_until_near): flow control, not a condition of the read.
+FRONTIER_WAIT_S = 1.0
 @dataclass
 class ReaderStatistics:
     """Chunk accesses answered from the cache (hits) and by a registry fetch (misses, whether
@@ -334,6 +337,11 @@ class BlobReader:
         chunk = self._chunk_size(content)
         spans = [chunk_span(i, content.blob_size, chunk) for i in range(first, first + count)]
         with self._inflight.leading([(key, span.index) for span in spans]):
+            if self.verify is not VerifyMode.OFF and key not in self._verifier.verified:
+                await self._verifier.wait_until_near(
+                    key, spans[-1].index, lambda at: self._on_its_way(key, at),
+                    lambda: self._nursery.start_soon(self._advance_frontier, content),
+                    FRONTIER_WAIT_S)
             # a buffer per chunk (a chunk kept in memory keeps no other alive), page-aligned so
             # that the cache writes it with O_DIRECT (no copy); one range fills them in turn
             buffers = tuple(self._buffers.take(span.length) for span in spans)
@@ -407,12 +415,22 @@ class BlobReader:
         finally:
             self._memory.end_storing(key, idx, buffer)
         if hashing and key not in self._verifier.verified:
-            try:
-                await self._verifier.advance_frontier(content, fetch_missing=False)
-            except IntegrityError:
-                pass  # logged by Verifier.fail; every later read of the blob reports it
-            except KitfsError as exc:
-                log.warning("layer %s: digest frontier stopped: %s", content.blob_digest, exc)
+            await self._advance_frontier(content)
+
+    async def _advance_frontier(self, content: Content) -> None:
+        """Hash what has arrived of the blob, in order (a failed digest is logged by the
+        verifier and reported by every later read; it never ends the session's nursery)."""
+        try:
+            await self._verifier.advance_frontier(content, fetch_missing=False)
+        except IntegrityError:
+            pass
+        except KitfsError as exc:
+            log.warning("layer %s: digest frontier stopped: %s", content.blob_digest, exc)
+
+    def _on_its_way(self, key: str, idx: int) -> bool:
+        """Chunk ``idx`` is in memory, in flight or cached whole."""
+        return ((key, idx) in self._memory or (key, idx) in self._inflight
+                or self.store.has_chunk(key, idx))
 
 
 def _prepare(store: ChunkStore, data: ChunkBuffer,

@@ -42,6 +42,9 @@ FAILED_CHECK_INTERVAL_S = 1.0
 # read them back from the cache file (written with O_DIRECT: a read from the disk, on the trio
 # thread). Beyond that, the chunk furthest ahead of its own blob's frontier lets go first.
 KEPT_FOR_FRONTIER = 16
+# The frontier hashes up to this many consecutive chunks in memory in one hand-off to a worker
+# thread (each hand-off waits for the trio thread, which serves FUSE reads meanwhile).
+FEED_BATCH_CHUNKS = 8
 
 
 class VerifyState(enum.Enum):
@@ -65,6 +68,7 @@ class _Frontier:
     hasher: Any
     next: int = 0
     per_chunk: list[tuple[int, bytes]] = field(default_factory=list)  # piece identities
+    read_back: int = 0  # chunks it read back from their cache files (it fell behind)
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
@@ -94,6 +98,7 @@ class Verifier:
         # computed twice) and, for the nearest ones, their bytes (not read back from the cache)
         self._fetched: dict[tuple[str, int], tuple[bytes, ChunkBuffer | None]] = {}
         self._verifying: Flights[str] = Flights()
+        self._advanced = trio.Event()  # set (and replaced) whenever a frontier moves
 
     def note_fetched(self, key: str, idx: int, ids: bytes, data: ChunkBuffer) -> None:
         """Keep what the frontier needs of chunk ``idx``, just fetched, if it has yet to pass
@@ -126,6 +131,7 @@ class Verifier:
         for entry in [e for e in self._fetched if e[0] == key]:
             del self._fetched[entry]
         self._frontiers.pop(key, None)
+        self._wake_waiters()
 
     def check_not_failed(self, content: Content) -> None:
         """Raise if the blob failed verification, here or in another process (which this asks
@@ -219,25 +225,28 @@ class Verifier:
             chunk = self._chunk_size(content)
             total = chunk_count(content.blob_size, chunk)
             while frontier.next < total:
-                span = chunk_span(frontier.next, content.blob_size, chunk)
-                fetched = self._fetched.pop((key, frontier.next), None)
-                known = fetched[0] if fetched is not None else None
-                data: bytes | ChunkBuffer | None = fetched[1] if fetched is not None else None
-                if data is None:  # not in memory (no copy needed when it is)
-                    data = self._in_memory(key, frontier.next)
-                if data is None:
-                    data = self.store.read(key, frontier.next, 0, span.length)
-                if data is None:
-                    if not fetch_missing:
-                        if known is not None:  # for when the chunk is here
-                            self._fetched[(key, frontier.next)] = (known, None)
+                batch = self._next_in_memory(key, frontier.next, total)
+                if not batch:  # the next chunk is not in memory: the cache, or a fetch
+                    length = chunk_span(frontier.next, content.blob_size, chunk).length
+                    data = self.store.read(key, frontier.next, 0, length)
+                    if data is not None:
+                        frontier.read_back += 1
+                    elif not fetch_missing:
                         return
-                    data = await self._fetch_slice(content, frontier.next, 0, span.length)
-                ids = await trio.to_thread.run_sync(_feed, frontier.hasher, data, known)
+                    else:
+                        data = await self._fetch_slice(content, frontier.next, 0, length)
+                    known = self._fetched.pop((key, frontier.next), (None, None))[0]
+                    batch = [(data, known)]
+                ids = await trio.to_thread.run_sync(_feed, frontier.hasher, batch)
                 if self._frontiers.get(key) is not frontier:
                     return  # the blob failed or was purged meanwhile
-                frontier.per_chunk.append((frontier.next, ids))
-                frontier.next += 1
+                for chunk_ids in ids:
+                    # a chunk hashed from memory may have been noted meanwhile (its store
+                    # finished while the frontier hashed it): nothing is kept for it any more
+                    self._fetched.pop((key, frontier.next), None)
+                    frontier.per_chunk.append((frontier.next, chunk_ids))
+                    frontier.next += 1
+                self._wake_waiters()
             del self._frontiers[key]
             actual = frontier.hasher.hexdigest()
             if actual != content.blob_digest.hex:
@@ -245,7 +254,50 @@ class Verifier:
                                     f"expected {content.blob_digest}")
             self.store.mark_verified(key, frontier.per_chunk)
             self.verified.add(key)
-            log.info("layer %s verified (%d bytes)", content.blob_digest, content.blob_size)
+            self._wake_waiters()
+            log.info("layer %s verified (%d bytes; %d of %d chunks hashed from the cache files)",
+                     content.blob_digest, content.blob_size, frontier.read_back, total)
+
+    def _next_in_memory(self, key: str, first: int,
+                        total: int) -> list[tuple[bytes | ChunkBuffer, bytes | None]]:
+        """Chunks ``first``, ``first + 1``, … of ``key`` while they are in memory (kept for
+        the frontier, or held by the reader), at most ``FEED_BATCH_CHUNKS``, each with the
+        piece identities its fetch computed: hashed in one hand-off to a worker thread."""
+        batch: list[tuple[bytes | ChunkBuffer, bytes | None]] = []
+        for idx in range(first, min(first + FEED_BATCH_CHUNKS, total)):
+            known, data = self._fetched.get((key, idx), (None, None))
+            if data is None:
+                data = self._in_memory(key, idx)
+            if data is None:
+                break
+            self._fetched.pop((key, idx), None)
+            batch.append((data, known))
+        return batch
+
+    def _wake_waiters(self) -> None:
+        self._advanced.set()
+        self._advanced = trio.Event()
+
+    async def wait_until_near(self, key: str, idx: int, on_its_way: Callable[[int], bool],
+                              kick: Callable[[], None], timeout_s: float) -> None:
+        """Flow control for a fetch of chunk ``idx``: while the blob's digest is between
+        ``KEPT_FOR_FRONTIER`` and twice that many chunks behind it, and on its way (its next
+        chunk ``on_its_way``: in memory, in flight or cached), wait for it to come nearer, at
+        most ``timeout_s``. A chunk fetched further ahead than the frontier keeps bytes for
+        would be read back from its cache file to be hashed (from the disk, on the trio
+        thread); a fetch far ahead of the frontier is not its stream's and does not wait.
+        ``kick`` starts the frontier when nothing else will (no fetch is landing)."""
+        with trio.move_on_after(timeout_s):
+            while True:
+                at = self.frontier_at(key)
+                if (at is None or not KEPT_FOR_FRONTIER <= idx - at < 2 * KEPT_FOR_FRONTIER
+                        or not (self.holds(key, at) or on_its_way(at))):
+                    return
+                advanced = self._advanced
+                kick()
+                await advanced.wait()
+        log.debug("fetch of chunk %d of %s went ahead of its digest after %.1f s", idx, key,
+                  timeout_s)
 
     def fail(self, content: Content, reason: str) -> NoReturn:
         """Record that ``content`` failed its digest (logged; purged; in the cache) and raise."""
@@ -258,10 +310,14 @@ class Verifier:
         raise IntegrityError(f"layer {content.blob_digest} failed verification: {reason}")
 
 
-def _feed(hasher: Any, data: bytes | ChunkBuffer, known_ids: bytes | None) -> bytes:
-    """Add ``data`` to the blob's running digest; return the chunk's piece identities (kept,
-    so a chunk fetched again later is checked on its own), computed unless the fetch already
-    did. Runs in a worker thread: hashlib and blake3 release the GIL for large buffers."""
-    hasher.update(data)
-    return known_ids or piece_ids(data)
+def _feed(hasher: Any, batch: list[tuple[bytes | ChunkBuffer, bytes | None]]) -> list[bytes]:
+    """Add consecutive chunks to the blob's running digest; return each one's piece
+    identities (kept, so a chunk fetched again later is checked on its own), computed unless
+    the fetch already did. Runs in a worker thread: hashlib and blake3 release the GIL for
+    large buffers."""
+    ids = []
+    for data, known_ids in batch:
+        hasher.update(data)
+        ids.append(known_ids or piece_ids(data))
+    return ids
 
