@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from bench import Bench
 from common import drop_caches, find_stat, log, read_sequential, run_quiet
 from mounts import KitfsMount
-from workloads import Bench, curl_ranges, curl_to, isolated_reads
+from peers import curl_ranges, curl_to
+from workloads import isolated_reads
 
 from kitfs.mount.status import wait_exit
 

@@ -32,12 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import Bench
 from common import REPO_ROOT, GiB, git_info, log, machine_info, snapshot_kitfs
 from kits import Blob, Kit, Sizes, build_and_push
+from profiles import profile_find, profile_seq, summarise_collapsed
 from remote import remote_profile
 from report import charts, profile_markdown, results_tables, targets, targets_table
 from workloads import WORKLOADS as LOCAL_WORKLOADS
-from workloads import Bench, profile_find, profile_seq, summarise_collapsed
 
 from kitfs.demo import Registry
 

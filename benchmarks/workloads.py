@@ -8,13 +8,8 @@ Every workload appends result records to ``Bench.results``::
 ``verifying floor`` (benchmarks/floor.py) and ``pyfuse3 pass-through`` (benchmarks/passfs.py);
 what users do today, ``pull+untar`` (curl the blob to a file, then ``tar -x``, as ``kit unpack``
 does) and ``curl|tar`` (streamed); the peer ``ratarmount (HTTP)``.
-Every timing is repeated ``Bench.repeat`` times (fresh kitfs cache for each cold run) and the
-median is reported. "Cold" means: fresh cache and mount, then ``sync; echo 3 > drop_caches``;
-the registry's own blob file is cold too, for kitfs and for the comparisons alike.
-
-Next to every throughput figure is the CPU it cost (``Bench.metered``): ``cpu_s`` and
-``cpu_s_per_gib`` of the row's own process (the kitfs daemon, curl, ratarmount, the floor, the
-pass-through) and ``registry_cpu_s(_per_gib)`` of the registry, which shares the two cores.
+How runs are repeated, what "cold" means and the CPU beside each figure: benchmarks/bench.py.
+The commands compared with: benchmarks/peers.py; the profiles: benchmarks/profiles.py.
 """
 
 from __future__ import annotations
@@ -23,26 +18,20 @@ import json
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from bench import Bench
 from common import (
-    CpuMeter,
     GiB,
     MiB,
     Sampler,
     drop_caches,
     find_stat,
-    first_data_watch,
     isolated_offsets,
     log,
     mb_per_s,
-    medians,
     open_to_first_byte,
-    percentile,
     random_offsets,
     random_reads,
     read_many_concurrently,
@@ -50,229 +39,14 @@ from common import (
     run_quiet,
     tree_bytes,
 )
-from kits import Blob, Kit, remove
-from mounts import KitfsMount, Passthrough, Ratarmount
-
-from kitfs.demo import Registry
+from kits import Blob, remove
+from mounts import KitfsMount, Passthrough
+from peers import curl_parallel, curl_ranges, curl_to, pull_untar
 
 RATARMOUNT = "ratarmount (HTTP)"
 FLOOR = "verifying floor"
 PASSTHROUGH = "pyfuse3 pass-through"
 ISOLATED_READS = 50  # isolated random reads per run, fewer on a small file (one per 16 MiB)
-
-
-@dataclass
-class Bench:
-    """Everything a workload needs, and where the results go."""
-
-    kit: Kit
-    registry: Registry
-    scratch: Path  # on the same filesystem as the kitfs cache: /var/tmp/...
-    repeat: int
-    random_read_count: int
-    quota_bytes: int
-    kitfs_src: Path  # the snapshot of the kitfs package that every mount runs
-    results: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[dict[str, str]] = field(default_factory=list)
-    _serial: int = 0
-
-    # --- plumbing ---------------------------------------------------------------------------
-
-    def path(self, name: str) -> Path:
-        """A fresh, empty path in the scratch directory (removed if it was there)."""
-        p = self.scratch / name
-        remove(p)
-        return p
-
-    def fresh_cache(self) -> Path:
-        cache = self.path("cache")
-        cache.mkdir(parents=True)
-        return cache
-
-    def kitfs(self, cache: Path, *extra_args: str, name: str = "mnt", reference: str = "",
-              prefix: tuple[str, ...] = ()) -> KitfsMount:
-        """A ``kitfs mount`` of the kit (or of ``reference``), its command after ``prefix``."""
-        self._serial += 1
-        return KitfsMount(reference or self.kit.reference, self.scratch / name, cache, self.scratch / "run",
-                          self.scratch / "logs" / f"kitfs-{self._serial:03d}-{name}.log", self.kitfs_src,
-                          extra_args, prefix)
-
-    def metered(self, body: Callable[[], dict[str, Any]], *, pid: int = 0, children: bool = False,
-                size_key: str = "size_bytes", **other_pids: int) -> dict[str, Any]:
-        """``body()``'s result plus the CPU it cost (``CpuMeter``): ``cpu_s``/``cpu_s_per_gib``
-        of the row's own process (``pid``, or the children waited for meanwhile: curl, tar),
-        ``registry_cpu_s``/``…_per_gib``, and ``{name}_s``/``…_per_gib`` per ``other_pids``."""
-        registry_pid = self.registry.process.pid if self.registry.process else 0
-        with CpuMeter({"cpu": pid, "registry_cpu": registry_pid, **other_pids},
-                      "cpu" if children else None) as meter:
-            result = body()
-        return result | meter.fields(result.get(size_key))
-
-    def ratarmount(self, blob: Blob, index_dir: Path, name: str = "rmnt") -> Ratarmount:
-        self._serial += 1
-        return Ratarmount(self.kit.blob_url(blob), self.scratch / name, index_dir,
-                          self.scratch / "logs" / f"ratarmount-{self._serial:03d}.log")
-
-    def mark(self) -> int:
-        return self.registry.log_mark()
-
-    def fetched(self, mark: int, read_bytes: float) -> dict[str, float]:
-        """Bytes the registry served for blob GETs since ``mark`` (its own log), and ÷ read."""
-        requests = [(m, u, n) for m, u, n in self.registry.requests(mark)
-                    if m == "GET" and "/blobs/" in u]
-        fetched_bytes = sum(n for _, _, n in requests)
-        return {"fetched_bytes": fetched_bytes, "blob_requests": len(requests),
-                "fetch_ratio": fetched_bytes / read_bytes if read_bytes else float("nan")}
-
-    def record(self, workload: str, system: str, variant: str, runs: list[dict[str, Any]],
-               **extra: Any) -> None:
-        if not runs:
-            return
-        entry = {"workload": workload, "system": system, "variant": variant, "runs": runs,
-                 "median": medians(runs), **extra}
-        self.results.append(entry)
-        m = entry["median"]
-        shown = ", ".join(f"{k}={m[k]:.4g}" for k in ("mb_s", "elapsed_s", "first_byte_ms", "p50_ms",
-                                                       "p99_ms", "fetch_ratio", "fetched_per_read_kib",
-                                                       "cpu_s_per_gib", "registry_cpu_s_per_gib",
-                                                       "peak_rss_mib")
-                          if isinstance(m.get(k), float))
-        log(f"  {workload:<12} {system:<18} {variant:<22} {shown}")
-
-    def local_file(self, workload: str, measure: Callable[[], dict[str, Any]]) -> None:
-        """The local-copy comparison: ``measure`` with the page cache dropped, then again warm."""
-
-        def body() -> None:
-            cold, warm = [], []
-            for _ in range(self.repeat):
-                drop_caches()
-                cold.append(measure())
-                warm.append(measure())
-            self.record(workload, "local file", "page cache dropped", cold)
-            self.record(workload, "local file", "page cache warm", warm)
-
-        self.guarded(workload, "local file", body)
-
-    def measured_read(self, measure: Callable[[], dict[str, Any]], *, pid: int,
-                      drop: bool = True, read_bytes: float | None = None) -> dict[str, Any]:
-        """``measure()`` (page cache dropped first with ``drop``): its CPU (``pid``'s,
-        ``metered``) and the bytes the registry served for it (``fetched``, against
-        ``read_bytes``, default what it read)."""
-        if drop:
-            drop_caches()
-        mark = self.mark()
-        r = self.metered(measure, pid=pid)
-        return r | self.fetched(mark, r["size_bytes"] if read_bytes is None else read_bytes)
-
-    def kitfs_three_ways(self, workload: str, measure: Callable[[KitfsMount], dict[str, Any]], *,
-                         before: Callable[[KitfsMount], object] | None = None,
-                         memory: bool = True, mount_time: bool = False) -> None:
-        """``measure(mount)`` three times on one fresh mount per repeat (after ``before``):
-        cold (page cache dropped, kitfs' cache empty), from kitfs' disk cache (page cache
-        dropped again), from the page cache. Each with its CPU and the registry's bytes;
-        ``memory``: the daemon's peak RSS; ``mount_time``: how long the mount took."""
-        cold: list[dict[str, Any]] = []
-        disk: list[dict[str, Any]] = []
-        page: list[dict[str, Any]] = []
-        for _ in range(self.repeat):
-            with self.kitfs(self.fresh_cache()) as m:
-                if before is not None:
-                    before(m)
-                for runs, drop in ((cold, True), (disk, True), (page, False)):
-                    r = self.measured_read(lambda m=m: measure(m), pid=m.pid, drop=drop)
-                    if memory:
-                        r["peak_rss_mib"] = m.peak_rss_bytes() / MiB
-                    if mount_time:
-                        r["mount_s"] = m.mount_s
-                    runs.append(r)
-        self.record(workload, "kitfs", "cold", cold)
-        self.record(workload, "kitfs", "disk cache, page cache dropped", disk)
-        self.record(workload, "kitfs", "page cache warm", page)
-
-    def guarded(self, workload: str, system: str, body: Callable[[], None]) -> None:
-        """Run one comparison; a failure is recorded (and the run goes on), not raised."""
-        try:
-            body()
-        except Exception as exc:
-            log(f"  {workload} {system} FAILED: {exc}")
-            self.errors.append({"workload": workload, "system": system, "error": str(exc)[-2000:],
-                                "traceback": traceback.format_exc()[-4000:]})
-
-
-# --- limits and what users do today ---------------------------------------------------------
-
-
-def curl_to(url: str, out: Path | str, prefix: tuple[str, ...] = ()) -> dict[str, float]:
-    """``curl -o OUT URL`` (after ``prefix``), timed by curl itself (time_total, time_starttransfer)."""
-    done = subprocess.run([*prefix, "curl", "-sSf", "-o", str(out), "-w",
-                           "%{time_total} %{size_download} %{time_starttransfer}", url],
-                          capture_output=True, text=True, check=True)
-    total_s, size, first_s = done.stdout.split()
-    return {"elapsed_s": float(total_s), "size_bytes": int(size), "first_byte_ms": float(first_s) * 1e3,
-            "mb_s": mb_per_s(int(size), float(total_s))}
-
-
-def curl_ranges(url: str, offsets: list[int], size_bytes: int,
-                prefix: tuple[str, ...] = ()) -> dict[str, float]:
-    """One curl (after ``prefix``) fetching the range of ``size_bytes`` at each offset, one after
-    another on one keep-alive connection (``--next``); latency per range from curl's
-    ``time_total``, which also holds the first one's connect."""
-    args = [*prefix, "curl", "-sSf"]
-    for i, offset in enumerate(offsets):
-        args += [*(["--next"] if i else []), "-r", f"{offset}-{offset + size_bytes - 1}", "-o", "/dev/null",
-                 "-w", "%{time_total} %{size_download} %{num_connects}\n", url]
-    done = subprocess.run(args, capture_output=True, text=True, check=True)
-    rows = [line.split() for line in done.stdout.splitlines()]
-    latencies_ms = [float(total_s) * 1e3 for total_s, _, _ in rows]
-    return {"reads": len(rows), "block_bytes": size_bytes, "size_bytes": sum(int(n) for _, n, _ in rows),
-            "connects": sum(int(c) for _, _, c in rows), "p50_ms": percentile(latencies_ms, 50),
-            "p99_ms": percentile(latencies_ms, 99), "mean_ms": sum(latencies_ms) / len(latencies_ms)}
-
-
-def curl_parallel(urls: list[str]) -> dict[str, float]:
-    """N curls to /dev/null at once; wall time until the last one is done."""
-    start = time.perf_counter()
-    procs = [subprocess.Popen(["curl", "-sSf", "-o", "/dev/null", "-w", "%{size_download}", u],
-                              stdout=subprocess.PIPE, text=True) for u in urls]
-    sizes = []
-    for p in procs:
-        out, _ = p.communicate()
-        if p.returncode != 0:
-            raise RuntimeError(f"curl exited {p.returncode}")
-        sizes.append(int(out))
-    elapsed_s = time.perf_counter() - start
-    return {"readers": len(urls), "size_bytes": sum(sizes), "elapsed_s": elapsed_s,
-            "mb_s": mb_per_s(sum(sizes), elapsed_s)}
-
-
-def pull_untar(url: str, out_dir: Path, wanted: str, *, gzip: bool, streamed: bool,
-               blob_file: Path) -> dict[str, float]:
-    """Fetch the whole blob and extract it, timed to the first byte of ``wanted`` on disk and to
-    the end. ``streamed``: ``curl URL | tar -x``; else curl to a file, then ``tar -xf`` (what
-    ``kit unpack`` does: pull to local storage, then unpack)."""
-    out_dir.mkdir(parents=True)
-    tar_flags = "-xzf" if gzip else "-xf"
-    start = time.perf_counter()
-    with first_data_watch(out_dir / wanted, start) as first:
-        if streamed:
-            curl = subprocess.Popen(["curl", "-sSf", url], stdout=subprocess.PIPE)
-            tar = subprocess.run(["tar", tar_flags, "-", "-C", str(out_dir)], stdin=curl.stdout,
-                                 capture_output=True, check=False)
-            assert curl.stdout is not None
-            curl.stdout.close()
-            curl.wait()
-            if curl.returncode or tar.returncode:
-                raise RuntimeError(f"curl|tar failed: {tar.stderr.decode(errors='replace')}")
-            pulled_s = float("nan")
-        else:
-            subprocess.run(["curl", "-sSf", "-o", str(blob_file), url], check=True)
-            pulled_s = time.perf_counter() - start
-            subprocess.run(["tar", tar_flags, str(blob_file), "-C", str(out_dir)], check=True)
-        elapsed_s = time.perf_counter() - start
-    size = (out_dir / wanted).stat().st_size
-    return {"elapsed_s": elapsed_s, "pull_s": pulled_s,
-            "first_byte_ms": first[0] * 1e3 if first else float("nan"), "wanted_bytes": size,
-            "mb_s": mb_per_s(size, elapsed_s)}
 
 
 def _limits(b: Bench, workload: str, blob: Blob, local_file: Path | None) -> None:
@@ -844,122 +618,6 @@ def gzip_layer(b: Bench) -> None:
     b.guarded(w, "kitfs", kitfs)
     b.guarded(w, "kitfs quota", kitfs_quota)
     b.guarded(w, RATARMOUNT, peer)
-
-
-def profile_seq(b: Bench, out_dir: Path) -> dict[str, Any]:
-    """One cold sequential read of the model file with py-spy attached to the daemon, twice:
-    the raw collapsed stacks (summarised as the top frames) and a flame graph (SVG). Native
-    frames (C: hashlib, pyfuse3, the kernel boundary) are sampled too where py-spy can."""
-    log("profile: py-spy on a cold sequential read")
-    summary: dict[str, Any] = {}
-    for fmt, out in (("raw", out_dir / "profile-seq.txt"), ("flamegraph", out_dir / "profile-seq.svg")):
-        for native in (True, False):
-            read, err = _profiled_read(b, fmt, out, native)
-            if out.exists() and out.stat().st_size > 0:
-                summary[f"{fmt}_read"] = read | {"native": native}
-                break
-            log(f"  py-spy {'--native ' if native else ''}wrote nothing: {err[-300:]}")
-        else:
-            raise RuntimeError(f"py-spy wrote no {out.name}")
-    summary |= summarise_collapsed(out_dir / "profile-seq.txt")
-    return summary
-
-
-def profile_find(b: Bench, out_dir: Path) -> dict[str, Any]:
-    """The first ``find`` over the small-files layer on a fresh cache, with py-spy attached to
-    the daemon (collapsed stacks with native frames, ``profile-find.txt``)."""
-    log("profile: py-spy on the first find over the small-files layer")
-    out = out_dir / "profile-find.txt"
-    out.unlink(missing_ok=True)
-    py_spy = str(Path(sys.executable).parent / "py-spy")
-    with b.kitfs(b.fresh_cache()) as m:
-        drop_caches()
-        spy = subprocess.Popen([py_spy, "record", "--pid", str(m.pid), "--rate", "100", "--threads",
-                                "--native", "--format", "raw", "-o", str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)
-        found = find_stat(m.path / b.kit.dataset_path)
-        spy.send_signal(2)
-        try:
-            _, err = spy.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            _, err = spy.communicate()
-    if not out.exists():
-        raise RuntimeError(f"py-spy wrote no {out.name}: {err[-500:]}")
-    return {"find": found} | summarise_collapsed(out)
-
-
-def _profiled_read(b: Bench, fmt: str, out: Path, native: bool) -> tuple[dict[str, float], str]:
-    py_spy = str(Path(sys.executable).parent / "py-spy")
-    out.unlink(missing_ok=True)
-    with b.kitfs(b.fresh_cache()) as m:
-        target = m.path / b.kit.model_path
-        target.stat()
-        drop_caches()
-        spy = subprocess.Popen([py_spy, "record", "--pid", str(m.pid), "--rate", "100", "--threads",
-                                *(["--native"] if native else []), "--format", fmt, "-o", str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)  # py-spy attaches
-        read = read_sequential(target).as_dict()
-        spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
-        try:
-            _, err = spy.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            _, err = spy.communicate()
-    return read, err
-
-
-def _function(frame: str) -> str:
-    """``name (file.py:123)`` → ``name (file.py)``: one entry per function, not per line."""
-    name, _, where = frame.partition(" (")
-    return f"{name} ({where.rsplit(':', 1)[0].rstrip(')')})" if where else name
-
-
-_OUTER = ("<module> (", "main (kitfs/cli.py)", "_mount (", "run_foreground (")
-
-
-def summarise_collapsed(path: Path, top: int = 15) -> dict[str, Any]:
-    """From py-spy's collapsed stacks (``--format raw``), as shares of all samples:
-
-    - ``top_python``: the deepest Python function of each sample (time in it and in the C code
-      it calls: hashing, syscalls), per function;
-    - ``top_native``: the leaf frame of each sample (with ``--native``: the C function or syscall);
-    - ``top_inclusive``: kitfs and pyfuse3 functions, inclusive of everything below them.
-    """
-    python: dict[str, int] = {}
-    native: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    total = idle = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [_function(f) for f in stack.split(";")
-                  if f and not f.startswith(("process ", "thread "))]
-        if not frames:
-            continue
-        if any(f.startswith("WorkerThread._work") for f in frames) and any(
-                f.startswith("PyThread_acquire_lock") for f in frames):
-            idle += count  # an idle trio worker thread waiting for a job: not work
-            continue
-        total += count
-        native[frames[-1]] = native.get(frames[-1], 0) + count
-        py_frames = [f for f in frames if ".py)" in f]
-        if py_frames:
-            python[py_frames[-1]] = python.get(py_frames[-1], 0) + count
-        for frame in set(py_frames):
-            if ("kitfs/" in frame or "pyfuse3" in frame) and not frame.startswith(_OUTER):
-                inclusive[frame] = inclusive.get(frame, 0) + count
-
-    def top_of(counts: dict[str, int]) -> list[dict[str, Any]]:
-        ranked = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
-        return [{"frame": f, "samples": c, "share": c / total if total else 0.0} for f, c in ranked]
-
-    return {"samples": total, "idle_worker_samples": idle, "top_python": top_of(python),
-            "top_native": top_of(native), "top_inclusive": top_of(inclusive)}
 
 
 WORKLOADS: dict[str, Callable[[Bench], None]] = {

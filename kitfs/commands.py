@@ -178,9 +178,9 @@ async def pull_command(session: KitSession, args: argparse.Namespace) -> int:
     selection = Selection.parse(args.filter)
     reference = Reference.parse(args.reference)
     kit = await session.open(reference, selection)
-    if not layers_to_pull(kit):
-        log.warning("%s selects no layer of %s", selection, kit.reference)
     layers = [layer.digest for layer in layers_to_pull(kit)]
+    if not layers:
+        log.warning("%s selects no layer of %s", selection, kit.reference)
     try:
         result = await pull(session, kit, str(reference),
                             progress_for(args.progress, sys.stderr), pin=args.pin)
