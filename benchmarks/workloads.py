@@ -37,6 +37,7 @@ from common import (
     read_many_concurrently,
     read_sequential,
     run_quiet,
+    touch_guest_memory,
     tree_bytes,
 )
 from kits import Blob, remove
@@ -46,6 +47,7 @@ from peers import curl_parallel, curl_ranges, curl_to, pull_untar
 RATARMOUNT = "ratarmount (HTTP)"
 FLOOR = "verifying floor"
 PASSTHROUGH = "pyfuse3 pass-through"
+MEMORY_TOUCHED = "cold, guest memory touched first (diagnostic)"
 ISOLATED_READS = 50  # isolated random reads per run, fewer on a small file (one per 16 MiB)
 
 
@@ -133,21 +135,39 @@ def seq(b: Bench) -> None:
                 runs.append(r)
         b.record(w, RATARMOUNT, "cold", runs)
 
+    def memory_touched() -> None:
+        """Diagnostic, not a target: kitfs cold and the verifying floor, each right after
+        ``touch_guest_memory`` (this VM's host faults on memory the guest freed, apart)."""
+        runs = []
+        for _ in range(b.repeat):
+            with b.kitfs(b.fresh_cache()) as m:
+                drop_caches()
+                touched_s = touch_guest_memory()
+                r = b.measured_read(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
+                                    pid=m.pid, drop=False)
+                runs.append(r | {"touched_s": touched_s, "peak_rss_mib": m.peak_rss_bytes() / MiB})
+        b.record(w, "kitfs", MEMORY_TOUCHED, runs)
+        verifying_floor(b, w, kit.model, touched=True)
+
     b.guarded(w, "kitfs", kitfs)
     b.guarded(w, "kitfs --verify off", kitfs_verify_off)
     b.guarded(w, RATARMOUNT, peer)
     b.guarded(w, FLOOR, lambda: verifying_floor(b, w, kit.model))
     b.guarded(w, PASSTHROUGH, lambda: passthrough(b, w, kit.local["model"]))
+    b.guarded(w, "guest memory touched", memory_touched)
 
 
-def verifying_floor(b: Bench, workload: str, blob: Blob) -> None:
+def verifying_floor(b: Bench, workload: str, blob: Blob, touched: bool = False) -> None:
     """benchmarks/floor.py on ``blob`` after the page cache is dropped: the fastest verified
     cold read in pure Python here (2 workers, 4 MiB ranges, one SHA-256, pwrite to a file next
-    to the kitfs caches). Its CPU is its own (``os.times`` around the pipeline)."""
+    to the kitfs caches). Its CPU is its own (``os.times`` around the pipeline). ``touched``:
+    ``touch_guest_memory`` first (a diagnostic row)."""
     runs = []
     for _ in range(b.repeat):
         cache_file = b.path("floor.cache")
         drop_caches()
+        if touched:
+            touch_guest_memory()
         done = b.metered(lambda cache_file=cache_file: json.loads(run_quiet(
             [sys.executable, str(Path(__file__).with_name("floor.py")), b.kit.blob_url(blob),
              str(blob.size_bytes), str(cache_file), "--workers", "2"]).stdout))
@@ -157,7 +177,8 @@ def verifying_floor(b: Bench, workload: str, blob: Blob) -> None:
         cpu_s = done.pop("cpu_s")  # the pipeline's own, without the interpreter's start
         runs.append(done | {"cpu_s": cpu_s, "cpu_s_per_gib": cpu_s / (blob.size_bytes / GiB),
                             "mb_s": mb_per_s(blob.size_bytes, done["elapsed_s"])})
-    b.record(workload, FLOOR, "cold, 2 workers, sha256 + pwrite", runs)
+    b.record(workload, FLOOR, MEMORY_TOUCHED if touched else "cold, 2 workers, sha256 + pwrite",
+             runs)
 
 
 def floors_parallel(b: Bench, blobs: list[Blob]) -> dict[str, float]:
