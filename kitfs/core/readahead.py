@@ -13,6 +13,7 @@ one core, is ``MAX_UNHASHED_CHUNKS`` behind. All on the trio thread.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -126,14 +127,9 @@ class ReadAhead:
 
     def _digest_is_behind(self, key: str, ahead: int) -> bool:
         """Whether the blob's digest is ``MAX_UNHASHED_CHUNKS`` or more behind chunk ``ahead``
-        and on its way (the chunk it needs next is arriving, here, or in the cache, where it
-        will read it back); a digest waiting for a chunk nobody fetches (a reader that skipped
-        it) holds nothing back."""
-        at = self._verifier.frontier_at(key)
-        if at is None or ahead - at < MAX_UNHASHED_CHUNKS:
-            return False
-        return (self._held((key, at)) or self._verifier.holds(key, at)
-                or self.store.has_chunk(key, at))
+        and on its way (``Verifier.behind``)."""
+        return self._verifier.behind(key, ahead, MAX_UNHASHED_CHUNKS, math.inf,
+                                     lambda at: self.on_its_way(key, at))
 
     def prefetch(self, content: Content, offset: int, length: int) -> None:
         """Start fetching the chunks of ``[offset, offset+length)`` in the background."""
@@ -171,21 +167,21 @@ class ReadAhead:
         """The chunk is in flight or in memory."""
         return entry in self._inflight or entry in self._memory
 
-    def _missing(self, key: str, idx: int) -> bool:
-        """Chunk ``idx`` is neither in memory, nor in flight, nor cached whole."""
-        return not (self._held((key, idx)) or self.store.has_chunk(key, idx))
+    def on_its_way(self, key: str, idx: int) -> bool:
+        """Chunk ``idx`` is in memory, in flight or cached whole."""
+        return self._held((key, idx)) or self.store.has_chunk(key, idx)
 
     async def _prefetch(self, content: Content, run: list[int]) -> None:
         key = content.key
         fetched: set[int] = set()
         try:
             # what a read fetched, or started to, before this task ran is left out
-            todo = [idx for idx in run if self._missing(key, idx)]
+            todo = [idx for idx in run if not self.on_its_way(key, idx)]
             while todo:
                 count = next((n for n, idx in enumerate(todo) if idx != todo[0] + n), len(todo))
                 await self._fetch_chunks(content, todo[0], count)
                 fetched.update(range(todo[0], todo[0] + count))
-                todo = [idx for idx in todo[count:] if self._missing(key, idx)]
+                todo = [idx for idx in todo[count:] if not self.on_its_way(key, idx)]
         except KitfsError as exc:  # the read that needs it will try again and report
             log.debug("prefetch of chunks %d-%d of %s failed: %s", run[0], run[-1],
                       content.blob_digest, exc)

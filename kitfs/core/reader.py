@@ -339,7 +339,7 @@ class BlobReader:
         with self._inflight.leading([(key, span.index) for span in spans]):
             if self.verify is not VerifyMode.OFF and key not in self._verifier.verified:
                 await self._verifier.wait_until_near(
-                    key, spans[-1].index, lambda at: self._on_its_way(key, at),
+                    key, spans[-1].index, lambda at: self._ahead.on_its_way(key, at),
                     lambda: self._nursery.start_soon(self._advance_frontier, content),
                     FRONTIER_WAIT_S)
             # a buffer per chunk (a chunk kept in memory keeps no other alive), page-aligned so
@@ -426,11 +426,6 @@ class BlobReader:
             pass
         except KitfsError as exc:
             log.warning("layer %s: digest frontier stopped: %s", content.blob_digest, exc)
-
-    def _on_its_way(self, key: str, idx: int) -> bool:
-        """Chunk ``idx`` is in memory, in flight or cached whole."""
-        return ((key, idx) in self._memory or (key, idx) in self._inflight
-                or self.store.has_chunk(key, idx))
 
 
 def _prepare(store: ChunkStore, data: ChunkBuffer,

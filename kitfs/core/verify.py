@@ -278,24 +278,31 @@ class Verifier:
         self._advanced.set()
         self._advanced = trio.Event()
 
+    def behind(self, key: str, idx: int, at_least: int, below: float,
+               on_its_way: Callable[[int], bool]) -> bool:
+        """Whether the blob's digest is ``at_least`` or more (and fewer than ``below``) chunks
+        behind chunk ``idx``, and on its way: the chunk it needs next is kept here or
+        ``on_its_way`` (in memory, in flight, or cached: it will read it back). A digest
+        waiting for a chunk nobody fetches (a reader that skipped it) holds nothing back."""
+        at = self.frontier_at(key)
+        return (at is not None and at_least <= idx - at < below
+                and (self.holds(key, at) or on_its_way(at)))
+
     async def wait_until_near(self, key: str, idx: int, on_its_way: Callable[[int], bool],
                               kick: Callable[[], None], timeout_s: float) -> None:
         """Flow control for a fetch of chunk ``idx``: while the blob's digest is between
-        ``KEPT_FOR_FRONTIER`` and twice that many chunks behind it, and on its way (its next
-        chunk ``on_its_way``: in memory, in flight or cached), wait for it to come nearer, at
-        most ``timeout_s``. A chunk fetched further ahead than the frontier keeps bytes for
-        would be read back from its cache file to be hashed (from the disk, on the trio
-        thread); a fetch far ahead of the frontier is not its stream's and does not wait.
-        ``kick`` starts the frontier when nothing else will (no fetch is landing)."""
+        ``KEPT_FOR_FRONTIER`` and twice that many chunks behind it, and on its way
+        (``behind``), wait for it to come nearer, at most ``timeout_s``. A chunk fetched
+        further ahead than the frontier keeps bytes for would be read back from its cache
+        file to be hashed (from the disk, on the trio thread); a fetch far ahead of the
+        frontier is not its stream's and does not wait. ``kick`` starts the frontier when
+        nothing else will (no fetch is landing)."""
         with trio.move_on_after(timeout_s):
-            while True:
-                at = self.frontier_at(key)
-                if (at is None or not KEPT_FOR_FRONTIER <= idx - at < 2 * KEPT_FOR_FRONTIER
-                        or not (self.holds(key, at) or on_its_way(at))):
-                    return
+            while self.behind(key, idx, KEPT_FOR_FRONTIER, 2 * KEPT_FOR_FRONTIER, on_its_way):
                 advanced = self._advanced
                 kick()
                 await advanced.wait()
+            return
         log.debug("fetch of chunk %d of %s went ahead of its digest after %.1f s", idx, key,
                   timeout_s)
 
