@@ -2,15 +2,16 @@
 
 Owns ``Flights``: work in progress keyed by any hashable (a chunk, a blob's verification),
 so that concurrent tasks wanting the same thing start it once and the others wait for it;
+``BackgroundTasks``, work started behind a reply that a session waits for before it closes;
 and ``collapse_groups``, which turns a nursery's exception group back into the one
 ``KitfsError`` callers expect. Everything runs on the one trio thread: no locks.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Hashable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -60,6 +61,38 @@ class Flights(Generic[K]):
             for key in keys:
                 del self._events[key]
             done.set()
+
+
+
+class BackgroundTasks:
+    """Tasks started in a nursery behind the reply they followed (a chunk's store, a layer
+    index's), counted from the moment they are started, so that ``settle`` can wait until
+    every one started so far has finished (the session does before it closes)."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def start_soon(self, nursery: trio.Nursery, fn: Callable[..., Awaitable[Any]], *args: Any,
+                   name: str) -> None:
+        if not self._running:
+            self._idle = trio.Event()
+        self._running += 1
+        nursery.start_soon(self._run, fn, args, name=name)
+
+    async def _run(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        try:
+            await fn(*args)
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+
+    async def settle(self) -> None:
+        """Wait until no task started here is running."""
+        while self._running:
+            await self._idle.wait()
 
 
 @contextmanager

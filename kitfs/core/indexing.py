@@ -23,6 +23,7 @@ import trio
 from kitfs.cache.index import MemberColumns, load_members, store_members
 from kitfs.cache.store import ChunkStore
 from kitfs.core.content import Content, VerifyMode
+from kitfs.core.flight import BackgroundTasks
 from kitfs.core.reader import BlobReader
 from kitfs.core.verify import VerifyState
 from kitfs.errors import KitfsError
@@ -50,8 +51,7 @@ class LayerIndexer:
         self.reader = reader
         self._nursery = nursery
         self._chunk_size_bytes = chunk_size_bytes
-        self._index_stores = 0  # layer indexes being written behind the lookups they answered
-        self._index_stores_done = trio.Event()
+        self._stores = BackgroundTasks()  # layer indexes written behind the lookups they answered
 
     async def members(self, content: Content, add: Callable[[list[TarMember]], None]) -> None:
         """Hand a tar layer's members to ``add``: from the cache index, or by reading its
@@ -79,10 +79,8 @@ class LayerIndexer:
         with collector_paused() as pause:  # the whole scan, not per batch (collector_paused)
             columns = await self._scan(content, size, add)
             pause.freeze = len(columns) >= FREEZE_AFTER_MEMBERS
-        if not self._index_stores:
-            self._index_stores_done = trio.Event()
-        self._index_stores += 1
-        self._nursery.start_soon(self._store, key, columns, name=f"store index {key}")
+        self._stores.start_soon(self._nursery, self._store, key, columns,
+                                name=f"store index {key}")
 
     async def _scan(self, content: Content, size: int,
                     add: Callable[[list[TarMember]], None]) -> MemberColumns:
@@ -129,15 +127,10 @@ class LayerIndexer:
             log.warning("cache: the index of %s is not kept: %s", key, exc)
         except Exception:  # a bug: never let it end the session's nursery (and the mount)
             log.exception("cache: keeping the index of %s failed unexpectedly", key)
-        finally:
-            self._index_stores -= 1
-            if not self._index_stores:
-                self._index_stores_done.set()
 
     async def settle(self) -> None:
         """Wait until the indexes being stored are."""
-        while self._index_stores:
-            await self._index_stores_done.wait()
+        await self._stores.settle()
 
 
 @dataclass

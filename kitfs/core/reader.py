@@ -54,7 +54,7 @@ from kitfs.cache.identity import PIECE_SIZE_BYTES, ids_of_pieces, piece_ids
 from kitfs.cache.store import ChunkStore, PreparedChunk
 from kitfs.core.compressed import DecompressedStreams
 from kitfs.core.content import ChunkBuffer, Content, VerifyMode
-from kitfs.core.flight import Flights, collapse_groups
+from kitfs.core.flight import BackgroundTasks, Flights, collapse_groups
 from kitfs.core.memory import BufferPool, ChunkMemory
 from kitfs.core.readahead import MAX_PREFETCH_CHUNKS, ReadAhead
 from kitfs.core.verify import Verifier
@@ -113,8 +113,7 @@ class BlobReader:
         self._memory = ChunkMemory()
         self._buffers = BufferPool(chunk_size_bytes)
         self._seen: set[str] = set()  # keys read at least once by this reader
-        self._background_stores = 0
-        self._stores_done = trio.Event()
+        self._stores = BackgroundTasks()  # chunks being stored behind the reads they served
         self._verifier = Verifier(
             store, chunk_size=self._chunk_size, fetch_slice=self._chunk_slice,
             in_memory=self._memory.whole, forget_memory=self._memory.forget)
@@ -191,8 +190,7 @@ class BlobReader:
     async def settle(self) -> None:
         """Wait until every chunk fetched so far is hashed, stored and fed to its digest
         frontier (``_store_fetched``); the session does this before it closes."""
-        while self._background_stores:
-            await self._stores_done.wait()
+        await self._stores.settle()
 
     async def verify_now(self, content: Content) -> None:
         """Fetch whatever is missing of ``content`` and check its digest (``cache verify``)."""
@@ -360,11 +358,8 @@ class BlobReader:
             # Nothing to check the chunk against before serving it (eventual mode serves
             # bytes as they arrive): answer now, hash and store it behind the read.
             self._memory.begin_storing(key, idx, buffer)
-            if not self._background_stores:
-                self._stores_done = trio.Event()
-            self._background_stores += 1
-            self._nursery.start_soon(self._store_fetched, content, idx, buffer, hashing,
-                                     name=f"store chunk {idx}")
+            self._stores.start_soon(self._nursery, self._store_fetched, content, idx, buffer,
+                                    hashing, name=f"store chunk {idx}")
             return buffer
         # A chunk of a verified blob, fetched again: checked before a byte of it is served.
         prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, buffer, True)
@@ -381,18 +376,9 @@ class BlobReader:
     async def _store_fetched(self, content: Content, idx: int, buffer: ChunkBuffer,
                              hashing: bool) -> None:
         """A fetched chunk's slow half, after the read it served: its piece identities
-        (BLAKE3), its xxh3 sums and
-        its file (in a worker thread, so the trio thread goes on serving reads), its row in the
-        cache, then the blob's digest frontier. Until it is stored, memory answers for it."""
-        try:
-            await self._store_and_advance(content, idx, buffer, hashing)
-        finally:
-            self._background_stores -= 1
-            if not self._background_stores:
-                self._stores_done.set()
-
-    async def _store_and_advance(self, content: Content, idx: int, buffer: ChunkBuffer,
-                                 hashing: bool) -> None:
+        (BLAKE3), its xxh3 sums and its file (in a worker thread, so the trio thread goes on
+        serving reads), its row in the cache, then the blob's digest frontier. Until it is
+        stored, memory answers for it."""
         key = content.key
         try:
             prepared, actual = await trio.to_thread.run_sync(_prepare, self.store, buffer, hashing)
