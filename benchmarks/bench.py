@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import CpuMeter, MiB, drop_caches, log, medians
+from common import CpuMeter, MiB, drop_caches, log, medians, touch_guest_memory
 from kits import Blob, Kit, remove
 from mounts import KitfsMount, Ratarmount
 
 from kitfs.demo import Registry
 
 
-@dataclass
 @dataclass
 class Bench:
     """Everything a workload needs, and where the results go."""
@@ -123,15 +122,20 @@ class Bench:
         self.guarded(workload, "local file", body)
 
     def measured_read(self, measure: Callable[[], dict[str, Any]], *, pid: int,
-                      drop: bool = True, read_bytes: float | None = None) -> dict[str, Any]:
-        """``measure()`` (page cache dropped first with ``drop``): its CPU (``pid``'s,
-        ``metered``) and the bytes the registry served for it (``fetched``, against
-        ``read_bytes``, default what it read)."""
+                      drop: bool = True, touch_memory: bool = False,
+                      read_bytes: float | None = None) -> dict[str, Any]:
+        """``measure()`` (page cache dropped first with ``drop``; then, with ``touch_memory``,
+        ``touch_guest_memory``, its time as ``touched_s``): its CPU (``pid``'s, ``metered``)
+        and the bytes the registry served for it (``fetched``, against ``read_bytes``,
+        default what it read)."""
+        touched: dict[str, float] = {}
         if drop:
             drop_caches()
+        if touch_memory:
+            touched["touched_s"] = touch_guest_memory()
         mark = self.mark()
         r = self.metered(measure, pid=pid)
-        return r | self.fetched(mark, r["size_bytes"] if read_bytes is None else read_bytes)
+        return r | touched | self.fetched(mark, r["size_bytes"] if read_bytes is None else read_bytes)
 
     def kitfs_three_ways(self, workload: str, measure: Callable[[KitfsMount], dict[str, Any]], *,
                          before: Callable[[KitfsMount], object] | None = None,

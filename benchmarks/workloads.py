@@ -113,16 +113,20 @@ def seq(b: Bench) -> None:
         b.kitfs_three_ways(w, lambda m: read_sequential(m.path / kit.model_path).as_dict(),
                            mount_time=True)
 
-    def kitfs_verify_off() -> None:
-        """Diagnostic, not a target: the same cold read without any digest check, which
-        shows what verification costs (the targets are measured with it on)."""
+    def kitfs_cold(variant: str, *args: str, touch_memory: bool = False) -> None:
+        """A diagnostic, not a target: the cold read on a fresh cache and mount, with
+        ``args`` (the targets are measured by ``kitfs`` above)."""
         runs = []
         for _ in range(b.repeat):
-            with b.kitfs(b.fresh_cache(), "--verify", "off") as m:
+            with b.kitfs(b.fresh_cache(), *args) as m:
                 r = b.measured_read(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
-                                    pid=m.pid)
+                                    pid=m.pid, touch_memory=touch_memory)
                 runs.append(r | {"peak_rss_mib": m.peak_rss_bytes() / MiB})
-        b.record(w, "kitfs", "cold, --verify off (diagnostic)", runs)
+        b.record(w, "kitfs", variant, runs)
+
+    def kitfs_verify_off() -> None:
+        """Without any digest check: what verification costs."""
+        kitfs_cold("cold, --verify off (diagnostic)", "--verify", "off")
 
     def peer() -> None:
         runs = []
@@ -136,17 +140,9 @@ def seq(b: Bench) -> None:
         b.record(w, RATARMOUNT, "cold", runs)
 
     def memory_touched() -> None:
-        """Diagnostic, not a target: kitfs cold and the verifying floor, each right after
-        ``touch_guest_memory`` (this VM's host faults on memory the guest freed, apart)."""
-        runs = []
-        for _ in range(b.repeat):
-            with b.kitfs(b.fresh_cache()) as m:
-                drop_caches()
-                touched_s = touch_guest_memory()
-                r = b.measured_read(lambda m=m: read_sequential(m.path / kit.model_path).as_dict(),
-                                    pid=m.pid, drop=False)
-                runs.append(r | {"touched_s": touched_s, "peak_rss_mib": m.peak_rss_bytes() / MiB})
-        b.record(w, "kitfs", MEMORY_TOUCHED, runs)
+        """kitfs cold and the verifying floor, each right after ``touch_guest_memory`` (this
+        VM's host faults on memory the guest freed, apart)."""
+        kitfs_cold(MEMORY_TOUCHED, touch_memory=True)
         verifying_floor(b, w, kit.model, touched=True)
 
     b.guarded(w, "kitfs", kitfs)
